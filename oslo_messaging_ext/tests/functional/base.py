@@ -1,0 +1,186 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""Plumbing for functional tests against a real RabbitMQ.
+
+The broker is reached through oslo.messaging's own rabbit driver. Without a
+reachable broker the tests skip, saying how to start one, unless
+``OSLO_MESSAGING_EXT_REQUIRE_BROKER`` is true (CI sets it), in which case
+they fail: a CI run that silently skipped every broker test would prove
+nothing.
+"""
+
+import functools
+import os
+import socket
+import threading
+import time
+import urllib.parse
+import uuid
+
+import kombu
+from oslo_config import cfg
+from oslo_config import fixture as config_fixture
+import oslo_messaging
+from oslo_utils import strutils
+from oslotest import base
+
+DEFAULT_TRANSPORT_URL = 'rabbit://guest:guest@127.0.0.1:5672/'
+TRANSPORT_URL_ENV = 'OSLO_MESSAGING_EXT_TRANSPORT_URL'
+REQUIRE_BROKER_ENV = 'OSLO_MESSAGING_EXT_REQUIRE_BROKER'
+
+# Long enough for a loaded CI machine, short enough that a lost message
+# fails the test in reasonable time.
+DELIVERY_TIMEOUT = 30.0
+
+PRIORITIES = ('audit', 'debug', 'info', 'warn', 'error', 'critical', 'sample')
+
+
+def transport_url():
+    return os.environ.get(TRANSPORT_URL_ENV) or DEFAULT_TRANSPORT_URL
+
+
+def broker_required():
+    return strutils.bool_from_string(os.environ.get(REQUIRE_BROKER_ENV, ''))
+
+
+@functools.lru_cache(maxsize=None)
+def broker_unreachable_reason(url):
+    """Return why the broker of ``url`` cannot be reached, or None."""
+    parsed = urllib.parse.urlsplit(url)
+    host, port = parsed.hostname or '127.0.0.1', parsed.port or 5672
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        return ('RabbitMQ is not reachable at %s:%s (%s). Start one with '
+                '"rabbitmq-server -detached" (Debian package rabbitmq-server) '
+                'or point %s at a broker; set %s=1 to make this a failure.'
+                % (host, port, exc, TRANSPORT_URL_ENV, REQUIRE_BROKER_ENV))
+    return None
+
+
+def unique_name(prefix):
+    """A topic or exchange name no other test, run or process uses."""
+    return '%s-%s' % (prefix, uuid.uuid4().hex[:12])
+
+
+def wait_until(predicate, timeout=DELIVERY_TIMEOUT, interval=0.01):
+    """Poll ``predicate`` until it is true or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result or time.monotonic() >= deadline:
+            return result
+        time.sleep(interval)
+
+
+class NotificationCollector(object):
+    """A notification endpoint that records what it receives.
+
+    It has the methods of an oslo.messaging notification endpoint, so it
+    stands for a real consumer's endpoint code.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self.received = []
+
+    def _record(self, priority, ctxt, publisher_id, event_type, payload,
+                metadata):
+        with self._cond:
+            self.received.append({'priority': priority,
+                                  'publisher_id': publisher_id,
+                                  'event_type': event_type,
+                                  'payload': payload,
+                                  'metadata': metadata,
+                                  'ctxt': ctxt})
+            self._cond.notify_all()
+
+    audit = functools.partialmethod(_record, 'audit')
+    debug = functools.partialmethod(_record, 'debug')
+    info = functools.partialmethod(_record, 'info')
+    warn = functools.partialmethod(_record, 'warn')
+    error = functools.partialmethod(_record, 'error')
+    critical = functools.partialmethod(_record, 'critical')
+    sample = functools.partialmethod(_record, 'sample')
+
+    def wait_for(self, count, timeout=DELIVERY_TIMEOUT):
+        """Wait until at least ``count`` notifications arrived.
+
+        :returns: a copy of what was received by then
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.received) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return list(self.received)
+
+    def event_types(self):
+        with self._cond:
+            return [n['event_type'] for n in self.received]
+
+
+class BrokerTestCase(base.BaseTestCase):
+    """A test case that talks to the real RabbitMQ."""
+
+    def setUp(self):
+        super().setUp()
+        self.url = transport_url()
+        reason = broker_unreachable_reason(self.url)
+        if reason:
+            if broker_required():
+                self.fail(reason)
+            self.skipTest(reason)
+        self.conf = self.useFixture(config_fixture.Config(cfg.ConfigOpts()))
+        self.conf.conf([], project='oslo-messaging-ext-functional')
+        self.transport = self.notification_transport(self.url)
+
+    def notification_transport(self, url):
+        transport = oslo_messaging.get_notification_transport(
+            self.conf.conf, url=url)
+        self.addCleanup(transport.cleanup)
+        return transport
+
+    def start_listener(self, topic, exchange=None, url=None, pool=None):
+        """Listen on ``topic`` and return the collecting endpoint.
+
+        The listener's queues are deleted when the test ends, so that runs
+        leave nothing on the broker.
+        """
+        url = url or self.url
+        transport = (self.transport if url == self.url
+                     else self.notification_transport(url))
+        collector = NotificationCollector()
+        target = oslo_messaging.Target(topic=topic, exchange=exchange)
+        listener = oslo_messaging.get_notification_listener(
+            transport, [target], [collector], executor='threading',
+            pool=pool)
+        listener.start()
+        queues = ['%s.%s' % (topic, priority) for priority in PRIORITIES]
+        self.addCleanup(self.delete_queues, url, queues + [pool] if pool
+                        else queues)
+        self.addCleanup(listener.wait)
+        self.addCleanup(listener.stop)
+        return collector
+
+    @staticmethod
+    def delete_queues(url, queues):
+        """Delete ``queues`` on the broker of ``url`` if they exist."""
+        parsed = urllib.parse.urlsplit(url)
+        amqp_url = parsed._replace(scheme='amqp').geturl()
+        with kombu.Connection(amqp_url, connect_timeout=5) as conn:
+            channel = conn.channel()
+            for queue in queues:
+                channel.queue_delete(queue)
