@@ -415,7 +415,11 @@ class _FanoutWorker(object):
         self._queue = None
         self._thread = None
         self._pid = None
+        # Replicas submitted and not yet published (or failed): what a
+        # stop would lose.
+        self._pending = 0
         self.overflow = _Reporter()
+        self.abandoned = _Reporter()
 
     def _ensure_started(self):
         # A forked child inherits the queue but not the thread: start anew.
@@ -425,6 +429,7 @@ class _FanoutWorker(object):
             if self._thread is not None and self._pid == os.getpid():
                 return
             self._queue = queue.Queue(self._maxsize)
+            self._pending = 0
             self._thread = threading.Thread(
                 target=self._run, args=(self._queue,),
                 name='messaging-multicast-fanout', daemon=True)
@@ -443,52 +448,62 @@ class _FanoutWorker(object):
                     '(async_queue_size = %(size)d)',
                     {'size': self._maxsize}, count=len(jobs) - index)
                 return
+            with self._lock:
+                self._pending += 1
 
-    @staticmethod
-    def _run(jobs):
+    def _run(self, jobs):
         while True:
             job = jobs.get()
+            if job is None:
+                return
+            if isinstance(job, threading.Event):
+                job.set()
+                continue
+            destination, ctxt, original, event_key, priority, retry = job
             try:
-                if job is None:
-                    return
-                if isinstance(job, threading.Event):
-                    job.set()
-                    continue
-                destination, ctxt, original, event_key, priority, retry = job
                 destination.publish(ctxt, original, event_key, priority,
                                     retry)
             except Exception:
                 LOG.exception('messaging-multicast fan-out worker error')
             finally:
-                jobs.task_done()
+                with self._lock:
+                    self._pending -= 1
 
     def flush(self, stop=False):
-        """Wait for queued replicas; return how many were left behind."""
+        """Wait for queued replicas; return how many are still pending.
+
+        With ``stop``, the worker ends and what it did not publish within
+        the timeout is counted as dropped.
+        """
         with self._lock:
             thread, jobs = self._thread, self._queue
             if thread is None or self._pid != os.getpid():
                 return 0
             if stop:
                 self._thread = None
-        done = threading.Event()
         deadline = time.monotonic() + self._flush_timeout
-        marker = None if stop else done
+        done = threading.Event()
         try:
-            jobs.put(marker, timeout=self._flush_timeout)
+            jobs.put(None if stop else done, timeout=self._flush_timeout)
         except queue.Full:
             pass
+        remaining = max(0.0, deadline - time.monotonic())
         if stop:
-            thread.join(max(0.0, deadline - time.monotonic()))
-            finished = not thread.is_alive()
+            thread.join(remaining)
         else:
-            finished = done.wait(max(0.0, deadline - time.monotonic()))
-        left = 0 if finished else jobs.qsize()
-        if left:
-            self.overflow.report(
+            done.wait(remaining)
+        with self._lock:
+            left = self._pending
+        if stop and left:
+            self.abandoned.report(
                 'messaging-multicast dropped %(count)d queued replicas: '
                 'not published within async_flush_timeout = %(timeout)s s',
                 {'timeout': self._flush_timeout}, count=left)
         return left
+
+    @property
+    def dropped(self):
+        return self.overflow.total + self.abandoned.total
 
 
 class MulticastDriver(notifier.Driver):
@@ -772,10 +787,13 @@ class MulticastDriver(notifier.Driver):
     @property
     def dropped(self):
         """Replicas dropped by the async_fanout queue since load."""
-        return self._worker.overflow.total if self._worker else 0
+        return self._worker.dropped if self._worker else 0
 
     def flush(self):
-        """Wait, within async_flush_timeout, for queued replicas."""
+        """Wait, within async_flush_timeout, for queued replicas.
+
+        :returns: how many replicas are still waiting or in flight
+        """
         if self._worker is not None:
             return self._worker.flush()
         return 0
