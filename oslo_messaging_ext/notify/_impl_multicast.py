@@ -157,10 +157,13 @@ onmcast_opts = [
                     'of multicast_events. Default: "<hostname>-MULTICAST".'),
 ]
 
+# How the sample config and the docs show the dynamic rule groups: one
+# example group, as oslo.config does for its own config source groups.
 rule_group = cfg.OptGroup(
-    RULE_GROUP_PREFIX + 'NAME',
-    help='One group per rule named in [%s] rules: replace NAME with the '
-         'rule\'s name.' % GROUP,
+    RULE_GROUP_PREFIX + 'example',
+    help='Example of a rule group. Each rule NAME listed in [%s] rules is '
+         'configured in its own group [%sNAME]; this one would configure '
+         'the rule "example".' % (GROUP, RULE_GROUP_PREFIX),
     dynamic_group_owner='rules')
 
 FIELDS = ('event_type', 'priority', 'publisher_id', 'message_id')

@@ -30,6 +30,7 @@ from oslo_utils import timeutils
 from oslotest import base
 
 from oslo_messaging_ext.notify import _impl_multicast as multicast
+from oslo_messaging_ext import opts as oslo_messaging_ext_opts
 from oslo_messaging_ext import samples
 
 GLANCE_RULE = """
@@ -820,3 +821,23 @@ class AsyncFanoutTestCase(DriverFixtureMixin, base.BaseTestCase):
         self.assertEqual(0, result.returncode, result.stderr)
         self.assertEqual("150 ['messaging-multicast-fanout']",
                          result.stdout.strip())
+
+
+class OptsTestCase(base.BaseTestCase):
+
+    def test_rule_group_listed_as_dynamic_group_of_rules(self):
+        listed = {getattr(group, 'name', group): (group, opts)
+                  for group, opts in oslo_messaging_ext_opts.list_opts()}
+        group, opts = listed['multicast_rule_example']
+        self.assertEqual('rules', group.dynamic_group_owner)
+        self.assertEqual(['selector', 'targets', 'transport_url',
+                          'publisher_id'], [o.name for o in opts])
+        self.assertTrue(opts[2].secret)
+        self.assertEqual(
+            {'rules', 'async_fanout', 'async_queue_size',
+             'async_flush_timeout', 'standard_message_format',
+             'onmcast_replica_shape'},
+            {o.name for o in listed['oslo_messaging_multicast'][1]})
+        self.assertEqual(
+            {'multicast_events', 'multicast_topic_prefix', 'publisher_id'},
+            {o.name for o in listed[None][1]})
