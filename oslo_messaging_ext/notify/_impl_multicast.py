@@ -177,6 +177,14 @@ _TOPIC_NAME = re.compile(r'^[^\s/]+$')
 # service's log with one line per notification.
 REPORT_INTERVAL = 60.0
 
+# The fan-out worker shares the interpreter lock with the service: while
+# the service has submitted replicas within BUSY_WINDOW seconds, the worker
+# sleeps (at least BACKOFF seconds at a time) instead of competing with it,
+# unless its queue is half full. Replicas wait a little longer during a
+# burst; the service's calls are not slowed by the fan-out they caused.
+BUSY_WINDOW = 0.005
+BACKOFF = 0.001
+
 
 class MulticastConfigError(cfg.Error):
     """The multicast configuration is invalid; the driver did not load."""
@@ -421,6 +429,7 @@ class _FanoutWorker(object):
         # Replicas submitted and not yet published (or failed): what a
         # stop would lose.
         self._pending = 0
+        self._last_submit = 0.0
         self.overflow = _Reporter()
         self.abandoned = _Reporter()
 
@@ -441,6 +450,7 @@ class _FanoutWorker(object):
 
     def submit(self, jobs):
         self._ensure_started()
+        self._last_submit = time.monotonic()
         for index, job in enumerate(jobs):
             try:
                 self._queue.put_nowait(job)
@@ -463,6 +473,7 @@ class _FanoutWorker(object):
                 job.set()
                 continue
             destination, ctxt, original, event_key, priority, retry = job
+            self._yield_to_service(jobs)
             try:
                 destination.publish(ctxt, original, event_key, priority,
                                     retry)
@@ -471,6 +482,13 @@ class _FanoutWorker(object):
             finally:
                 with self._lock:
                     self._pending -= 1
+
+    def _yield_to_service(self, jobs):
+        while jobs.qsize() < self._maxsize // 2:
+            idle = time.monotonic() - self._last_submit
+            if idle >= BUSY_WINDOW:
+                return
+            time.sleep(max(BACKOFF, BUSY_WINDOW - idle))
 
     def flush(self, stop=False):
         """Wait for queued replicas; return how many are still pending.
