@@ -452,17 +452,19 @@ class _FanoutWorker(object):
         self._ensure_started()
         self._last_submit = time.monotonic()
         for index, job in enumerate(jobs):
+            with self._lock:
+                self._pending += 1
             try:
                 self._queue.put_nowait(job)
             except queue.Full:
+                with self._lock:
+                    self._pending -= 1
                 self.overflow.report(
                     'messaging-multicast dropped %(count)d replicas since '
                     'the last report: the async_fanout queue is full '
                     '(async_queue_size = %(size)d)',
                     {'size': self._maxsize}, count=len(jobs) - index)
                 return
-            with self._lock:
-                self._pending += 1
 
     def _run(self, jobs):
         while True:
@@ -590,6 +592,10 @@ class MulticastDriver(notifier.Driver):
                                    else event_types & indexable)
             if event_types is None:
                 self._unindexed.append(rule)
+            elif not event_types:
+                LOG.warning('messaging-multicast rule %s can never match: '
+                            'its event_type selectors exclude each other',
+                            rule.name)
             for event_type in event_types or ():
                 self._by_event_type[event_type].append(rule)
 
@@ -702,8 +708,8 @@ class MulticastDriver(notifier.Driver):
         return Rule(name, ordinal, selectors, destinations)
 
     def _load_onmcast(self, conf, group, problems, first_ordinal):
-        _register_compatible(conf, onmcast_opts, problems)
-        if problems or not conf.multicast_events:
+        if (not _register_compatible(conf, onmcast_opts, problems) or
+                not conf.multicast_events):
             return []
         shape = group.onmcast_replica_shape
         prefix = conf.multicast_topic_prefix or ''

@@ -481,6 +481,32 @@ class ValidationTestCase(DriverFixtureMixin, base.BaseTestCase):
             "unknown operator 'like'")
         self.assertEqual(2, len(exc.problems))
 
+    def test_rule_and_onmcast_problems_reported_together(self):
+        exc = self.assertConfigError(
+            """
+            [DEFAULT]
+            multicast_events = image.upload
+            [oslo_messaging_multicast]
+            rules = r
+            [multicast_rule_r]
+            targets = a/b/c
+            """, "[multicast_rule_r] targets = a/b/c",
+            "[DEFAULT] image.upload = : event key")
+        self.assertEqual(2, len(exc.problems))
+
+    def test_contradictory_event_types_warned(self):
+        driver = self.driver("""
+            [oslo_messaging_multicast]
+            rules = never
+            [multicast_rule_never]
+            selector = event_type exact a
+            selector = event_type in b,c
+            targets = t
+            """)
+        self.assertIn('rule never can never match', self.log.output)
+        driver.notify({}, envelope('a'), 'INFO', -1)
+        self.assertEqual(['notifications.info'], self.topics())
+
     def test_rule_without_targets(self):
         self.assertConfigError(
             """
