@@ -707,6 +707,16 @@ class OnmcastCompatibilityTestCase(DriverFixtureMixin, base.BaseTestCase):
         self.assertEqual(len(first._rules), len(second._rules))
         self.assertEqual(['host1', 'host2'], self.conf['image.upload'])
 
+    def test_event_option_the_service_registered_differently(self):
+        self.conf.register_opt(cfg.ListOpt('image.upload', default=['x'],
+                                           help='registered by the service'))
+        driver = self.driver(ONMCAST)
+        driver.notify({}, envelope(), 'INFO', -1)
+        self.assertEqual(['notifications.info',
+                          'glance.repl.host1.image.upload.info',
+                          'glance.repl.host2.image.upload.info'],
+                         self.topics())
+
     def test_onmcast_and_standard_topic_collision_rejected(self):
         exc = self.assertRaises(
             multicast.MulticastConfigError, self.driver, """
@@ -806,12 +816,13 @@ class AsyncFanoutTestCase(DriverFixtureMixin, base.BaseTestCase):
         self.assertIn('dropped 2 queued replicas: not published within '
                       'async_flush_timeout = 0.2 s', self.log.output)
 
-    def test_delivers_under_eventlet_monkey_patching(self):
+    def test_flushed_at_exit_with_threads_and_under_eventlet(self):
         script = textwrap.dedent("""
-            import eventlet
-            eventlet.monkey_patch()
-            import atexit
             import sys
+            if sys.argv[2] == 'eventlet':
+                import eventlet
+                eventlet.monkey_patch()
+            import atexit
             import threading
             from oslo_config import cfg
             import oslo_messaging
@@ -842,11 +853,13 @@ class AsyncFanoutTestCase(DriverFixtureMixin, base.BaseTestCase):
                             'service.conf')
         with open(path, 'w') as f:
             f.write(textwrap.dedent(self.ASYNC))
-        result = subprocess.run([sys.executable, '-c', script, path],
-                                capture_output=True, text=True, timeout=60)
-        self.assertEqual(0, result.returncode, result.stderr)
-        self.assertEqual("150 ['messaging-multicast-fanout']",
-                         result.stdout.strip())
+        for mode in ('threads', 'eventlet'):
+            result = subprocess.run(
+                [sys.executable, '-c', script, path, mode],
+                capture_output=True, text=True, timeout=60)
+            self.assertEqual(0, result.returncode, result.stderr)
+            self.assertEqual("150 ['messaging-multicast-fanout']",
+                             result.stdout.strip(), mode)
 
 
 class OptsTestCase(base.BaseTestCase):
