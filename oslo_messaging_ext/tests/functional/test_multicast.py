@@ -22,6 +22,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -282,3 +283,53 @@ class AsyncFanoutTestCase(MulticastBrokerTestCase):
         for collector in collectors:
             self.assertEqual(count, len(collector.wait_for(count)))
             self.assertNoMore(collector, count)
+
+    def test_service_under_eventlet_flushes_at_exit(self):
+        standard = base.unique_name('notifications')
+        target = base.unique_name('async-eventlet')
+        path = os.path.join(self.useFixture(fixtures.TempDir()).path,
+                            'service.conf')
+        with open(path, 'w') as f:
+            f.write(textwrap.dedent("""
+                [DEFAULT]
+                transport_url = %(url)s
+                [oslo_messaging_notifications]
+                driver = messaging-multicast
+                topics = %(standard)s
+                [oslo_messaging_multicast]
+                rules = all
+                async_fanout = true
+                async_flush_timeout = %(timeout)s
+                [multicast_rule_all]
+                targets = %(target)s
+                """ % {'url': self.url, 'standard': standard,
+                       'target': target, 'timeout': base.DELIVERY_TIMEOUT}))
+        collector = self.start_listener(target)
+        # The service declares the standard queue; nobody consumes it here.
+        self.addCleanup(self.delete_queues, self.url, ['%s.info' % standard])
+        count = 50
+        # A service process as eventlet-based services run: monkey patched
+        # first, then exiting right after its last notification.
+        script = textwrap.dedent("""
+            import eventlet
+            eventlet.monkey_patch()
+            import sys
+            from oslo_config import cfg
+            import oslo_messaging
+
+            conf = cfg.ConfigOpts()
+            conf(['--config-file', sys.argv[1]])
+            notifier = oslo_messaging.Notifier(
+                oslo_messaging.get_notification_transport(conf),
+                publisher_id='image.localhost')
+            for i in range(int(sys.argv[2])):
+                notifier.info({}, 'image.upload', {'index': i})
+            """)
+        result = subprocess.run([sys.executable, '-c', script, path,
+                                 str(count)], capture_output=True, text=True,
+                                timeout=2 * base.DELIVERY_TIMEOUT)
+        self.assertEqual(0, result.returncode, result.stderr)
+        received = collector.wait_for(count)
+        self.assertEqual(list(range(count)),
+                         sorted(r['payload']['index'] for r in received))
+        self.assertNoMore(collector, count)
