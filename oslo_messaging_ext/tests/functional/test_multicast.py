@@ -50,12 +50,15 @@ def glance_life_cycle():
 
 class MulticastBrokerTestCase(base.BrokerTestCase):
 
-    def load_config(self, text):
+    def write_config(self, text):
         path = os.path.join(self.useFixture(fixtures.TempDir()).path,
                             'service.conf')
         with open(path, 'w') as f:
             f.write(textwrap.dedent(text))
-        self.conf.conf(['--config-file', path],
+        return path
+
+    def load_config(self, text):
+        self.conf.conf(['--config-file', self.write_config(text)],
                        project='oslo-messaging-ext-functional')
 
     def notifier(self, retry=None):
@@ -240,21 +243,32 @@ class RuleTestCase(MulticastBrokerTestCase):
 
 class AsyncFanoutTestCase(MulticastBrokerTestCase):
 
-    def test_every_replica_delivered_including_those_queued_at_shutdown(self):
+    CONFIG = """
+        [DEFAULT]
+        transport_url = %(url)s
+        [oslo_messaging_notifications]
+        driver = messaging-multicast
+        topics = %(standard)s
+        [oslo_messaging_multicast]
+        rules = all
+        async_fanout = true
+        async_flush_timeout = %(timeout)s
+        [multicast_rule_all]
+        targets = %(targets)s
+        """
+
+    def async_config(self, targets):
+        """The async configuration; the standard queue is deleted after."""
         standard = base.unique_name('notifications')
+        # Nobody consumes the standard topic in these tests.
+        self.addCleanup(self.delete_queues, self.url, ['%s.info' % standard])
+        return self.CONFIG % {'url': self.url, 'standard': standard,
+                              'targets': ','.join(targets),
+                              'timeout': base.DELIVERY_TIMEOUT}
+
+    def test_every_replica_delivered_including_those_queued_at_shutdown(self):
         targets = [base.unique_name('async'), base.unique_name('async')]
-        self.load_config("""
-            [oslo_messaging_notifications]
-            driver = messaging-multicast
-            topics = %(standard)s
-            [oslo_messaging_multicast]
-            rules = all
-            async_fanout = true
-            async_flush_timeout = %(timeout)s
-            [multicast_rule_all]
-            targets = %(targets)s
-            """ % {'standard': standard, 'targets': ','.join(targets),
-                   'timeout': base.DELIVERY_TIMEOUT})
+        self.load_config(self.async_config(targets))
         collectors = [self.start_listener(t) for t in targets]
         notifier, driver = self.notifier()
         # Hold the worker on its first replica, so that every replica is
@@ -285,28 +299,9 @@ class AsyncFanoutTestCase(MulticastBrokerTestCase):
             self.assertNoMore(collector, count)
 
     def test_service_under_eventlet_flushes_at_exit(self):
-        standard = base.unique_name('notifications')
         target = base.unique_name('async-eventlet')
-        path = os.path.join(self.useFixture(fixtures.TempDir()).path,
-                            'service.conf')
-        with open(path, 'w') as f:
-            f.write(textwrap.dedent("""
-                [DEFAULT]
-                transport_url = %(url)s
-                [oslo_messaging_notifications]
-                driver = messaging-multicast
-                topics = %(standard)s
-                [oslo_messaging_multicast]
-                rules = all
-                async_fanout = true
-                async_flush_timeout = %(timeout)s
-                [multicast_rule_all]
-                targets = %(target)s
-                """ % {'url': self.url, 'standard': standard,
-                       'target': target, 'timeout': base.DELIVERY_TIMEOUT}))
+        path = self.write_config(self.async_config([target]))
         collector = self.start_listener(target)
-        # The service declares the standard queue; nobody consumes it here.
-        self.addCleanup(self.delete_queues, self.url, ['%s.info' % standard])
         count = 50
         # A service process as eventlet-based services run: monkey patched
         # first, then exiting right after its last notification.
