@@ -29,6 +29,7 @@ import time
 import urllib.parse
 
 import fixtures
+import kombu
 import oslo_messaging
 
 from oslo_messaging_ext.notify import _impl_multicast as multicast
@@ -239,6 +240,46 @@ class RuleTestCase(MulticastBrokerTestCase):
         down = [d for r in driver._rules for d in r.destinations
                 if r.name == 'down'][0]
         self.assertEqual(2, down.failures.total)
+
+    def test_refused_publish_does_not_stop_other_targets(self):
+        standard = base.unique_name('notifications')
+        healthy = base.unique_name('healthy')
+        # An exchange of another type: the broker refuses to declare it as
+        # the topic exchange a replica needs, with or without retry.
+        conflicting = base.unique_name('fanout-exchange')
+        amqp_url = urllib.parse.urlsplit(self.url)._replace(
+            scheme='amqp').geturl()
+        with kombu.Connection(amqp_url, connect_timeout=5) as conn:
+            kombu.Exchange(conflicting, type='fanout',
+                           channel=conn.default_channel).declare()
+        self.addCleanup(self.delete_exchange, amqp_url, conflicting)
+        self.load_config("""
+            [oslo_messaging_notifications]
+            driver = messaging-multicast
+            topics = %(standard)s
+            [oslo_messaging_multicast]
+            rules = r
+            [multicast_rule_r]
+            targets = %(conflicting)s/refused, %(healthy)s
+            """ % {'standard': standard, 'healthy': healthy,
+                   'conflicting': conflicting})
+        standard_collector = self.start_listener(standard)
+        healthy_collector = self.start_listener(healthy)
+        notifier, driver = self.notifier()
+
+        start = time.monotonic()
+        notifier.info({}, 'image.upload', samples.glance_upload_payload())
+        self.assertLess(time.monotonic() - start, PROMPT)
+
+        self.assertEqual(1, len(standard_collector.wait_for(1)))
+        self.assertEqual(1, len(healthy_collector.wait_for(1)))
+        refused = driver._rules[0].destinations[0]
+        self.assertEqual(1, refused.failures.total)
+
+    @staticmethod
+    def delete_exchange(amqp_url, exchange):
+        with kombu.Connection(amqp_url, connect_timeout=5) as conn:
+            conn.default_channel.exchange_delete(exchange)
 
 
 class AsyncFanoutTestCase(MulticastBrokerTestCase):
