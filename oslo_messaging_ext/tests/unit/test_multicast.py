@@ -258,6 +258,11 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
         self.assertEqual(self.published[0], ours)
         self.assertEqual(2.0, ours['version'])
 
+    def test_flush_without_async_fanout_is_a_no_op(self):
+        driver = self.driver(GLANCE_RULE)
+        self.assertEqual(0, driver.flush())
+        self.assertEqual(0, driver.dropped)
+
     def test_standard_message_format_1_0(self):
         driver = self.driver(glance_rule(standard_message_format='1.0'))
         driver.notify({}, envelope(), 'INFO', -1)
@@ -587,6 +592,18 @@ class ValidationTestCase(DriverFixtureMixin, base.BaseTestCase):
             multicast_events = image.upload
             """, '[DEFAULT] image.upload = : event key \'image.upload\' of '
             'multicast_events has no targets')
+
+    def test_onmcast_duplicate_key_and_invalid_target(self):
+        exc = self.assertConfigError(
+            """
+            [DEFAULT]
+            multicast_events = image.upload, Image.Upload
+            image.upload = host 1
+            """, "[DEFAULT] multicast_events = image.upload,Image.Upload: "
+            "event key 'image.upload' is empty or listed twice",
+            "[DEFAULT] image.upload = host 1: target 'host 1' gives the "
+            "invalid topic 'host 1.image.upload'")
+        self.assertEqual(2, len(exc.problems))
 
     def test_onmcast_key_clashing_with_service_option(self):
         self.conf.register_opt(cfg.IntOpt('image.upload', default=3))
