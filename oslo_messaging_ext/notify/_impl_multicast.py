@@ -784,9 +784,11 @@ class MulticastDriver(notifier.Driver):
         return matched
 
     def notify(self, ctxt, message, priority, retry):
-        # The transport adds its own keys to the message it sends: keep the
-        # notification as the service built it for the replicas.
-        original = dict(message)
+        # The AMQP drivers add their own keys (_unique_id, _context_*) to the
+        # message they send, and another driver of the notifier may have
+        # sent it already: replicas get the notification's fields only.
+        original = {key: value for key, value in message.items()
+                    if not key.startswith('_')}
         self._standard.notify(ctxt, message, priority, retry)
         try:
             rules = self.matching_rules(original, ctxt)

@@ -288,6 +288,14 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
             self.assertEqual(2.0, replica['version'])
             self.assertEqual(ctxt, replica['ctxt'])
 
+    def test_transport_keys_of_an_earlier_send_not_replicated(self):
+        driver = self.driver(GLANCE_RULE)
+        original = envelope()
+        sent_before = dict(original, _unique_id='u', _context_user='admin')
+        driver.notify({}, sent_before, 'INFO', -1)
+        self.assertEqual(dict(original, publisher_id='GLANCE:MASTER'),
+                         self.published[1]['message'])
+
     def test_replica_keeps_publisher_id_unless_configured(self):
         driver = self.driver("""
             [oslo_messaging_multicast]
