@@ -19,11 +19,17 @@ configuration object.
 
 import copy
 
+from oslo_messaging_ext.notify import _impl_multicast
+
 __all__ = [
     'list_opts',
 ]
 
 _opts = [
+    (None, _impl_multicast.onmcast_opts),
+    (_impl_multicast.GROUP, _impl_multicast.multicast_opts),
+    # A dynamic group: one [multicast_rule_NAME] per rule named in rules.
+    (_impl_multicast.rule_group, _impl_multicast.rule_opts),
 ]
 
 

@@ -1,0 +1,282 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""messaging-multicast against messagingv2, noop and routing.
+
+Every case sends the recorded glance image.upload payload through
+oslo_messaging.Notifier and times the service's call.
+
+* Fake transport (CPU only): 100 rules none of which matches, against
+  messagingv2; the in-tree routing driver with 100 fnmatch rules against
+  noop, as the anchor of what rule evaluation usually costs. The routing
+  driver is measured as shipped: with this oslo.messaging it cannot load
+  the drivers it routes to (it invokes them without arguments), so each
+  call also raises the NoMatches that the Notifier catches; its log is
+  silenced so that only the call is timed.
+* RabbitMQ (skipped, with the reason, when unreachable): k=2 targets,
+  synchronous, against (k+1) x messagingv2; asynchronous, the time spent in
+  the service's thread against messagingv2, and then every replica is
+  counted on the broker.
+"""
+
+import contextlib
+import logging
+import os
+import tempfile
+import urllib.parse
+
+import kombu
+from oslo_config import cfg
+from oslo_messaging.notify import _impl_routing
+import yaml
+
+from benchmarks import _harness
+from oslo_messaging_ext.notify import _impl_multicast as multicast
+from oslo_messaging_ext.tests.functional import base
+
+RULES = 100
+TARGETS = 2
+US = 1e6
+
+
+def _multicast_conf(rules, **options):
+    """A ConfigOpts holding ``rules``: {name: {option: value}}."""
+    conf = cfg.ConfigOpts()
+    conf.register_opts(multicast.multicast_opts, group=multicast.GROUP)
+    conf.set_override('rules', list(rules), group=multicast.GROUP)
+    for name, value in options.items():
+        conf.set_override(name, value, group=multicast.GROUP)
+    for rule, values in rules.items():
+        group = multicast.RULE_GROUP_PREFIX + rule
+        conf.register_opts(multicast.rule_opts, group=group)
+        for name, value in values.items():
+            conf.set_override(name, value, group=group)
+    return conf
+
+
+def _unmatched_rules():
+    # A typical configuration: rules select event types, some also a
+    # priority or a payload field. None of them selects image.upload.
+    rules = {}
+    for i in range(RULES):
+        selectors = ['event_type exact service%d.event' % i]
+        if i % 3 == 1:
+            selectors = ['event_type in service%d.create,service%d.delete'
+                         % (i, i), 'priority exact error']
+        elif i % 3 == 2:
+            selectors.append('payload.status exact active')
+        rules['r%d' % i] = {'selector': selectors,
+                            'targets': ['replica%d' % i]}
+    return rules
+
+
+@contextlib.contextmanager
+def _routing_config():
+    groups = {'group%d' % i: {'noop': {'accepted_events': ['service%d.*' % i]}}
+              for i in range(RULES)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'routing.yaml')
+        with open(path, 'w') as f:
+            yaml.safe_dump(groups, f)
+        # The routing driver reads its file from the global configuration,
+        # where importing it registered the option.
+        name = _impl_routing.router_config.name
+        cfg.CONF.set_override(name, path, group='oslo_messaging_notifications')
+        try:
+            yield
+        finally:
+            cfg.CONF.clear_override(name, group='oslo_messaging_notifications')
+
+
+@contextlib.contextmanager
+def _quiet(name):
+    """Silence ``name``'s logger (the routing driver logs every call)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _interleaved_us(notifiers, count, payload, after_round=None,
+                    rounds=5):
+    """Median microseconds per call of each notifier.
+
+    The notifiers are measured in alternating rounds, so that a machine
+    whose load drifts during the run weighs on every case alike.
+    ``after_round(name)``, if given, runs untimed after each round.
+    """
+    calls = {name: (lambda n=notifier: n.info({}, 'image.upload', payload))
+             for name, notifier in notifiers.items()}
+    timings = {name: [] for name in notifiers}
+    for name, call in calls.items():
+        _harness.time_calls(call, 0)  # warm-up only
+        if after_round:
+            after_round(name)
+    for _ in range(rounds):
+        for name, call in calls.items():
+            timings[name].extend(
+                _harness.time_calls(call, count // rounds, warmup=0))
+            if after_round:
+                after_round(name)
+    return {name: _harness.median(sorted(t)) * US
+            for name, t in timings.items()}
+
+
+def _fake_transport_table(count, payload):
+    table = _harness.Table('messaging-multicast, fake transport (CPU only)')
+    notifiers, transports = {}, []
+    with _routing_config(), _quiet('oslo_messaging'):
+        for name, driver, conf in [
+                ('noop', 'noop', None),
+                ('messagingv2', 'messagingv2', None),
+                ('multicast', 'messaging-multicast',
+                 _multicast_conf(_unmatched_rules())),
+                ('routing', 'routing', None)]:
+            notifiers[name], transport = _harness.make_notifier(driver,
+                                                                conf=conf)
+            transports.append(transport)
+        # The fake transport keeps every message: drop them between rounds.
+        us = _interleaved_us(notifiers, count, payload,
+                             after_round=lambda name: transports[0].cleanup())
+    for transport in transports:
+        transport.cleanup()
+    table.add('noop', us['noop'], 'us')
+    table.add('messagingv2', us['messagingv2'], 'us')
+    ratio = us['multicast'] / us['messagingv2']
+    table.add('multicast, %d rules, none matches' % RULES, us['multicast'],
+              'us', ratio=ratio, target='<= 1.20x messagingv2',
+              ok=ratio <= 1.2)
+    table.add('routing, %d fnmatch rules (anchor, vs noop)' % RULES,
+              us['routing'], 'us', ratio=us['routing'] / us['noop'],
+              target='printed')
+    return table
+
+
+class _Broker(object):
+    """Unique queues on the broker, deleted afterwards; message counts."""
+
+    def __init__(self, url):
+        self.url = url
+        self.queues = []
+        amqp = urllib.parse.urlsplit(url)._replace(scheme='amqp').geturl()
+        self._connection = kombu.Connection(amqp, connect_timeout=5)
+
+    def topic(self, prefix):
+        topic = base.unique_name('bench-' + prefix)
+        self.queues.append('%s.info' % topic)
+        return topic
+
+    def message_count(self, topic):
+        channel = self._connection.default_channel
+        try:
+            return channel.queue_declare('%s.info' % topic,
+                                         passive=True).message_count
+        except self._connection.channel_errors:
+            return 0
+
+    def close(self):
+        channel = self._connection.default_channel
+        for queue in self.queues:
+            channel.queue_delete(queue)
+        self._connection.release()
+
+
+def _broker_table(count, payload):
+    url = base.transport_url()
+    reason = base.broker_unreachable_reason(url)
+    if reason:
+        # The first sentence says where; the rest is how to start a broker.
+        return _harness.Table('messaging-multicast, RabbitMQ: skipped, %s'
+                              % reason.split('. ')[0])
+    table = _harness.Table('messaging-multicast, RabbitMQ')
+    broker = _Broker(url)
+    transports = []
+    # Every call of the async case is sent: warm-up and timed ones.
+    sent = count // 5 * 5 + 200
+    async_targets = [broker.topic('async') for _ in range(TARGETS)]
+    try:
+        def notifier(driver, conf=None, topics=1):
+            made, transport = _harness.make_notifier(
+                driver, conf=conf, transport_url=url,
+                topics=[broker.topic('notifications')
+                        for _ in range(topics)])
+            transports.append(transport)
+            return made
+
+        def rule(targets):
+            return {'r': {'selector': ['event_type exact image.upload'],
+                          'targets': targets}}
+
+        notifiers = {
+            'messagingv2': notifier('messagingv2'),
+            # What k+1 publishes cost without our driver: the floor of the
+            # synchronous case.
+            'v2_k+1': notifier('messagingv2', topics=TARGETS + 1),
+            'sync': notifier('messaging-multicast', _multicast_conf(
+                rule([broker.topic('sync') for _ in range(TARGETS)]))),
+            # The queue holds a whole round's burst: the worker then yields
+            # to the service until the burst is over (see BUSY_WINDOW).
+            'async': notifier('messaging-multicast', _multicast_conf(
+                rule(async_targets), async_fanout=True,
+                async_queue_size=2 * TARGETS * sent,
+                async_flush_timeout=300.0)),
+        }
+        driver = notifiers['async']._driver_mgr['messaging-multicast'].obj
+
+        def drain(name):
+            # Replicas published after the async rounds would otherwise
+            # slow the next case down.
+            if name == 'async':
+                driver.flush()
+
+        us = _interleaved_us(notifiers, count, payload, after_round=drain)
+        driver.cleanup()
+        delivered = _harness_wait(
+            lambda: sum(broker.message_count(t) for t in async_targets),
+            TARGETS * sent)
+    finally:
+        for transport in transports:
+            transport.cleanup()
+        broker.close()
+    v2_us = us['messagingv2']
+    table.add('messagingv2', v2_us, 'us')
+    table.add('messagingv2 on k+1=%d topics (reference)' % (TARGETS + 1),
+              us['v2_k+1'], 'us', ratio=us['v2_k+1'] / v2_us)
+    bound = 1.05 * (TARGETS + 1)
+    table.add('multicast, k=%d targets, synchronous' % TARGETS, us['sync'],
+              'us', ratio=us['sync'] / v2_us,
+              target='<= %.2fx messagingv2' % bound,
+              ok=us['sync'] <= bound * v2_us)
+    table.add('multicast, async, service thread (%d/%d replicas delivered, '
+              '%d dropped)' % (delivered, TARGETS * sent, driver.dropped),
+              us['async'], 'us', ratio=us['async'] / v2_us,
+              target='<= 1.20x messagingv2, all delivered',
+              ok=(us['async'] <= 1.2 * v2_us and
+                  delivered == TARGETS * sent))
+    return table
+
+
+def _harness_wait(count_now, expected):
+    """The count once it reaches ``expected``, or when it stops growing."""
+    return base.wait_until(lambda: count_now() >= expected and expected,
+                           timeout=base.DELIVERY_TIMEOUT) or count_now()
+
+
+def run(args):
+    payload = _harness.glance_payload()
+    fake_count = 2000 if args.quick else 20000
+    broker_count = 300 if args.quick else 3000
+    return [_fake_transport_table(fake_count, payload),
+            _broker_table(broker_count, payload)]
