@@ -180,10 +180,13 @@ REPORT_INTERVAL = 60.0
 # The fan-out worker shares the interpreter lock with the service: while
 # the service has submitted replicas within BUSY_WINDOW seconds, the worker
 # sleeps (at least BACKOFF seconds at a time) instead of competing with it,
-# unless its queue is half full. Replicas wait a little longer during a
-# burst; the service's calls are not slowed by the fan-out they caused.
+# so that a burst of the service's calls is not slowed by the fan-out it
+# caused. The deferral is bounded: a replica waits at most MAX_DEFER seconds
+# for a lull, and none waits once the queue is half full, so under sustained
+# load replicas are late by MAX_DEFER at most rather than indefinitely.
 BUSY_WINDOW = 0.005
 BACKOFF = 0.001
+MAX_DEFER = 0.5
 
 
 class MulticastConfigError(cfg.Error):
@@ -450,12 +453,12 @@ class _FanoutWorker(object):
 
     def submit(self, jobs):
         self._ensure_started()
-        self._last_submit = time.monotonic()
+        now = self._last_submit = time.monotonic()
         for index, job in enumerate(jobs):
             with self._lock:
                 self._pending += 1
             try:
-                self._queue.put_nowait(job)
+                self._queue.put_nowait((now,) + job)
             except queue.Full:
                 with self._lock:
                     self._pending -= 1
@@ -474,8 +477,9 @@ class _FanoutWorker(object):
             if isinstance(job, threading.Event):
                 job.set()
                 continue
-            destination, ctxt, original, event_key, priority, retry = job
-            self._yield_to_service(jobs)
+            (queued_at, destination, ctxt, original, event_key, priority,
+             retry) = job
+            self._yield_to_service(jobs, queued_at)
             try:
                 destination.publish(ctxt, original, event_key, priority,
                                     retry)
@@ -485,12 +489,15 @@ class _FanoutWorker(object):
                 with self._lock:
                     self._pending -= 1
 
-    def _yield_to_service(self, jobs):
+    def _yield_to_service(self, jobs, queued_at):
         while jobs.qsize() < self._maxsize // 2:
-            idle = time.monotonic() - self._last_submit
-            if idle >= BUSY_WINDOW:
+            now = time.monotonic()
+            idle = now - self._last_submit
+            waited = now - queued_at
+            if idle >= BUSY_WINDOW or waited >= MAX_DEFER:
                 return
-            time.sleep(max(BACKOFF, BUSY_WINDOW - idle))
+            time.sleep(min(MAX_DEFER - waited,
+                           max(BACKOFF, BUSY_WINDOW - idle)))
 
     def flush(self, stop=False):
         """Wait for queued replicas; return how many are still pending.

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 
 import fixtures
@@ -818,6 +819,28 @@ class AsyncFanoutTestCase(DriverFixtureMixin, base.BaseTestCase):
         self.assertEqual(1, len(logs.records))
         self.assertIn('dropped', logs.output[0])
         self.assertGreaterEqual(driver.dropped, 36)
+
+    def test_replicas_not_deferred_indefinitely_by_a_busy_service(self):
+        driver = self.driver(self.ASYNC)
+        published = threading.Event()
+        record = self._record
+
+        def signal(target, *args, **kwargs):
+            record(target, *args, **kwargs)
+            if target.topic != 'notifications.info':
+                published.set()
+
+        self.transport._send_notification.side_effect = signal
+        driver.notify({}, envelope(), 'INFO', -1)
+        # A service that never pauses for BUSY_WINDOW: its submissions keep
+        # the worker deferring, until the replica has waited MAX_DEFER.
+        deadline = time.monotonic() + multicast.MAX_DEFER + 5
+        while not published.is_set() and time.monotonic() < deadline:
+            driver._worker.submit([])
+            published.wait(multicast.BUSY_WINDOW / 5)
+        self.assertTrue(published.is_set(),
+                        'replica still deferred after %.1f s'
+                        % (multicast.MAX_DEFER + 5))
 
     def test_flush_timeout_counts_what_is_left(self):
         driver = self.driver(glance_rule(async_fanout='true',
