@@ -19,11 +19,14 @@ configuration object.
 
 import copy
 
+from oslo_messaging_ext.notify import _impl_unix
+
 __all__ = [
     'list_opts',
 ]
 
 _opts = [
+    (_impl_unix.GROUP, _impl_unix.unix_opts),
 ]
 
 

@@ -1,0 +1,806 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""The per-process relay behind the ``unix`` notification driver.
+
+Private to the driver: _impl_unix.py states the delivery semantics, this
+module implements them. One :class:`Relay` exists per socket path and per
+process. Its I/O thread is, by election, either
+
+* the **hub**: it holds the listening socket, accepts subscribers and the
+  other processes of the service (publishers), and copies every line to
+  every subscriber's bounded buffer; or
+* a **publisher**: it forwards its process's lines to the hub, and learns
+  from the hub how many subscribers there are.
+
+The relay always runs in a native OS thread, even in an eventlet
+monkey-patched process, so that delivery never depends on the service
+yielding to the eventlet hub.
+"""
+
+import atexit
+import errno
+import fcntl
+import importlib
+import json
+import logging
+import os
+import stat
+import struct
+import sys
+import tempfile
+import time
+import uuid
+
+from oslo_utils import timeutils
+
+LOG = logging.getLogger(__name__)
+
+PROTOCOL_KEY = 'oslo_messaging_ext.unix'
+DROPPED_EVENT_TYPE = 'oslo_messaging_ext.unix.dropped'
+
+# Every control line starts with this, so a publisher can tell the hub's
+# status lines apart without decoding the notifications that may reach it
+# before the hub has read its handshake.
+_CONTROL_PREFIX = ('{"%s":' % PROTOCOL_KEY).encode('ascii')
+_MAX_HANDSHAKE = 4096
+_READ_SIZE = 262144
+_LISTEN_BACKLOG = 128
+_RETRY_MIN, _RETRY_MAX = 0.05, 5.0
+# How long a clean shutdown may wait to hand queued lines over.
+_CLOSE_FLUSH_TIMEOUT = 2.0
+
+_IDLE, _STARTING, _HUB, _PUBLISHER, _FAILED = (
+    'idle', 'starting', 'hub', 'publisher', 'failed')
+
+
+def _native(name):
+    """Return the module ``name`` as it was before eventlet patched it."""
+    patcher = sys.modules.get('eventlet.patcher')
+    if patcher is not None and patcher.is_monkey_patched(
+            'thread' if name == 'threading' else name):
+        return patcher.original(name)
+    return importlib.import_module(name)
+
+
+class RelayError(Exception):
+    """The socket path cannot be used; the message says why."""
+
+
+def _control_line(**fields):
+    fields = dict({PROTOCOL_KEY: fields.pop('role')}, **fields)
+    return json.dumps(fields, separators=(',', ':')).encode('ascii') + b'\n'
+
+
+def _parse_control(line):
+    if not line.startswith(_CONTROL_PREFIX):
+        return None
+    try:
+        fields = json.loads(line)
+    except ValueError:
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
+def dropped_envelope(count, where):
+    """The in-band notice of ``count`` notifications dropped ``where``."""
+    return (json.dumps({
+        'message_id': str(uuid.uuid4()),
+        'publisher_id': 'oslo_messaging_ext.unix',
+        'event_type': DROPPED_EVENT_TYPE,
+        'priority': 'WARN',
+        'payload': {'dropped': count, 'where': where, 'pid': os.getpid()},
+        'timestamp': str(timeutils.utcnow()),
+    }).encode('ascii') + b'\n')
+
+
+def peer_uid(sock, socket_module):
+    creds = sock.getsockopt(socket_module.SOL_SOCKET,
+                            socket_module.SO_PEERCRED,
+                            struct.calcsize('3i'))
+    return struct.unpack('3i', creds)[1]
+
+
+def probe(path, service, timeout):
+    """Tell who listens on ``path``.
+
+    :returns: None when nobody does (no file, or a stale socket), else the
+        hub's status dict
+    :raises RelayError: when a live listener is not a hub of ``service``
+    """
+    socket = _native('socket')
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        sock.sendall(_control_line(role='publisher', service=service,
+                                   pid=os.getpid(), probe=True))
+        data = b''
+        try:
+            while True:
+                chunk = sock.recv(_MAX_HANDSHAKE)
+                if not chunk:
+                    break
+                data += chunk
+                for line in data.split(b'\n')[:-1]:
+                    status = _parse_control(line)
+                    if status and status.get(PROTOCOL_KEY) == 'hub':
+                        if status.get('service') != service:
+                            raise RelayError(
+                                'it is held by the unix notification hub of '
+                                'another service (%r, pid %s)'
+                                % (status.get('service'), status.get('pid')))
+                        return status
+                if len(data) > _MAX_HANDSHAKE * 16:
+                    break
+        except socket.timeout:
+            pass
+        raise RelayError('it is held by a live listener that does not speak '
+                         'the unix notification driver protocol')
+    finally:
+        sock.close()
+
+
+class _Peer(object):
+    """A connection accepted by the hub: a subscriber until it says not."""
+
+    __slots__ = ('sock', 'fd', 'publisher', 'reading', 'inbuf', 'pending',
+                 'pending_bytes', 'dropped')
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.publisher = False
+        self.reading = True
+        self.inbuf = b''
+        self.pending = []
+        self.pending_bytes = 0
+        self.dropped = 0
+
+
+class Relay(object):
+    """Relay the lines of this process to the subscribers of ``path``.
+
+    :param path: the socket path
+    :param service: the identity siblings must share to join one hub
+    :param mode: the socket file's mode bits
+    :param gid: the socket file's group id
+    :param max_subscribers: connections the hub serves at most
+    :param buffer_size: bytes queued at most per subscriber, and in this
+        process on the way to the hub
+    """
+
+    def __init__(self, path, service, mode, gid, max_subscribers,
+                 buffer_size):
+        self.path = path
+        self.lock_path = path + '.lock'
+        self.service = service
+        self.mode = mode
+        self.gid = gid
+        self.max_subscribers = max_subscribers
+        self.buffer_size = buffer_size
+        self._socket = _native('socket')
+        self._select = _native('select')
+        self._threading = _native('threading')
+        self._os = _native('os')
+        self.users = 0
+        self._reset()
+
+    def _reset(self):
+        self.pid = os.getpid()
+        self.state = _IDLE
+        # None while unknown: lines are queued rather than lost.
+        self.subscribers = None
+        self._lock = self._threading.Lock()
+        self._outbox = []
+        self._outbox_bytes = 0
+        self._outbox_dropped = 0
+        self._wake_pending = False
+        self._stopping = False
+        self._thread = None
+        self._wake_r = self._wake_w = None
+        self._listener = None
+        self._bound_id = None
+        self._upstream = None
+        self._upstream_pending = b''
+        self._upstream_inbuf = b''
+        self._peers = {}
+        self._poller = None
+        self._refused = 0
+
+    # -- the notifying threads' side ---------------------------------------
+
+    def wanted(self):
+        """Whether a line would reach anyone, starting the relay if idle.
+
+        This is the hot path when nobody listens: no lock, no syscall but
+        getpid, which spots a fork the at-fork hook did not see.
+        """
+        if self.pid != os.getpid():
+            self.after_fork_in_child()
+        if self.state is _IDLE:
+            self.start()
+        return self.subscribers != 0 and self.state is not _FAILED
+
+    def publish(self, line):
+        """Queue one encoded line; never blocks on a peer."""
+        with self._lock:
+            size = len(line)
+            if self._outbox_bytes + size > self.buffer_size:
+                self._outbox_dropped += 1
+                return
+            if self._outbox_dropped:
+                notice = dropped_envelope(self._outbox_dropped,
+                                          'publisher %d' % self.pid)
+                self._outbox.append(notice)
+                self._outbox_bytes += len(notice)
+                self._outbox_dropped = 0
+            self._outbox.append(line)
+            self._outbox_bytes += size
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self._wake()
+
+    def _wake(self):
+        try:
+            self._os.write(self._wake_w, b'!')
+        except (BlockingIOError, OSError, TypeError):
+            # A full pipe already wakes the thread; a closed one (TypeError
+            # on None) means the relay stopped.
+            pass
+
+    def _take_outbox(self):
+        with self._lock:
+            lines, self._outbox = self._outbox, []
+            self._outbox_bytes = 0
+            self._wake_pending = False
+        return lines
+
+    def start(self):
+        """Start the I/O thread, which joins or becomes the hub."""
+        with self._lock:
+            if self.state is not _IDLE:
+                return
+            self.state = _STARTING
+            self._wake_r, self._wake_w = os.pipe2(
+                os.O_NONBLOCK | os.O_CLOEXEC)
+            self._poller = self._select.poll()
+            self._poller.register(self._wake_r, self._select.POLLIN)
+            self._thread = self._threading.Thread(
+                target=self._run, daemon=True,
+                name='oslo.messaging-ext unix relay %s' % self.path)
+            self._thread.start()
+        _register_multiprocessing_finalizer(self)
+
+    def close(self, flush_timeout=_CLOSE_FLUSH_TIMEOUT):
+        """Stop the relay, hand over queued lines, remove our socket."""
+        if self.pid != os.getpid():
+            return
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping = True
+        self._flush_deadline = time.monotonic() + flush_timeout
+        self._wake()
+        if thread is not self._threading.current_thread():
+            thread.join(flush_timeout + 1.0)
+        self._close_all()
+        self._thread = None
+        self.state = _IDLE
+        self.subscribers = None
+
+    def after_fork_in_child(self):
+        """Forget what the parent owned; rejoin lazily as a sibling."""
+        for sock in [self._listener, self._upstream] + [
+                p.sock for p in self._peers.values()]:
+            if sock is not None:
+                sock.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                os.close(fd)
+        # The parent's socket file stays the parent's: never unlink it here.
+        self._reset()
+
+    # -- the I/O thread -----------------------------------------------------
+
+    def _run(self):
+        retry_delay = _RETRY_MIN
+        retry_at = 0.0
+        while True:
+            if (self.state in (_STARTING, _IDLE) and
+                    time.monotonic() >= retry_at):
+                try:
+                    self._elect()
+                    retry_delay = _RETRY_MIN
+                except RelayError as exc:
+                    LOG.error('Unix notification socket %s: %s; '
+                              'notifications for it are dropped.',
+                              self.path, exc)
+                    self.state = _FAILED
+                    self.subscribers = 0
+                except OSError as exc:
+                    LOG.warning('Unix notification socket %s: cannot join '
+                                '(%s); retrying in %.2fs',
+                                self.path, exc, retry_delay)
+                    self.state = _IDLE
+                    retry_at = time.monotonic() + retry_delay
+                    retry_delay = min(retry_delay * 2, _RETRY_MAX)
+            if self.state is _FAILED:
+                self._take_outbox()
+            lines = self._take_outbox() if self._can_take() else None
+            if lines:
+                self._deliver(b''.join(lines))
+            if self._stopping and (self._drained() or
+                                   time.monotonic() >= self._flush_deadline):
+                return
+            if self.state in (_IDLE, _STARTING):
+                timeout = max(0, retry_at - time.monotonic()) * 1000
+            elif self._stopping:
+                timeout = 10
+            else:
+                timeout = None
+            for fd, events in self._poller.poll(timeout):
+                self._handle(fd, events)
+
+    def _can_take(self):
+        if self.state is _HUB:
+            return True
+        return self.state is _PUBLISHER and not self._upstream_pending
+
+    def _drained(self):
+        if self._outbox or self._upstream_pending:
+            return False
+        return all(not p.pending for p in self._peers.values())
+
+    def _handle(self, fd, events):
+        select = self._select
+        if fd == self._wake_r:
+            try:
+                while self._os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        elif self._listener is not None and fd == self._listener.fileno():
+            self._accept()
+        elif self._upstream is not None and fd == self._upstream.fileno():
+            if events & select.POLLOUT:
+                self._flush_upstream()
+            if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                self._read_upstream()
+        elif fd in self._peers:
+            peer = self._peers[fd]
+            if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                self._drop_peer(peer)
+                return
+            if events & select.POLLIN:
+                self._read_peer(peer)
+            if events & select.POLLOUT and fd in self._peers:
+                self._flush_peer(peer)
+
+    # -- election -------------------------------------------------------------
+
+    def _elect(self):
+        """Join the hub of ``path``, or become it; under the lock file.
+
+        The lock serializes siblings, so that none unlinks the socket
+        another has just bound.
+        """
+        lock_fd = os.open(self.lock_path,
+                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
+                          os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            sock = self._socket.socket(self._socket.AF_UNIX,
+                                       self._socket.SOCK_STREAM)
+            try:
+                sock.settimeout(1.0)
+                sock.connect(self.path)
+            except (ConnectionRefusedError, FileNotFoundError) as exc:
+                sock.close()
+                self._remove_stale(exc)
+                self._become_hub(self._bind())
+            except BaseException:
+                sock.close()
+                raise
+            else:
+                self._become_publisher(sock)
+        finally:
+            os.close(lock_fd)
+
+    def _remove_stale(self, exc):
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise RelayError('it exists and is not a socket')
+        if isinstance(exc, ConnectionRefusedError):
+            LOG.info('Removing stale unix notification socket %s', self.path)
+            os.unlink(self.path)
+
+    def _bind(self):
+        """Bind a listening socket at ``path`` with exactly our mode.
+
+        The socket is bound in a private directory (mode 0700) beside
+        ``path``, given its group and mode there, then renamed into place:
+        it is never reachable with a wider mode, even for an instant, and
+        nothing is ever changed through a symlink.
+        """
+        private_dir = tempfile.mkdtemp(prefix='.sock-',
+                                       dir=os.path.dirname(self.path))
+        private_path = os.path.join(private_dir, 's')
+        sock = self._socket.socket(self._socket.AF_UNIX,
+                                   self._socket.SOCK_STREAM)
+        try:
+            sock.bind(private_path)
+            os.chown(private_path, -1, self.gid, follow_symlinks=False)
+            os.chmod(private_path, self.mode)
+            sock.listen(_LISTEN_BACKLOG)
+            sock.setblocking(False)
+            os.rename(private_path, self.path)
+        except BaseException:
+            sock.close()
+            if os.path.lexists(private_path):
+                os.unlink(private_path)
+            raise
+        finally:
+            os.rmdir(private_dir)
+        st = os.lstat(self.path)
+        self._bound_id = (st.st_dev, st.st_ino)
+        return sock
+
+    def _become_hub(self, listener):
+        self._listener = listener
+        self._poller.register(listener, self._select.POLLIN)
+        self.state = _HUB
+        self.subscribers = 0
+        LOG.debug('Process %d serves unix notification socket %s',
+                  self.pid, self.path)
+
+    def _become_publisher(self, sock):
+        sock.setblocking(False)
+        self._upstream = sock
+        self._upstream_inbuf = b''
+        self._upstream_pending = _control_line(
+            role='publisher', service=self.service, pid=self.pid)
+        self._poller.register(sock, self._select.POLLIN |
+                              self._select.POLLOUT)
+        self.state = _PUBLISHER
+        self.subscribers = None
+
+    def _lose_upstream(self):
+        """The hub went away: re-elect at once, keeping queued lines."""
+        self._poller.unregister(self._upstream)
+        self._upstream.close()
+        self._upstream = None
+        self._upstream_pending = b''
+        self.subscribers = None
+        self.state = _IDLE
+
+    # -- publisher side -------------------------------------------------------
+
+    def _deliver(self, data):
+        if self.state is _HUB:
+            self._fan_out(data)
+        else:
+            self._upstream_pending = data
+            self._flush_upstream()
+
+    def _flush_upstream(self):
+        select = self._select
+        while self._upstream_pending:
+            try:
+                sent = self._upstream.send(self._upstream_pending)
+            except BlockingIOError:
+                self._poller.modify(self._upstream,
+                                    select.POLLIN | select.POLLOUT)
+                return
+            except OSError:
+                self._lose_upstream()
+                return
+            self._upstream_pending = self._upstream_pending[sent:]
+        self._poller.modify(self._upstream, select.POLLIN)
+
+    def _read_upstream(self):
+        try:
+            data = self._upstream.recv(_READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b''
+        if not data:
+            self._lose_upstream()
+            return
+        lines = (self._upstream_inbuf + data).split(b'\n')
+        self._upstream_inbuf = lines.pop()[-_MAX_HANDSHAKE:]
+        for line in lines:
+            status = _parse_control(line)
+            if status is None or status.get(PROTOCOL_KEY) != 'hub':
+                continue
+            if status.get('service') != self.service:
+                raise_later = RelayError(
+                    'it is now held by the hub of another service (%r, pid '
+                    '%s)' % (status.get('service'), status.get('pid')))
+                LOG.error('Unix notification socket %s: %s; notifications '
+                          'for it are dropped.', self.path, raise_later)
+                self._lose_upstream()
+                self.state = _FAILED
+                self.subscribers = 0
+                return
+            self.subscribers = status.get('subscribers', 0)
+
+    # -- hub side -------------------------------------------------------------
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE and friends: the connection waits in the backlog.
+                LOG.warning('Unix notification socket %s: accept failed: '
+                            '%s', self.path, exc)
+                return
+            if self._subscriber_count() >= self.max_subscribers:
+                self._refused += 1
+                if self._refused % 100 == 1:
+                    LOG.warning('Unix notification socket %s: refused a '
+                                'connection, sock_max_subscribers (%d) '
+                                'reached (%d refused so far)', self.path,
+                                self.max_subscribers, self._refused)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            peer = _Peer(sock)
+            self._peers[peer.fd] = peer
+            self._poller.register(sock, self._select.POLLIN)
+            self._count_changed()
+
+    def _subscriber_count(self):
+        return sum(1 for p in self._peers.values() if not p.publisher)
+
+    def _count_changed(self):
+        count = self._subscriber_count()
+        self.subscribers = count
+        status = self._status_line(count)
+        for peer in list(self._peers.values()):
+            if peer.publisher:
+                self._queue(peer, status, 0, force=True)
+
+    def _status_line(self, count):
+        return _control_line(role='hub', service=self.service, pid=self.pid,
+                             subscribers=count)
+
+    def _read_peer(self, peer):
+        try:
+            data = peer.sock.recv(_READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop_peer(peer)
+            return
+        if not data:
+            if peer.publisher:
+                self._drop_peer(peer)
+            else:
+                # A subscriber that shut its writing side down (socat with
+                # stdin at EOF) still reads; a closed one shows POLLHUP.
+                self._stop_reading(peer)
+            return
+        if peer.publisher:
+            data = peer.inbuf + data
+            end = data.rfind(b'\n') + 1
+            peer.inbuf = data[end:]
+            if end:
+                self._fan_out(data[:end])
+            return
+        self._identify(peer, peer.inbuf + data)
+
+    def _identify(self, peer, data):
+        """Subscribers send nothing: a handshake line makes a publisher."""
+        line, newline, rest = data.partition(b'\n')
+        if not newline:
+            if len(data) > _MAX_HANDSHAKE:
+                self._stop_reading(peer)
+            else:
+                peer.inbuf = data
+            return
+        hello = _parse_control(line)
+        if not hello or hello.get(PROTOCOL_KEY) != 'publisher':
+            self._stop_reading(peer)
+            return
+        try:
+            uid = peer_uid(peer.sock, self._socket)
+        except OSError:
+            uid = None
+        if uid != os.geteuid():
+            LOG.warning('Unix notification socket %s: ignoring a publisher '
+                        'running as uid %s; only uid %d may publish.',
+                        self.path, uid, os.geteuid())
+            self._stop_reading(peer)
+            return
+        peer.publisher = True
+        peer.inbuf = b''
+        peer.pending = []
+        peer.pending_bytes = 0
+        peer.dropped = 0
+        self._count_changed()
+        self._queue(peer, self._status_line(self.subscribers), 0, force=True)
+        if rest:
+            self._read_more(peer, rest)
+
+    def _read_more(self, peer, data):
+        end = data.rfind(b'\n') + 1
+        peer.inbuf = data[end:]
+        if end:
+            self._fan_out(data[:end])
+
+    def _stop_reading(self, peer):
+        peer.reading = False
+        peer.inbuf = b''
+        self._poller.modify(peer.sock, self._mask(peer))
+
+    def _mask(self, peer):
+        select = self._select
+        mask = select.POLLIN if peer.reading else 0
+        if peer.pending:
+            mask |= select.POLLOUT
+        return mask
+
+    def _fan_out(self, data):
+        lines = data.count(b'\n')
+        for peer in list(self._peers.values()):
+            if not peer.publisher:
+                self._queue(peer, data, lines)
+
+    def _queue(self, peer, data, lines, force=False):
+        was_empty = not peer.pending
+        if not force and (peer.pending_bytes + len(data) >
+                          self.buffer_size):
+            peer.dropped += lines
+            return
+        if peer.dropped:
+            notice = dropped_envelope(peer.dropped, 'subscriber buffer')
+            peer.dropped = 0
+            peer.pending.append(notice)
+            peer.pending_bytes += len(notice)
+        peer.pending.append(data)
+        peer.pending_bytes += len(data)
+        if was_empty:
+            self._flush_peer(peer)
+
+    def _flush_peer(self, peer):
+        while peer.pending:
+            data = (peer.pending[0] if len(peer.pending) == 1
+                    else b''.join(peer.pending))
+            try:
+                sent = peer.sock.send(data)
+            except BlockingIOError:
+                peer.pending = [data]
+                break
+            except OSError:
+                self._drop_peer(peer)
+                return
+            peer.pending_bytes -= sent
+            peer.pending = [data[sent:]] if sent < len(data) else []
+        self._poller.modify(peer.sock, self._mask(peer))
+
+    def _drop_peer(self, peer):
+        del self._peers[peer.fd]
+        self._poller.unregister(peer.sock)
+        peer.sock.close()
+        self._count_changed()
+
+    # -- shutdown -------------------------------------------------------------
+
+    def _close_all(self):
+        for peer in list(self._peers.values()):
+            peer.sock.close()
+        self._peers = {}
+        if self._upstream is not None:
+            self._upstream.close()
+            self._upstream = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            self._unlink_ours()
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                os.close(fd)
+        self._wake_r = self._wake_w = None
+        self._poller = None
+
+    def _unlink_ours(self):
+        """Remove the socket file if it is still the one we bound."""
+        try:
+            lock_fd = os.open(self.lock_path,
+                              os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
+                              os.O_NOFOLLOW, 0o600)
+        except OSError:
+            return
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            st = os.lstat(self.path)
+            if (stat.S_ISSOCK(st.st_mode) and
+                    (st.st_dev, st.st_ino) == self._bound_id):
+                os.unlink(self.path)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                LOG.warning('Unix notification socket %s: not removed: %s',
+                            self.path, exc)
+        finally:
+            os.close(lock_fd)
+
+
+# One relay per socket path in this process, shared by every driver
+# instance that names the path.
+_relays = {}
+
+
+def get(path, **kwargs):
+    relay = _relays.get(path)
+    if relay is None:
+        relay = _relays[path] = Relay(path, **kwargs)
+    relay.users += 1
+    return relay
+
+
+def release(relay):
+    relay.users -= 1
+    if relay.users <= 0:
+        _relays.pop(relay.path, None)
+        relay.close()
+
+
+def _after_fork_in_child():
+    for relay in list(_relays.values()):
+        relay.after_fork_in_child()
+        # A forked worker joins at once, so that the socket exists (and
+        # its subscribers are counted) before its first notification.
+        relay.start()
+
+
+def _close_all_at_exit():
+    for relay in list(_relays.values()):
+        try:
+            relay.close()
+        except Exception:
+            LOG.exception('Unix notification socket %s: failed to close',
+                          relay.path)
+
+
+_finalized_pids = set()
+
+
+def _register_multiprocessing_finalizer(relay):
+    """multiprocessing children end in os._exit: flush at their finalizers.
+
+    multiprocessing runs its own finalizers, not atexit, in a child; the
+    registry is per process, so this is done when the relay starts.
+    """
+    mp_process = sys.modules.get('multiprocessing.process')
+    if mp_process is None or mp_process.parent_process() is None:
+        return
+    if os.getpid() in _finalized_pids:
+        return
+    _finalized_pids.add(os.getpid())
+    from multiprocessing import util
+    util.Finalize(None, _close_all_at_exit, exitpriority=100)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_all_at_exit)
