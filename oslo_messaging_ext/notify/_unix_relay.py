@@ -55,6 +55,9 @@ _CONTROL_PREFIX = ('{"%s":' % PROTOCOL_KEY).encode('ascii')
 _MAX_HANDSHAKE = 4096
 _READ_SIZE = 262144
 _LISTEN_BACKLOG = 128
+# Milliseconds the I/O thread waits for more lines after sending a batch:
+# the latency bound traded for batching under load.
+_LINGER = 1
 _RETRY_MIN, _RETRY_MAX = 0.05, 5.0
 # How long a clean shutdown may wait to hand queued lines over.
 _CLOSE_FLUSH_TIMEOUT = 2.0
@@ -225,11 +228,10 @@ class Relay(object):
     def wanted(self):
         """Whether a line would reach anyone, starting the relay if idle.
 
-        This is the hot path when nobody listens: no lock, no syscall but
-        getpid, which spots a fork the at-fork hook did not see.
+        This is the hot path when nobody listens: no lock, no syscall. A
+        fork is handled by the at-fork hook (Python's os.fork,
+        multiprocessing, and uwsgi, which calls PyOS_AfterFork_Child).
         """
-        if self.pid != os.getpid():
-            self.after_fork_in_child()
         if self.state is _IDLE:
             self.start()
         return self.subscribers != 0 and self.state is not _FAILED
@@ -266,7 +268,10 @@ class Relay(object):
         with self._lock:
             lines, self._outbox = self._outbox, []
             self._outbox_bytes = 0
-            self._wake_pending = False
+            # While lines flow, the thread comes back by itself after
+            # _LINGER: notify() then needs no wake-up syscall, and the
+            # thread sends a batch per pass instead of a line.
+            self._wake_pending = bool(lines)
         return lines
 
     def start(self):
@@ -343,6 +348,9 @@ class Relay(object):
             lines = self._take_outbox() if self._can_take() else None
             if lines:
                 self._deliver(b''.join(lines))
+                linger = _LINGER
+            else:
+                linger = None
             if self._stopping and (self._drained() or
                                    time.monotonic() >= self._flush_deadline):
                 return
@@ -351,7 +359,7 @@ class Relay(object):
             elif self._stopping:
                 timeout = 10
             else:
-                timeout = None
+                timeout = linger
             for fd, events in self._poller.poll(timeout):
                 self._handle(fd, events)
 
