@@ -28,11 +28,14 @@ yielding to the eventlet hub.
 """
 
 import atexit
+import collections
 import errno
 import fcntl
 import importlib
+import itertools
 import json
 import logging
+from multiprocessing import util as mp_util
 import os
 import stat
 import struct
@@ -55,12 +58,18 @@ _CONTROL_PREFIX = ('{"%s":' % PROTOCOL_KEY).encode('ascii')
 _MAX_HANDSHAKE = 4096
 _READ_SIZE = 262144
 _LISTEN_BACKLOG = 128
+_IOV_MAX = 512
 # Milliseconds the I/O thread waits for more lines after sending a batch:
 # the latency bound traded for batching under load.
 _LINGER = 1
 _RETRY_MIN, _RETRY_MAX = 0.05, 5.0
 # How long a clean shutdown may wait to hand queued lines over.
 _CLOSE_FLUSH_TIMEOUT = 2.0
+
+# Seconds a new connection has to introduce itself as a publisher; after
+# that it is a subscriber (subscribers send nothing).
+_HANDSHAKE_GRACE = 0.05
+_NEW, _SUBSCRIBER, _SIBLING = 'new', 'subscriber', 'publisher'
 
 _IDLE, _STARTING, _HUB, _PUBLISHER, _FAILED = (
     'idle', 'starting', 'hub', 'publisher', 'failed')
@@ -159,16 +168,19 @@ def probe(path, service, timeout):
 class _Peer(object):
     """A connection accepted by the hub: a subscriber until it says not."""
 
-    __slots__ = ('sock', 'fd', 'publisher', 'reading', 'inbuf', 'pending',
-                 'pending_bytes', 'dropped')
+    __slots__ = ('sock', 'fd', 'kind', 'reading', 'inbuf', 'pending',
+                 'pending_bytes', 'dropped', 'classify_at')
 
     def __init__(self, sock):
         self.sock = sock
         self.fd = sock.fileno()
-        self.publisher = False
+        # Unclassified for a moment: a sibling sends its handshake at once,
+        # and must not be counted (and fed) as a subscriber meanwhile.
+        self.kind = _NEW
+        self.classify_at = time.monotonic() + _HANDSHAKE_GRACE
         self.reading = True
         self.inbuf = b''
-        self.pending = []
+        self.pending = collections.deque()
         self.pending_bytes = 0
         self.dropped = 0
 
@@ -200,6 +212,11 @@ class Relay(object):
         self._os = _native('os')
         self.users = 0
         self._reset()
+        # A multiprocessing child ends in os._exit, without atexit: flush
+        # at its finalizers instead. Its registry is emptied when it
+        # starts, so the finalizer is registered from an after-fork hook
+        # that multiprocessing runs after that.
+        mp_util.register_after_fork(self, _finalize_in_multiprocessing_child)
 
     def _reset(self):
         self.pid = os.getpid()
@@ -207,6 +224,10 @@ class Relay(object):
         # None while unknown: lines are queued rather than lost.
         self.subscribers = None
         self._lock = self._threading.Lock()
+        # Held while file descriptors exist that a forked child must not
+        # inherit half-way (the lock file, a socket being bound): the
+        # at-fork hook waits for it, so a child never holds the lock file.
+        self.fork_lock = self._threading.Lock()
         self._outbox = []
         self._outbox_bytes = 0
         self._outbox_dropped = 0
@@ -288,7 +309,6 @@ class Relay(object):
                 target=self._run, daemon=True,
                 name='oslo.messaging-ext unix relay %s' % self.path)
             self._thread.start()
-        _register_multiprocessing_finalizer(self)
 
     def close(self, flush_timeout=_CLOSE_FLUSH_TIMEOUT):
         """Stop the relay, hand over queued lines, remove our socket."""
@@ -360,8 +380,29 @@ class Relay(object):
                 timeout = 10
             else:
                 timeout = linger
+            timeout = self._classify_new_peers(timeout)
             for fd, events in self._poller.poll(timeout):
                 self._handle(fd, events)
+
+    def _classify_new_peers(self, timeout):
+        """Make subscribers of quiet new connections; return the timeout."""
+        new = [p for p in self._peers.values() if p.kind is _NEW]
+        if not new:
+            return timeout
+        now = time.monotonic()
+        changed = False
+        for peer in new:
+            if now >= peer.classify_at:
+                peer.kind = _SUBSCRIBER
+                changed = True
+        if changed:
+            self._count_changed()
+        waits = [(p.classify_at - now) * 1000 for p in new
+                 if p.kind is _NEW]
+        if not waits:
+            return timeout
+        wait = max(0, min(waits)) + 1
+        return wait if timeout is None else min(timeout, wait)
 
     def _can_take(self):
         if self.state is _HUB:
@@ -406,6 +447,10 @@ class Relay(object):
         The lock serializes siblings, so that none unlinks the socket
         another has just bound.
         """
+        with self.fork_lock:
+            self._elect_locked()
+
+    def _elect_locked(self):
         lock_fd = os.open(self.lock_path,
                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
                           os.O_NOFOLLOW, 0o600)
@@ -519,7 +564,8 @@ class Relay(object):
             except OSError:
                 self._lose_upstream()
                 return
-            self._upstream_pending = self._upstream_pending[sent:]
+            self._upstream_pending = memoryview(
+                self._upstream_pending)[sent:]
         self._poller.modify(self._upstream, select.POLLIN)
 
     def _read_upstream(self):
@@ -563,7 +609,8 @@ class Relay(object):
                 LOG.warning('Unix notification socket %s: accept failed: '
                             '%s', self.path, exc)
                 return
-            if self._subscriber_count() >= self.max_subscribers:
+            if sum(1 for p in self._peers.values()
+                   if p.kind is not _SIBLING) >= self.max_subscribers:
                 self._refused += 1
                 if self._refused % 100 == 1:
                     LOG.warning('Unix notification socket %s: refused a '
@@ -576,17 +623,16 @@ class Relay(object):
             peer = _Peer(sock)
             self._peers[peer.fd] = peer
             self._poller.register(sock, self._select.POLLIN)
-            self._count_changed()
 
     def _subscriber_count(self):
-        return sum(1 for p in self._peers.values() if not p.publisher)
+        return sum(1 for p in self._peers.values() if p.kind is _SUBSCRIBER)
 
     def _count_changed(self):
         count = self._subscriber_count()
         self.subscribers = count
         status = self._status_line(count)
         for peer in list(self._peers.values()):
-            if peer.publisher:
+            if peer.kind is _SIBLING:
                 self._queue(peer, status, 0, force=True)
 
     def _status_line(self, count):
@@ -602,14 +648,17 @@ class Relay(object):
             self._drop_peer(peer)
             return
         if not data:
-            if peer.publisher:
+            if peer.kind is _SIBLING:
                 self._drop_peer(peer)
             else:
                 # A subscriber that shut its writing side down (socat with
                 # stdin at EOF) still reads; a closed one shows POLLHUP.
-                self._stop_reading(peer)
+                self._make_subscriber(peer)
             return
-        if peer.publisher:
+        if peer.kind is _SUBSCRIBER:
+            self._stop_reading(peer)
+            return
+        if peer.kind is _SIBLING:
             data = peer.inbuf + data
             end = data.rfind(b'\n') + 1
             peer.inbuf = data[end:]
@@ -623,13 +672,13 @@ class Relay(object):
         line, newline, rest = data.partition(b'\n')
         if not newline:
             if len(data) > _MAX_HANDSHAKE:
-                self._stop_reading(peer)
+                self._make_subscriber(peer)
             else:
                 peer.inbuf = data
             return
         hello = _parse_control(line)
         if not hello or hello.get(PROTOCOL_KEY) != 'publisher':
-            self._stop_reading(peer)
+            self._make_subscriber(peer)
             return
         try:
             uid = peer_uid(peer.sock, self._socket)
@@ -639,14 +688,10 @@ class Relay(object):
             LOG.warning('Unix notification socket %s: ignoring a publisher '
                         'running as uid %s; only uid %d may publish.',
                         self.path, uid, os.geteuid())
-            self._stop_reading(peer)
+            self._make_subscriber(peer)
             return
-        peer.publisher = True
+        peer.kind = _SIBLING
         peer.inbuf = b''
-        peer.pending = []
-        peer.pending_bytes = 0
-        peer.dropped = 0
-        self._count_changed()
         self._queue(peer, self._status_line(self.subscribers), 0, force=True)
         if rest:
             self._read_more(peer, rest)
@@ -656,6 +701,13 @@ class Relay(object):
         peer.inbuf = data[end:]
         if end:
             self._fan_out(data[:end])
+
+    def _make_subscriber(self, peer):
+        """Whatever a subscriber sends is ignored."""
+        self._stop_reading(peer)
+        if peer.kind is _NEW:
+            peer.kind = _SUBSCRIBER
+            self._count_changed()
 
     def _stop_reading(self, peer):
         peer.reading = False
@@ -672,7 +724,7 @@ class Relay(object):
     def _fan_out(self, data):
         lines = data.count(b'\n')
         for peer in list(self._peers.values()):
-            if not peer.publisher:
+            if peer.kind is _SUBSCRIBER:
                 self._queue(peer, data, lines)
 
     def _queue(self, peer, data, lines, force=False):
@@ -680,6 +732,8 @@ class Relay(object):
         if not force and (peer.pending_bytes + len(data) >
                           self.buffer_size):
             peer.dropped += lines
+            return
+        if peer.sock.fileno() < 0:
             return
         if peer.dropped:
             notice = dropped_envelope(peer.dropped, 'subscriber buffer')
@@ -692,22 +746,32 @@ class Relay(object):
             self._flush_peer(peer)
 
     def _flush_peer(self, peer):
-        while peer.pending:
-            data = (peer.pending[0] if len(peer.pending) == 1
-                    else b''.join(peer.pending))
+        pending = peer.pending
+        while pending:
+            # Gather, not join: a subscriber that lags holds megabytes,
+            # which must not be copied for each partial send.
             try:
-                sent = peer.sock.send(data)
+                sent = peer.sock.sendmsg(
+                    list(itertools.islice(pending, _IOV_MAX)))
             except BlockingIOError:
-                peer.pending = [data]
                 break
             except OSError:
                 self._drop_peer(peer)
                 return
             peer.pending_bytes -= sent
-            peer.pending = [data[sent:]] if sent < len(data) else []
+            while sent:
+                head = pending[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    pending.popleft()
+                else:
+                    pending[0] = memoryview(head)[sent:]
+                    sent = 0
         self._poller.modify(peer.sock, self._mask(peer))
 
     def _drop_peer(self, peer):
+        if self._peers.get(peer.fd) is not peer:
+            return
         del self._peers[peer.fd]
         self._poller.unregister(peer.sock)
         peer.sock.close()
@@ -734,6 +798,10 @@ class Relay(object):
 
     def _unlink_ours(self):
         """Remove the socket file if it is still the one we bound."""
+        with self.fork_lock:
+            self._unlink_ours_locked()
+
+    def _unlink_ours_locked(self):
         try:
             lock_fd = os.open(self.lock_path,
                               os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
@@ -774,6 +842,20 @@ def release(relay):
         relay.close()
 
 
+def _finalize_in_multiprocessing_child(relay):
+    mp_util.Finalize(relay, relay.close, exitpriority=100)
+
+
+def _before_fork():
+    for relay in list(_relays.values()):
+        relay.fork_lock.acquire()
+
+
+def _after_fork_in_parent():
+    for relay in list(_relays.values()):
+        relay.fork_lock.release()
+
+
 def _after_fork_in_child():
     for relay in list(_relays.values()):
         relay.after_fork_in_child()
@@ -791,24 +873,7 @@ def _close_all_at_exit():
                           relay.path)
 
 
-_finalized_pids = set()
-
-
-def _register_multiprocessing_finalizer(relay):
-    """multiprocessing children end in os._exit: flush at their finalizers.
-
-    multiprocessing runs its own finalizers, not atexit, in a child; the
-    registry is per process, so this is done when the relay starts.
-    """
-    mp_process = sys.modules.get('multiprocessing.process')
-    if mp_process is None or mp_process.parent_process() is None:
-        return
-    if os.getpid() in _finalized_pids:
-        return
-    _finalized_pids.add(os.getpid())
-    from multiprocessing import util
-    util.Finalize(None, _close_all_at_exit, exitpriority=100)
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork,
+                    after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
 atexit.register(_close_all_at_exit)
