@@ -61,6 +61,7 @@ configured. It is removed on clean shutdown. Nothing is ever unlinked,
 chmod'ed or chown'ed through a symlink.
 """
 
+import functools
 import grp
 import json
 import logging
@@ -270,7 +271,9 @@ class UnixSocketDriver(notifier.Driver):
         # Circular structures still fail (RecursionError, logged below);
         # skipping the check saves time on every notification.
         self._encode = json.JSONEncoder(
-            default=jsonutils.to_primitive, check_circular=False,
+            default=functools.partial(jsonutils.to_primitive,
+                                      convert_instances=True, fallback=repr),
+            check_circular=False,
             separators=(',', ':')).encode
         self._relay = _unix_relay.get(
             path, service=service, mode=mode, gid=gid,

@@ -50,6 +50,7 @@ LOG = logging.getLogger(__name__)
 
 PROTOCOL_KEY = 'oslo_messaging_ext.unix'
 DROPPED_EVENT_TYPE = 'oslo_messaging_ext.unix.dropped'
+_DROPPED_PREFIX = ('{"event_type":"%s"' % DROPPED_EVENT_TYPE).encode('ascii')
 
 # Every control line starts with this, so a publisher can tell the hub's
 # status lines apart without decoding the notifications that may reach it
@@ -104,15 +105,26 @@ def _parse_control(line):
 
 
 def dropped_envelope(count, where):
-    """The in-band notice of ``count`` notifications dropped ``where``."""
+    """The in-band notice of ``count`` notifications dropped ``where``.
+
+    event_type comes first, so that the hub can spot notices among the
+    lines it relays (_DROPPED_PREFIX) without decoding every line.
+    """
     return (json.dumps({
+        'event_type': DROPPED_EVENT_TYPE,
         'message_id': str(uuid.uuid4()),
         'publisher_id': 'oslo_messaging_ext.unix',
-        'event_type': DROPPED_EVENT_TYPE,
         'priority': 'WARN',
         'payload': {'dropped': count, 'where': where, 'pid': os.getpid()},
         'timestamp': str(timeutils.utcnow()),
-    }).encode('ascii') + b'\n')
+    }, separators=(',', ':')).encode('ascii') + b'\n')
+
+
+def _dropped_count(line):
+    try:
+        return int(json.loads(line)['payload']['dropped'])
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 def peer_uid(sock, socket_module):
@@ -722,10 +734,35 @@ class Relay(object):
         return mask
 
     def _fan_out(self, data):
+        if _DROPPED_PREFIX in data:
+            self._fan_out_with_notices(data)
+            return
         lines = data.count(b'\n')
         for peer in list(self._peers.values()):
             if peer.kind is _SUBSCRIBER:
                 self._queue(peer, data, lines)
+
+    def _fan_out_with_notices(self, data):
+        """Merge a publisher's drop notices into each subscriber's count.
+
+        A notice is not queued as such: if a subscriber's buffer were full
+        it would be dropped as one line, and its count lost. Each
+        subscriber gets one notice, with the total, before its next line.
+        """
+        run = []
+        for line in data.split(b'\n')[:-1]:
+            if not line.startswith(_DROPPED_PREFIX):
+                run.append(line)
+                continue
+            if run:
+                self._fan_out(b'\n'.join(run) + b'\n')
+                run = []
+            count = _dropped_count(line)
+            for peer in self._peers.values():
+                if peer.kind is _SUBSCRIBER:
+                    peer.dropped += count
+        if run:
+            self._fan_out(b'\n'.join(run) + b'\n')
 
     def _queue(self, peer, data, lines, force=False):
         was_empty = not peer.pending
