@@ -35,8 +35,10 @@ import errno
 import itertools
 import json
 import logging
+import os
 import random
 import socket
+import stat
 import threading
 
 LOG = logging.getLogger(__name__)
@@ -92,6 +94,13 @@ _ERRORS = {
 _TRANSIENT = (SocketMissing, ServiceNotListening)
 
 
+def _is_socket(path):
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return True
+
+
 def connect(path, timeout=10.0):
     """Connect to ``path`` and return the connected, blocking socket.
 
@@ -104,8 +113,12 @@ def connect(path, timeout=10.0):
         sock.settimeout(None)
     except OSError as exc:
         sock.close()
-        cls, reason = _ERRORS.get(exc.errno, (SubscriberError, None))
-        raise cls(path, reason or exc.strerror or str(exc), exc.errno)
+        code = exc.errno
+        # Linux refuses a connection to a regular file as to a stale socket.
+        if code == errno.ECONNREFUSED and not _is_socket(path):
+            code = errno.ENOTSOCK
+        cls, reason = _ERRORS.get(code, (SubscriberError, None))
+        raise cls(path, reason or exc.strerror or str(exc), code)
     return sock
 
 
