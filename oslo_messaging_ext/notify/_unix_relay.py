@@ -60,9 +60,12 @@ _MAX_HANDSHAKE = 4096
 _READ_SIZE = 262144
 _LISTEN_BACKLOG = 128
 _IOV_MAX = 512
+# A subscriber is saturated when its buffer has less room than this (or
+# than half the buffer, if smaller).
+_SATURATION_MARGIN = 65536
 # Milliseconds the I/O thread waits for more lines after sending a batch:
 # the latency bound traded for batching under load.
-_LINGER = 1
+_LINGER = 5
 _RETRY_MIN, _RETRY_MAX = 0.05, 5.0
 # How long a clean shutdown may wait to hand queued lines over.
 _CLOSE_FLUSH_TIMEOUT = 2.0
@@ -235,6 +238,7 @@ class Relay(object):
         self.state = _IDLE
         # None while unknown: lines are queued rather than lost.
         self.subscribers = None
+        self.saturated = False
         self._lock = self._threading.Lock()
         # Held while file descriptors exist that a forked child must not
         # inherit half-way (the lock file, a socket being bound): the
@@ -267,6 +271,13 @@ class Relay(object):
         """
         if self.state is _IDLE:
             self.start()
+        if self.saturated:
+            # Every subscriber's buffer is full: the line would be dropped
+            # by the hub. Count it here, without serializing it; the count
+            # travels in-band before the next line that is sent.
+            with self._lock:
+                self._outbox_dropped += 1
+            return False
         return self.subscribers != 0 and self.state is not _FAILED
 
     def publish(self, line):
@@ -393,6 +404,8 @@ class Relay(object):
             else:
                 timeout = linger
             timeout = self._classify_new_peers(timeout)
+            if self.state is _HUB:
+                self._refresh_saturation()
             for fd, events in self._poller.poll(timeout):
                 self._handle(fd, events)
 
@@ -553,6 +566,7 @@ class Relay(object):
         self._upstream = None
         self._upstream_pending = b''
         self.subscribers = None
+        self.saturated = False
         self.state = _IDLE
 
     # -- publisher side -------------------------------------------------------
@@ -607,6 +621,7 @@ class Relay(object):
                 self.subscribers = 0
                 return
             self.subscribers = status.get('subscribers', 0)
+            self.saturated = bool(status.get('saturated'))
 
     # -- hub side -------------------------------------------------------------
 
@@ -649,7 +664,23 @@ class Relay(object):
 
     def _status_line(self, count):
         return _control_line(role='hub', service=self.service, pid=self.pid,
-                             subscribers=count)
+                             subscribers=count, saturated=self.saturated)
+
+    def _refresh_saturation(self):
+        """Whether every subscriber's buffer is (nearly) full.
+
+        Then notify() counts lines instead of serializing them, in this
+        process and, told by the status line, in the siblings.
+        """
+        full = self.buffer_size - min(_SATURATION_MARGIN,
+                                      self.buffer_size // 2)
+        subscribers = [p for p in self._peers.values()
+                       if p.kind is _SUBSCRIBER]
+        saturated = bool(subscribers) and all(
+            p.pending_bytes >= full for p in subscribers)
+        if saturated != self.saturated:
+            self.saturated = saturated
+            self._count_changed()
 
     def _read_peer(self, peer):
         try:
