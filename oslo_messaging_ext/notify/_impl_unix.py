@@ -35,30 +35,36 @@ Delivery semantics:
   A process whose own queue to the hub overflows reports its drops the same
   way.
 * Disconnected or crashed subscribers are cleaned up silently.
+* When every subscriber's buffer is full, notify() counts the notification
+  instead of serializing it; the count is reported like any other drop.
 * Nothing is stored: a subscriber only receives what is emitted while it is
   connected.
 
-Multi-process services share one ``sock_path``. At its first notification
-each process takes a short lock on ``sock_path + '.lock'``; the one that
-binds the path is the hub, the others connect to it as publishers and
-introduce themselves with a handshake line (subscribers send nothing). The
-hub relays the publishers' lines, already serialized, to every subscriber,
-and tells the publishers how many subscribers there are, so a process with
-none serializes nothing. If the hub process exits, the publishers elect a
-new hub and subscribers reconnect (the subscriber library and
-``oslo-notify-tail --follow`` do so with backoff); what is emitted during
-the switch-over may be lost. Election happens at the first notification, not
-at driver load, so that a parent that forks its workers and then stops
-running Python (uwsgi's master without ``--lazy-apps``) is never left
-holding the socket; a forked child never uses what it inherited from its
-parent and rejoins as a sibling.
+Multi-process services share one ``sock_path``. Each process takes a
+short lock on ``sock_path + '.lock'``; the one that binds the path is the
+hub, the others connect to it as publishers and introduce themselves with a
+handshake line (subscribers send nothing; a new connection that says
+nothing within 50 ms is a subscriber). The hub relays the publishers' lines,
+already serialized, to every subscriber, and tells the publishers how many
+subscribers there are, so that a process with none serializes nothing.
+Only processes of the same user may publish (SO_PEERCRED).
+
+A process joins when the driver is loaded, and a forked child (os.fork,
+multiprocessing, uwsgi workers) joins again at fork, never using what it
+inherited. uwsgi's master, which loads the application before forking its
+workers (without ``--lazy-apps``), does not join, so that it is never left
+holding the socket while it runs no Python. If the hub process exits, the
+publishers elect a new hub and subscribers must reconnect (the subscriber
+library and ``oslo-notify-tail --follow`` do so with backoff); what is
+emitted during the switch-over may be lost, and a subscriber does not see
+it as a gap.
 
 A stale socket file never blocks start-up; a path held by a live listener
 that is not a hub of the same service is an error at driver load. The
 socket is bound in a private directory, given its group and mode, then
 renamed into place: it is never reachable with a wider mode than
-configured. It is removed on clean shutdown. Nothing is ever unlinked,
-chmod'ed or chown'ed through a symlink.
+configured. It is removed on clean shutdown (exit, or driver close()).
+Nothing is ever unlinked, chmod'ed or chown'ed through a symlink.
 """
 
 import functools
