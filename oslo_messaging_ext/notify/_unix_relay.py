@@ -329,7 +329,7 @@ class Relay(object):
             self._poller = self._select.poll()
             self._poller.register(self._wake_r, self._select.POLLIN)
             self._thread = self._threading.Thread(
-                target=self._run, daemon=True,
+                target=self._run_safely, daemon=True,
                 name='oslo.messaging-ext unix relay %s' % self.path)
             self._thread.start()
 
@@ -364,12 +364,22 @@ class Relay(object):
 
     # -- the I/O thread -----------------------------------------------------
 
+    def _run_safely(self):
+        try:
+            self._run()
+        except Exception:
+            # A bug must not turn into a silent stall: say it, and stop
+            # serializing for nobody.
+            LOG.exception('Unix notification socket %s: relay failed; '
+                          'notifications for it are dropped.', self.path)
+            self.state = _FAILED
+            self.subscribers = 0
+
     def _run(self):
         retry_delay = _RETRY_MIN
         retry_at = 0.0
         while True:
-            if (self.state in (_STARTING, _IDLE) and
-                    time.monotonic() >= retry_at):
+            if self.state is _STARTING and time.monotonic() >= retry_at:
                 try:
                     self._elect()
                     retry_delay = _RETRY_MIN
@@ -383,7 +393,7 @@ class Relay(object):
                     LOG.warning('Unix notification socket %s: cannot join '
                                 '(%s); retrying in %.2fs',
                                 self.path, exc, retry_delay)
-                    self.state = _IDLE
+                    self.state = _STARTING
                     retry_at = time.monotonic() + retry_delay
                     retry_delay = min(retry_delay * 2, _RETRY_MAX)
             if self.state is _FAILED:
@@ -397,7 +407,7 @@ class Relay(object):
             if self._stopping and (self._drained() or
                                    time.monotonic() >= self._flush_deadline):
                 return
-            if self.state in (_IDLE, _STARTING):
+            if self.state is _STARTING:
                 timeout = max(0, retry_at - time.monotonic()) * 1000
             elif self._stopping:
                 timeout = 10
@@ -567,7 +577,9 @@ class Relay(object):
         self._upstream_pending = b''
         self.subscribers = None
         self.saturated = False
-        self.state = _IDLE
+        # _STARTING, not _IDLE: this thread re-elects; notify() must not
+        # start another one.
+        self.state = _STARTING
 
     # -- publisher side -------------------------------------------------------
 

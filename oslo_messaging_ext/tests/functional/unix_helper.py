@@ -151,7 +151,8 @@ def subscribe(args):
             continue
         payload = notification['payload']
         worker, seq = payload['worker'], payload['seq']
-        if seq != last.get(worker, -1) + 1:
+        # A subscriber may join mid-stream: gaps count after the first.
+        if worker in last and seq != last[worker] + 1:
             summary['gaps'] += 1
         last[worker] = seq
         summary['workers'][worker] = summary['workers'].get(worker, 0) + 1
