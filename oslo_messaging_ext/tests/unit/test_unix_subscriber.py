@@ -54,6 +54,8 @@ class FakeService(object):
 
     def _serve(self):
         conn, _ = self.listener.accept()
+        # One subscriber only, as a service that then stops.
+        self.listener.close()
         with conn:
             conn.sendall(b''.join(self.lines))
 
