@@ -60,6 +60,8 @@ _MAX_HANDSHAKE = 4096
 _READ_SIZE = 262144
 _LISTEN_BACKLOG = 128
 _IOV_MAX = 512
+# Bounds the reads of what a sibling sent before hanging up (256 MiB).
+_MAX_READS_AT_HANGUP = 1024
 # A subscriber is saturated when its buffer has less room than this (or
 # than half the buffer, if smaller).
 _SATURATION_MARGIN = 65536
@@ -249,6 +251,7 @@ class Relay(object):
         self._outbox_dropped = 0
         self._wake_pending = False
         self._stopping = False
+        self._final_read_done = False
         self._thread = None
         self._wake_r = self._wake_w = None
         self._listener = None
@@ -404,6 +407,9 @@ class Relay(object):
                 linger = _LINGER
             else:
                 linger = None
+            if self._stopping and not self._final_read_done:
+                self._final_read_done = True
+                self._read_siblings_once_more()
             if self._stopping and (self._drained() or
                                    time.monotonic() >= self._flush_deadline):
                 return
@@ -444,6 +450,15 @@ class Relay(object):
             return True
         return self.state is _PUBLISHER and not self._upstream_pending
 
+    def _read_siblings_once_more(self):
+        """At stop, relay what siblings sent (exited ones included)."""
+        for peer in list(self._peers.values()):
+            for _ in range(_MAX_READS_AT_HANGUP):
+                if (peer.kind is not _SIBLING or
+                        self._peers.get(peer.fd) is not peer or
+                        not self._read_peer(peer)):
+                    break
+
     def _drained(self):
         if self._outbox or self._upstream_pending:
             return False
@@ -466,12 +481,22 @@ class Relay(object):
                 self._read_upstream()
         elif fd in self._peers:
             peer = self._peers[fd]
-            if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+            hangup = select.POLLHUP | select.POLLERR | select.POLLNVAL
+            if peer.kind is _SIBLING and events & hangup:
+                # A sibling's last lines come with its hang-up: read them
+                # all; reading its end of stream drops it.
+                for _ in range(_MAX_READS_AT_HANGUP):
+                    if self._peers.get(fd) is not peer:
+                        return
+                    self._read_peer(peer)
+                self._drop_peer(peer)
+                return
+            if events & hangup:
                 self._drop_peer(peer)
                 return
             if events & select.POLLIN:
                 self._read_peer(peer)
-            if events & select.POLLOUT and fd in self._peers:
+            if events & select.POLLOUT and self._peers.get(fd) is peer:
                 self._flush_peer(peer)
 
     # -- election -------------------------------------------------------------
@@ -695,10 +720,11 @@ class Relay(object):
             self._count_changed()
 
     def _read_peer(self, peer):
+        """Read what ``peer`` sent; return False when nothing was there."""
         try:
             data = peer.sock.recv(_READ_SIZE)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             self._drop_peer(peer)
             return
@@ -719,7 +745,7 @@ class Relay(object):
             peer.inbuf = data[end:]
             if end:
                 self._fan_out(data[:end])
-            return
+            return True
         self._identify(peer, peer.inbuf + data)
 
     def _identify(self, peer, data):

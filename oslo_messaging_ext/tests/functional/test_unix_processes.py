@@ -80,7 +80,10 @@ class UnixProcessesTestCase(base.BaseTestCase):
         return out.decode()
 
     def summary(self, proc, timeout=TIMEOUT):
-        return json.loads(self.finish(proc, timeout).splitlines()[-1])
+        # Longer than the subscriber's own deadline, so that a subscriber
+        # that misses notifications reports what it got.
+        out = self.finish(proc, timeout + 15)
+        return json.loads(out.splitlines()[-1])
 
     def wait_for_socket(self):
         self.assertTrue(functional_base.wait_until(
