@@ -46,11 +46,15 @@ _SUBSCRIBER = textwrap.dedent('''
     from oslo_messaging_ext import unix_subscriber
     path, expected = sys.argv[1], int(sys.argv[2])
     received = dropped = 0
+    where = {}
     with unix_subscriber.Subscription(path) as subscription:
         for notification in subscription:
             event_type = notification['event_type']
             if event_type == unix_subscriber.DROPPED_EVENT_TYPE:
-                dropped += notification['payload']['dropped']
+                count = notification['payload']['dropped']
+                dropped += count
+                place = notification['payload']['where'].split()[0]
+                where[place] = where.get(place, 0) + count
             elif event_type == 'bench.end':
                 break
             else:
@@ -58,7 +62,8 @@ _SUBSCRIBER = textwrap.dedent('''
                 if received == expected:
                     break
     print(json.dumps({'received': received, 'dropped': dropped,
-                      'done': time.monotonic()}), flush=True)
+                      'where': where, 'done': time.monotonic()}),
+          flush=True)
 ''')
 _DISCARDER = textwrap.dedent('''
     import socket, sys
@@ -199,8 +204,8 @@ def run(args):
     lossless = (result['received'] == end_to_end and
                 result['dropped'] == 0)
     table.add('one subscriber end to end, %d notifications%s'
-              % (end_to_end, '' if lossless else ' (LOSS: %d dropped)'
-                 % result['dropped']),
+              % (end_to_end, '' if lossless else ' (LOSS: %d dropped, %s)'
+                 % (result['dropped'], result['where'])),
               rate, 'notifications/s', target='>= 50000/s, no loss',
               ok=lossless and rate >= 50000)
     table.add('  of which notify() alone', end_to_end / (emitted - start),
