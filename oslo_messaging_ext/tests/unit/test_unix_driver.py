@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import stat
+import sys
 import threading
 import time
 from unittest import mock
@@ -227,6 +228,20 @@ class UnixDriverTestCase(base.BaseTestCase):
             self.assertTrue(wait_until(
                 lambda: os.path.exists(self.sock_path)))
         self.assertEqual([(True, 0o700)], seen)
+
+    def test_uwsgi_master_does_not_become_the_hub(self):
+        uwsgi = mock.Mock()
+        uwsgi.worker_id.return_value = 0
+        self.useFixture(fixtures.MonkeyPatch('sys.modules',
+                                             dict(sys.modules, uwsgi=uwsgi)))
+        notifier, driver = self.notifier()
+        self.assertIsNone(driver.subscribers())
+        self.assertFalse(os.path.lexists(self.sock_path))
+        # A worker (or the master, should it notify after all) joins at
+        # its first notification.
+        uwsgi.worker_id.return_value = 1
+        notifier.info({}, 'image.upload', {'id': 1})
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
 
     def test_stale_socket_is_replaced(self):
         stale = socket.socket(socket.AF_UNIX)
