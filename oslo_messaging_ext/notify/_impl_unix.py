@@ -294,7 +294,7 @@ class UnixSocketDriver(notifier.Driver):
         try:
             if self._include_context:
                 message = dict(message, context=redact_context(ctxt))
-            line = self._encode(message).encode('utf-8') + b'\n'
+            line = self._encode(message).encode('utf-8')
         except Exception:
             LOG.exception('Cannot serialize notification %s (%s) for the '
                           'unix notification socket; dropped.',

@@ -70,7 +70,9 @@ _SATURATION_MARGIN = 65536
 _LINGER = 5
 _RETRY_MIN, _RETRY_MAX = 0.05, 5.0
 # How long a clean shutdown may wait to hand queued lines over.
-_CLOSE_FLUSH_TIMEOUT = 2.0
+_CLOSE_FLUSH_TIMEOUT = 5.0
+# How long it may wait for its subscribers to read what is queued for them.
+_CLOSE_SUBSCRIBERS_TIMEOUT = 1.0
 
 # Seconds a new connection has to introduce itself as a publisher; after
 # that it is a subscriber (subscribers send nothing).
@@ -284,16 +286,20 @@ class Relay(object):
         return self.subscribers != 0 and self.state is not _FAILED
 
     def publish(self, line):
-        """Queue one encoded line; never blocks on a peer."""
+        """Queue one encoded line, without its newline; never blocks.
+
+        Newlines are added when a batch is joined: one copy of each line
+        less on the caller's path.
+        """
         with self._lock:
-            size = len(line)
+            size = len(line) + 1
             if self._outbox_bytes + size > self.buffer_size:
                 self._outbox_dropped += 1
                 return
             if self._outbox_dropped:
                 notice = dropped_envelope(self._outbox_dropped,
                                           'publisher %d' % self.pid)
-                self._outbox.append(notice)
+                self._outbox.append(notice[:-1])
                 self._outbox_bytes += len(notice)
                 self._outbox_dropped = 0
             self._outbox.append(line)
@@ -345,6 +351,8 @@ class Relay(object):
             return
         self._stopping = True
         self._flush_deadline = time.monotonic() + flush_timeout
+        self._subscribers_deadline = time.monotonic() + min(
+            flush_timeout, _CLOSE_SUBSCRIBERS_TIMEOUT)
         self._wake()
         if thread is not self._threading.current_thread():
             thread.join(flush_timeout + 1.0)
@@ -403,15 +411,20 @@ class Relay(object):
                 self._take_outbox()
             lines = self._take_outbox() if self._can_take() else None
             if lines:
-                self._deliver(b''.join(lines))
+                lines.append(b'')
+                self._deliver(b'\n'.join(lines))
                 linger = _LINGER
             else:
                 linger = None
             if self._stopping and not self._final_read_done:
                 self._final_read_done = True
                 self._read_siblings_once_more()
-            if self._stopping and (self._drained() or
-                                   time.monotonic() >= self._flush_deadline):
+            if self._stopping and self._drained():
+                return
+            if self._stopping and time.monotonic() >= self._flush_deadline:
+                LOG.warning('Unix notification socket %s: stopped before '
+                            'handing over %d queued bytes',
+                            self.path, self._queued_bytes())
                 return
             if self.state is _STARTING:
                 timeout = max(0, retry_at - time.monotonic()) * 1000
@@ -459,10 +472,20 @@ class Relay(object):
                         not self._read_peer(peer)):
                     break
 
+    def _queued_bytes(self):
+        return (sum(len(line) + 1 for line in self._outbox) +
+                len(self._upstream_pending) +
+                sum(p.pending_bytes for p in self._peers.values()))
+
     def _drained(self):
+        """At stop: our lines handed over, subscribers served a moment.
+
+        A stuck subscriber must not hold a shutdown for long.
+        """
         if self._outbox or self._upstream_pending:
             return False
-        return all(not p.pending for p in self._peers.values())
+        return (time.monotonic() >= self._subscribers_deadline or
+                all(not p.pending for p in self._peers.values()))
 
     def _handle(self, fd, events):
         select = self._select
