@@ -251,6 +251,8 @@ class Relay(object):
         self._outbox = []
         self._outbox_bytes = 0
         self._outbox_dropped = 0
+        # Lines counted, not serialized, while every subscriber was full.
+        self._unsent = 0
         self._wake_pending = False
         self._stopping = False
         self._final_read_done = False
@@ -281,7 +283,7 @@ class Relay(object):
             # by the hub. Count it here, without serializing it; the count
             # travels in-band before the next line that is sent.
             with self._lock:
-                self._outbox_dropped += 1
+                self._unsent += 1
             return False
         return self.subscribers != 0 and self.state is not _FAILED
 
@@ -432,6 +434,9 @@ class Relay(object):
                 timeout = 10
             else:
                 timeout = linger
+            if self.state is _HUB:
+                # Before new subscribers count: they missed none of these.
+                self._credit_unsent()
             timeout = self._classify_new_peers(timeout)
             if self.state is _HUB:
                 self._refresh_saturation()
@@ -682,6 +687,18 @@ class Relay(object):
                 return
             self.subscribers = status.get('subscribers', 0)
             self.saturated = bool(status.get('saturated'))
+            # Report what was counted to the subscribers it was counted
+            # for, before the hub's subscribers change any further.
+            self._queue_unsent_notice()
+
+    def _queue_unsent_notice(self):
+        with self._lock:
+            count, self._unsent = self._unsent, 0
+            if not count:
+                return
+            notice = dropped_envelope(count, 'publisher %d' % self.pid)
+            self._outbox.append(notice[:-1])
+            self._outbox_bytes += len(notice)
 
     # -- hub side -------------------------------------------------------------
 
@@ -725,6 +742,14 @@ class Relay(object):
     def _status_line(self, count):
         return _control_line(role='hub', service=self.service, pid=self.pid,
                              subscribers=count, saturated=self.saturated)
+
+    def _credit_unsent(self):
+        with self._lock:
+            count, self._unsent = self._unsent, 0
+        if count:
+            for peer in self._peers.values():
+                if peer.kind is _SUBSCRIBER:
+                    peer.dropped += count
 
     def _refresh_saturation(self):
         """Whether every subscriber's buffer is (nearly) full.

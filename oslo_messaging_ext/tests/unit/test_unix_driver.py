@@ -390,6 +390,26 @@ class UnixDriverTestCase(base.BaseTestCase):
             gap, last_seq = 0, seq
         self.assertGreater(missed, 0)
 
+    def test_drops_of_a_gone_subscriber_are_not_reported_to_a_new_one(self):
+        notifier, driver = self.notifier(sock_buffer_size=8192)
+        stuck = self.subscribe(driver)
+        payload = samples.glance_upload_payload()
+
+        def saturate():
+            notifier.info({}, 'image.upload', payload)
+            return driver._relay.saturated
+
+        self.assertTrue(wait_until(saturate))
+        for _ in range(100):
+            notifier.info({}, 'image.upload', payload)
+        stuck.close()
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
+        fresh = self.subscribe(driver)
+        notifier.info({}, 'image.upload', {'id': 'after'})
+        [received] = self.read_lines(fresh, 1)
+        self.assertEqual('image.upload', received['event_type'])
+        self.assertEqual({'id': 'after'}, received['payload'])
+
     def test_subscriber_disconnect_is_cleaned_up(self):
         notifier, driver = self.notifier()
         sock = self.subscribe(driver)
