@@ -279,7 +279,7 @@ class UnixSocketDriver(notifier.Driver):
         self._encode = json.JSONEncoder(
             default=functools.partial(jsonutils.to_primitive,
                                       convert_instances=True, fallback=repr),
-            check_circular=False,
+            check_circular=False, ensure_ascii=True,
             separators=(',', ':')).encode
         self._relay = _unix_relay.get(
             path, service=service, mode=mode, gid=gid,
@@ -294,7 +294,9 @@ class UnixSocketDriver(notifier.Driver):
         try:
             if self._include_context:
                 message = dict(message, context=redact_context(ctxt))
-            line = self._encode(message).encode('utf-8')
+            # ensure_ascii (the default): the line is ASCII, encoded by
+            # the relay thread with the rest of its batch.
+            line = self._encode(message)
         except Exception:
             LOG.exception('Cannot serialize notification %s (%s) for the '
                           'unix notification socket; dropped.',

@@ -288,10 +288,11 @@ class Relay(object):
         return self.subscribers != 0 and self.state is not _FAILED
 
     def publish(self, line):
-        """Queue one encoded line, without its newline; never blocks.
+        """Queue one JSON line (ASCII str, no newline); never blocks.
 
-        Newlines are added when a batch is joined: one copy of each line
-        less on the caller's path.
+        The relay thread joins a batch with newlines and encodes it once:
+        the caller's path makes no copy of the line, which matters with
+        payloads beyond the small-object allocator's reach.
         """
         with self._lock:
             size = len(line) + 1
@@ -301,7 +302,7 @@ class Relay(object):
             if self._outbox_dropped:
                 notice = dropped_envelope(self._outbox_dropped,
                                           'publisher %d' % self.pid)
-                self._outbox.append(notice[:-1])
+                self._outbox.append(notice[:-1].decode('ascii'))
                 self._outbox_bytes += len(notice)
                 self._outbox_dropped = 0
             self._outbox.append(line)
@@ -413,8 +414,8 @@ class Relay(object):
                 self._take_outbox()
             lines = self._take_outbox() if self._can_take() else None
             if lines:
-                lines.append(b'')
-                self._deliver(b'\n'.join(lines))
+                lines.append('')
+                self._deliver('\n'.join(lines).encode('ascii'))
                 linger = _LINGER
             else:
                 linger = None
@@ -697,7 +698,7 @@ class Relay(object):
             if not count:
                 return
             notice = dropped_envelope(count, 'publisher %d' % self.pid)
-            self._outbox.append(notice[:-1])
+            self._outbox.append(notice[:-1].decode('ascii'))
             self._outbox_bytes += len(notice)
 
     # -- hub side -------------------------------------------------------------
