@@ -80,6 +80,7 @@ from oslo_messaging.notify import notifier
 from oslo_serialization import jsonutils
 from oslo_utils import strutils
 
+from oslo_messaging_ext.notify import _unix_protocol
 from oslo_messaging_ext.notify import _unix_relay
 
 LOG = logging.getLogger(__name__)
@@ -269,8 +270,8 @@ class UnixSocketDriver(notifier.Driver):
         self._include_context = group.sock_include_context
         service = service_identity(conf)
         try:
-            _unix_relay.probe(path, service, _PROBE_TIMEOUT)
-        except _unix_relay.RelayError as exc:
+            _unix_protocol.probe(path, service, _PROBE_TIMEOUT)
+        except _unix_protocol.RelayError as exc:
             raise UnixSocketConfigError('sock_path', path, str(exc))
         except OSError as exc:
             raise UnixSocketConfigError('sock_path', path, str(exc))

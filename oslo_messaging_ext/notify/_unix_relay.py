@@ -13,8 +13,9 @@
 """The per-process relay behind the ``unix`` notification driver.
 
 Private to the driver: _impl_unix.py states the delivery semantics, this
-module implements them. One :class:`Relay` exists per socket path and per
-process. Its I/O thread is, by election, either
+module implements them, and _unix_protocol.py holds the lines exchanged.
+One :class:`Relay` exists per socket path and per process. Its I/O thread
+is, by election, either
 
 * the **hub**: it holds the listening socket, accepts subscribers and the
   other processes of the service (publishers), and copies every line to
@@ -31,32 +32,18 @@ import atexit
 import collections
 import errno
 import fcntl
-import importlib
 import itertools
-import json
 import logging
 from multiprocessing import util as mp_util
 import os
 import stat
-import struct
-import sys
 import tempfile
 import time
-import uuid
 
-from oslo_utils import timeutils
+from oslo_messaging_ext.notify import _unix_protocol as proto
 
 LOG = logging.getLogger(__name__)
 
-PROTOCOL_KEY = 'oslo_messaging_ext.unix'
-DROPPED_EVENT_TYPE = 'oslo_messaging_ext.unix.dropped'
-_DROPPED_PREFIX = ('{"event_type":"%s"' % DROPPED_EVENT_TYPE).encode('ascii')
-
-# Every control line starts with this, so a publisher can tell the hub's
-# status lines apart without decoding the notifications that may reach it
-# before the hub has read its handshake.
-_CONTROL_PREFIX = ('{"%s":' % PROTOCOL_KEY).encode('ascii')
-_MAX_HANDSHAKE = 4096
 _READ_SIZE = 262144
 _LISTEN_BACKLOG = 128
 _IOV_MAX = 512
@@ -81,107 +68,6 @@ _NEW, _SUBSCRIBER, _SIBLING = 'new', 'subscriber', 'publisher'
 
 _IDLE, _STARTING, _HUB, _PUBLISHER, _FAILED = (
     'idle', 'starting', 'hub', 'publisher', 'failed')
-
-
-def _native(name):
-    """Return the module ``name`` as it was before eventlet patched it."""
-    patcher = sys.modules.get('eventlet.patcher')
-    if patcher is not None and patcher.is_monkey_patched(
-            'thread' if name == 'threading' else name):
-        return patcher.original(name)
-    return importlib.import_module(name)
-
-
-class RelayError(Exception):
-    """The socket path cannot be used; the message says why."""
-
-
-def _control_line(**fields):
-    fields = dict({PROTOCOL_KEY: fields.pop('role')}, **fields)
-    return json.dumps(fields, separators=(',', ':')).encode('ascii') + b'\n'
-
-
-def _parse_control(line):
-    if not line.startswith(_CONTROL_PREFIX):
-        return None
-    try:
-        fields = json.loads(line)
-    except ValueError:
-        return None
-    return fields if isinstance(fields, dict) else None
-
-
-def dropped_envelope(count, where):
-    """The in-band notice of ``count`` notifications dropped ``where``.
-
-    event_type comes first, so that the hub can spot notices among the
-    lines it relays (_DROPPED_PREFIX) without decoding every line.
-    """
-    return (json.dumps({
-        'event_type': DROPPED_EVENT_TYPE,
-        'message_id': str(uuid.uuid4()),
-        'publisher_id': 'oslo_messaging_ext.unix',
-        'priority': 'WARN',
-        'payload': {'dropped': count, 'where': where, 'pid': os.getpid()},
-        'timestamp': str(timeutils.utcnow()),
-    }, separators=(',', ':')).encode('ascii') + b'\n')
-
-
-def _dropped_count(line):
-    try:
-        return int(json.loads(line)['payload']['dropped'])
-    except (ValueError, KeyError, TypeError):
-        return 0
-
-
-def peer_uid(sock, socket_module):
-    creds = sock.getsockopt(socket_module.SOL_SOCKET,
-                            socket_module.SO_PEERCRED,
-                            struct.calcsize('3i'))
-    return struct.unpack('3i', creds)[1]
-
-
-def probe(path, service, timeout):
-    """Tell who listens on ``path``.
-
-    :returns: None when nobody does (no file, or a stale socket), else the
-        hub's status dict
-    :raises RelayError: when a live listener is not a hub of ``service``
-    """
-    socket = _native('socket')
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            return None
-        sock.sendall(_control_line(role='publisher', service=service,
-                                   pid=os.getpid(), probe=True))
-        data = b''
-        try:
-            while True:
-                chunk = sock.recv(_MAX_HANDSHAKE)
-                if not chunk:
-                    break
-                data += chunk
-                for line in data.split(b'\n')[:-1]:
-                    status = _parse_control(line)
-                    if status and status.get(PROTOCOL_KEY) == 'hub':
-                        if status.get('service') != service:
-                            raise RelayError(
-                                'it is held by the unix notification hub of '
-                                'another service (%r, pid %s)'
-                                % (status.get('service'), status.get('pid')))
-                        return status
-                if len(data) > _MAX_HANDSHAKE * 16:
-                    break
-        except socket.timeout:
-            pass
-        raise RelayError('it is held by a live listener that does not speak '
-                         'the unix notification driver protocol')
-    finally:
-        sock.close()
 
 
 class _Peer(object):
@@ -225,10 +111,10 @@ class Relay(object):
         self.gid = gid
         self.max_subscribers = max_subscribers
         self.buffer_size = buffer_size
-        self._socket = _native('socket')
-        self._select = _native('select')
-        self._threading = _native('threading')
-        self._os = _native('os')
+        self._socket = proto.native('socket')
+        self._select = proto.native('select')
+        self._threading = proto.native('threading')
+        self._os = proto.native('os')
         self.users = 0
         self._reset()
         # A multiprocessing child ends in os._exit, without atexit: flush
@@ -300,8 +186,8 @@ class Relay(object):
                 self._outbox_dropped += 1
                 return
             if self._outbox_dropped:
-                notice = dropped_envelope(self._outbox_dropped,
-                                          'publisher %d' % self.pid)
+                notice = proto.dropped_envelope(self._outbox_dropped,
+                                                'publisher %d' % self.pid)
                 self._outbox.append(notice[:-1].decode('ascii'))
                 self._outbox_bytes += len(notice)
                 self._outbox_dropped = 0
@@ -397,7 +283,7 @@ class Relay(object):
                 try:
                     self._elect()
                     retry_delay = _RETRY_MIN
-                except RelayError as exc:
+                except proto.RelayError as exc:
                     LOG.error('Unix notification socket %s: %s; '
                               'notifications for it are dropped.',
                               self.path, exc)
@@ -568,7 +454,7 @@ class Relay(object):
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(st.st_mode):
-            raise RelayError('it exists and is not a socket')
+            raise proto.RelayError('it exists and is not a socket')
         if isinstance(exc, ConnectionRefusedError):
             LOG.info('Removing stale unix notification socket %s', self.path)
             os.unlink(self.path)
@@ -616,7 +502,7 @@ class Relay(object):
         sock.setblocking(False)
         self._upstream = sock
         self._upstream_inbuf = b''
-        self._upstream_pending = _control_line(
+        self._upstream_pending = proto.control_line(
             role='publisher', service=self.service, pid=self.pid)
         self._poller.register(sock, self._select.POLLIN |
                               self._select.POLLOUT)
@@ -671,13 +557,13 @@ class Relay(object):
             self._lose_upstream()
             return
         lines = (self._upstream_inbuf + data).split(b'\n')
-        self._upstream_inbuf = lines.pop()[-_MAX_HANDSHAKE:]
+        self._upstream_inbuf = lines.pop()[-proto.MAX_HANDSHAKE:]
         for line in lines:
-            status = _parse_control(line)
-            if status is None or status.get(PROTOCOL_KEY) != 'hub':
+            status = proto.parse_control(line)
+            if status is None or status.get(proto.PROTOCOL_KEY) != 'hub':
                 continue
             if status.get('service') != self.service:
-                raise_later = RelayError(
+                raise_later = proto.RelayError(
                     'it is now held by the hub of another service (%r, pid '
                     '%s)' % (status.get('service'), status.get('pid')))
                 LOG.error('Unix notification socket %s: %s; notifications '
@@ -697,7 +583,7 @@ class Relay(object):
             count, self._unsent = self._unsent, 0
             if not count:
                 return
-            notice = dropped_envelope(count, 'publisher %d' % self.pid)
+            notice = proto.dropped_envelope(count, 'publisher %d' % self.pid)
             self._outbox.append(notice[:-1].decode('ascii'))
             self._outbox_bytes += len(notice)
 
@@ -741,8 +627,9 @@ class Relay(object):
                 self._queue(peer, status, 0, force=True)
 
     def _status_line(self, count):
-        return _control_line(role='hub', service=self.service, pid=self.pid,
-                             subscribers=count, saturated=self.saturated)
+        return proto.control_line(role='hub', service=self.service,
+                                  pid=self.pid, subscribers=count,
+                                  saturated=self.saturated)
 
     def _credit_unsent(self):
         with self._lock:
@@ -801,17 +688,17 @@ class Relay(object):
         """Subscribers send nothing: a handshake line makes a publisher."""
         line, newline, rest = data.partition(b'\n')
         if not newline:
-            if len(data) > _MAX_HANDSHAKE:
+            if len(data) > proto.MAX_HANDSHAKE:
                 self._make_subscriber(peer)
             else:
                 peer.inbuf = data
             return
-        hello = _parse_control(line)
-        if not hello or hello.get(PROTOCOL_KEY) != 'publisher':
+        hello = proto.parse_control(line)
+        if not hello or hello.get(proto.PROTOCOL_KEY) != 'publisher':
             self._make_subscriber(peer)
             return
         try:
-            uid = peer_uid(peer.sock, self._socket)
+            uid = proto.peer_uid(peer.sock, self._socket)
         except OSError:
             uid = None
         if uid != os.geteuid():
@@ -852,7 +739,7 @@ class Relay(object):
         return mask
 
     def _fan_out(self, data):
-        if _DROPPED_PREFIX in data:
+        if proto.DROPPED_PREFIX in data:
             self._fan_out_with_notices(data)
             return
         lines = data.count(b'\n')
@@ -869,13 +756,13 @@ class Relay(object):
         """
         run = []
         for line in data.split(b'\n')[:-1]:
-            if not line.startswith(_DROPPED_PREFIX):
+            if not line.startswith(proto.DROPPED_PREFIX):
                 run.append(line)
                 continue
             if run:
                 self._fan_out(b'\n'.join(run) + b'\n')
                 run = []
-            count = _dropped_count(line)
+            count = proto.dropped_count(line)
             for peer in self._peers.values():
                 if peer.kind is _SUBSCRIBER:
                     peer.dropped += count
@@ -891,7 +778,7 @@ class Relay(object):
         if peer.sock.fileno() < 0:
             return
         if peer.dropped:
-            notice = dropped_envelope(peer.dropped, 'subscriber buffer')
+            notice = proto.dropped_envelope(peer.dropped, 'subscriber buffer')
             peer.dropped = 0
             peer.pending.append(notice)
             peer.pending_bytes += len(notice)

@@ -28,7 +28,7 @@ import oslo_messaging
 from oslotest import base
 
 from oslo_messaging_ext.notify import _impl_unix
-from oslo_messaging_ext.notify import _unix_relay
+from oslo_messaging_ext.notify import _unix_protocol
 from oslo_messaging_ext import opts
 from oslo_messaging_ext import samples
 from oslo_messaging_ext import unix_subscriber
@@ -381,7 +381,7 @@ class UnixDriverTestCase(base.BaseTestCase):
         last_seq, gap, missed = -1, 0, 0
         while not missed or last_seq < count:
             notification = json.loads(reader.readline())
-            if notification['event_type'] == _unix_relay.DROPPED_EVENT_TYPE:
+            if notification['event_type'] == _unix_protocol.DROPPED_EVENT_TYPE:
                 gap += notification['payload']['dropped']
                 missed += notification['payload']['dropped']
                 continue
