@@ -20,6 +20,7 @@ configuration object.
 import copy
 
 from oslo_messaging_ext.notify import _impl_multicast
+from oslo_messaging_ext.notify import _impl_unix
 
 __all__ = [
     'list_opts',
@@ -30,6 +31,7 @@ _opts = [
     (_impl_multicast.GROUP, _impl_multicast.multicast_opts),
     # A dynamic group: one [multicast_rule_NAME] per rule named in rules.
     (_impl_multicast.rule_group, _impl_multicast.rule_opts),
+    (_impl_unix.GROUP, _impl_unix.unix_opts),
 ]
 
 

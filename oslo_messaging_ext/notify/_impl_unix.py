@@ -1,0 +1,320 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""Relay notifications to local subscribers over a Unix socket.
+
+Configured in [oslo_messaging_notifications]: ``driver = unix`` and
+``sock_path``. A subscriber connects to ``sock_path`` and reads one JSON
+object a line (UTF-8, ``\\n``-terminated): the envelope oslo.messaging
+builds (message_id, publisher_id, event_type, priority, payload, timestamp),
+plus ``context`` only when ``sock_include_context`` is set, and then without
+auth tokens or secrets. Nothing else is ever written on the stream, so
+``socat - UNIX-CONNECT:PATH | jq .`` works with no handshake.
+
+Delivery semantics:
+
+* With no subscriber, a notification is dropped at near-zero cost: it is
+  not serialized.
+* Each subscriber receives every notification in order, per emitting
+  process, as long as it keeps up. Notifications of several processes are
+  interleaved in the order the hub receives them.
+* notify() never blocks on a subscriber or on the hub. Past a subscriber's
+  buffer bound (``sock_buffer_size`` bytes, on top of the kernel's socket
+  buffer) its notifications are dropped and counted; the next one it gets
+  is preceded by a notification of event_type
+  ``oslo_messaging_ext.unix.dropped`` whose payload ``dropped`` is the count.
+  A process whose own queue to the hub overflows reports its drops the same
+  way.
+* Disconnected or crashed subscribers are cleaned up silently.
+* When every subscriber's buffer is full, notify() counts the notification
+  instead of serializing it; the count is reported like any other drop.
+* Nothing is stored: a subscriber only receives what is emitted while it is
+  connected.
+
+Multi-process services share one ``sock_path``. Each process takes a
+short lock on ``sock_path + '.lock'``; the one that binds the path is the
+hub, the others connect to it as publishers and introduce themselves with a
+handshake line (subscribers send nothing; a new connection that says
+nothing within 50 ms is a subscriber). The hub relays the publishers' lines,
+already serialized, to every subscriber, and tells the publishers how many
+subscribers there are, so that a process with none serializes nothing.
+Only processes of the same user may publish (SO_PEERCRED).
+
+A process joins when the driver is loaded, and a forked child (os.fork,
+multiprocessing, uwsgi workers) joins again at fork, never using what it
+inherited. uwsgi's master, which loads the application before forking its
+workers (without ``--lazy-apps``), does not join, so that it is never left
+holding the socket while it runs no Python. If the hub process exits, the
+publishers elect a new hub and subscribers must reconnect (the subscriber
+library and ``oslo-notify-tail --follow`` do so with backoff); what is
+emitted during the switch-over may be lost, and a subscriber does not see
+it as a gap.
+
+A stale socket file never blocks start-up; a path held by a live listener
+that is not a hub of the same service is an error at driver load. The
+socket is bound in a private directory, given its group and mode, then
+renamed into place: it is never reachable with a wider mode than
+configured. It is removed on clean shutdown (exit, or driver close()).
+Nothing is ever unlinked, chmod'ed or chown'ed through a symlink.
+"""
+
+import functools
+import grp
+import json
+import logging
+import os
+import stat
+import sys
+
+from oslo_config import cfg
+from oslo_messaging.notify import notifier
+from oslo_serialization import jsonutils
+from oslo_utils import strutils
+
+from oslo_messaging_ext.notify import _unix_protocol
+from oslo_messaging_ext.notify import _unix_relay
+
+LOG = logging.getLogger(__name__)
+
+GROUP = 'oslo_messaging_notifications'
+
+unix_opts = [
+    cfg.StrOpt('sock_path',
+               help='Path of the Unix socket the unix notification driver '
+                    'relays notifications on, e.g. '
+                    '/run/glance/notifications.sock. Required with that '
+                    'driver. Its directory must exist; one path per service, '
+                    'whatever its number of processes.'),
+    cfg.StrOpt('sock_mode', default='0660',
+               help='Mode of the socket file, as an octal string. Connecting '
+                    'needs write permission, so 0660 lets the owner and the '
+                    'group subscribe. Any permission for others is refused.'),
+    cfg.StrOpt('sock_group',
+               help='Group of the socket file (name or numeric id). The '
+                    'service user must belong to it. Unset means the '
+                    'service\'s primary group.'),
+    cfg.IntOpt('sock_max_subscribers', default=64,
+               help='Subscribers served at once; further connections are '
+                    'closed at once and logged.'),
+    cfg.IntOpt('sock_buffer_size', default=4 * 1024 * 1024,
+               help='Bytes of notifications queued at most per subscriber '
+                    'that does not keep up (on top of the kernel socket '
+                    'buffer), and per process on the way to the hub. Past '
+                    'it, notifications are dropped, counted and reported '
+                    'in-band.'),
+    cfg.BoolOpt('sock_include_context', default=False,
+                help='Add the request context to each notification, as '
+                     '"context". Auth tokens and other secrets are always '
+                     'removed from it.'),
+]
+
+# Context keys never sent, whatever their value; any key that mentions a
+# token or a secret is removed too, and strutils masks password-like ones.
+_SECRET_CONTEXT_KEYS = frozenset(['auth_token', 'auth_token_info',
+                                  'service_token', 'service_auth_token',
+                                  'password', 'secret', 'credentials'])
+_SECRET_KEY_WORDS = ('token', 'secret', 'password', 'credential')
+
+# The probe of a live listener at driver load waits no longer than this.
+_PROBE_TIMEOUT = 2.0
+
+
+class UnixSocketConfigError(cfg.Error):
+    """The unix driver's configuration is unusable; the message says why."""
+
+    def __init__(self, name, value, reason):
+        super().__init__('Invalid value %r for option %s in group [%s]: %s'
+                         % (value, name, GROUP, reason))
+        self.option = name
+        self.group = GROUP
+        self.value = value
+
+
+def register_opts(conf):
+    conf.register_opts(unix_opts, group=GROUP)
+
+
+def _parse_mode(value):
+    try:
+        mode = int(value, 8)
+    except (TypeError, ValueError):
+        raise UnixSocketConfigError('sock_mode', value,
+                                    'not an octal number such as 0660')
+    if mode & ~0o777:
+        raise UnixSocketConfigError('sock_mode', value,
+                                    'only permission bits (0-0777) apply')
+    if mode & 0o007:
+        raise UnixSocketConfigError(
+            'sock_mode', value, 'the socket must not be accessible to '
+            'others; grant access through its group instead')
+    return mode
+
+
+def _resolve_group(value):
+    """Return the gid for ``value``, checking the service may use it."""
+    if value is None or value == '':
+        return os.getegid()
+    try:
+        gid = int(value) if value.isdigit() else grp.getgrnam(value).gr_gid
+        if value.isdigit():
+            grp.getgrgid(gid)
+    except KeyError:
+        raise UnixSocketConfigError('sock_group', value, 'no such group')
+    if os.geteuid() != 0 and gid != os.getegid() and \
+            gid not in os.getgroups():
+        raise UnixSocketConfigError(
+            'sock_group', value, 'the service user (uid %d) is not a '
+            'member of this group' % os.geteuid())
+    return gid
+
+
+def _check_path(path):
+    if not path:
+        raise UnixSocketConfigError(
+            'sock_path', path, 'the unix notification driver needs a socket '
+            'path, e.g. /run/<service>/notifications.sock')
+    if not os.path.isabs(path):
+        raise UnixSocketConfigError('sock_path', path,
+                                    'it must be an absolute path')
+    # sun_path holds 107 bytes; the socket is first bound in a private
+    # directory beside the path, whose name is longer by up to 16 bytes.
+    directory = os.path.dirname(path)
+    if (len(os.fsencode(path)) > 107 or
+            len(os.fsencode(directory)) + 16 > 107):
+        raise UnixSocketConfigError('sock_path', path,
+                                    'too long for a Unix socket address')
+    if not os.path.isdir(directory):
+        raise UnixSocketConfigError(
+            'sock_path', path, 'its directory %s does not exist' % directory)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UnixSocketConfigError(
+            'sock_path', path, 'the service user (uid %d) cannot create '
+            'files in %s' % (os.geteuid(), directory))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UnixSocketConfigError(
+            'sock_path', path, 'it exists and is not a socket (a symlink, '
+            'a regular file or a directory is never replaced)')
+
+
+def _check_positive(conf_group, name):
+    value = getattr(conf_group, name)
+    if value is None or value <= 0:
+        raise UnixSocketConfigError(name, value, 'it must be positive')
+    return value
+
+
+def service_identity(conf):
+    """What siblings of one service share: its project, else its program."""
+    return (getattr(conf, 'project', None) or
+            os.path.basename(sys.argv[0] or 'python'))
+
+
+def redact_context(ctxt):
+    """A JSON-friendly copy of ``ctxt`` without tokens or secrets."""
+    if ctxt is None:
+        return {}
+    if hasattr(ctxt, 'redacted_copy'):
+        ctxt = ctxt.redacted_copy()
+    if hasattr(ctxt, 'to_dict'):
+        ctxt = ctxt.to_dict()
+    if not isinstance(ctxt, dict):
+        return {}
+    clean = {k: v for k, v in ctxt.items()
+             if k not in _SECRET_CONTEXT_KEYS and
+             not any(w in str(k).lower() for w in _SECRET_KEY_WORDS)}
+    return strutils.mask_dict_password(clean)
+
+
+def _in_uwsgi_master():
+    """Whether this is uwsgi's master, loading the app before forking.
+
+    Without --lazy-apps the master creates the driver, forks the workers
+    and may run no Python thread afterwards: it must not become the hub.
+    Its workers join at fork instead.
+    """
+    uwsgi = sys.modules.get('uwsgi')
+    if uwsgi is None:
+        return False
+    try:
+        return uwsgi.worker_id() == 0
+    except Exception:
+        return False
+
+
+class UnixSocketDriver(notifier.Driver):
+    """Relay notifications to subscribers of a local Unix socket."""
+
+    def __init__(self, conf, topics, transport):
+        super().__init__(conf, topics, transport)
+        register_opts(conf)
+        group = conf[GROUP]
+        path = group.sock_path
+        _check_path(path)
+        mode = _parse_mode(group.sock_mode)
+        gid = _resolve_group(group.sock_group)
+        max_subscribers = _check_positive(group, 'sock_max_subscribers')
+        buffer_size = _check_positive(group, 'sock_buffer_size')
+        self._include_context = group.sock_include_context
+        service = service_identity(conf)
+        try:
+            _unix_protocol.probe(path, service, _PROBE_TIMEOUT)
+        except _unix_protocol.RelayError as exc:
+            raise UnixSocketConfigError('sock_path', path, str(exc))
+        except OSError as exc:
+            raise UnixSocketConfigError('sock_path', path, str(exc))
+        # Circular structures still fail (RecursionError, logged below);
+        # skipping the check saves time on every notification.
+        self._encode = json.JSONEncoder(
+            default=functools.partial(jsonutils.to_primitive,
+                                      convert_instances=True, fallback=repr),
+            check_circular=False, ensure_ascii=True,
+            separators=(',', ':')).encode
+        self._relay = _unix_relay.get(
+            path, service=service, mode=mode, gid=gid,
+            max_subscribers=max_subscribers, buffer_size=buffer_size)
+        if not _in_uwsgi_master():
+            self._relay.start()
+
+    def notify(self, ctxt, message, priority, retry):
+        relay = self._relay
+        if relay is None or not relay.wanted():
+            return
+        try:
+            if self._include_context:
+                message = dict(message, context=redact_context(ctxt))
+            # ensure_ascii (the default): the line is ASCII, encoded by
+            # the relay thread with the rest of its batch.
+            line = self._encode(message)
+        except Exception:
+            LOG.exception('Cannot serialize notification %s (%s) for the '
+                          'unix notification socket; dropped.',
+                          message.get('message_id'),
+                          message.get('event_type'))
+            return
+        relay.publish(line)
+
+    def subscribers(self):
+        """How many subscribers this process knows of (None: not yet)."""
+        return None if self._relay is None else self._relay.subscribers
+
+    def close(self):
+        """Stop relaying; the last driver of a path removes its socket.
+
+        Optional: the socket is also removed when the process exits.
+        """
+        relay, self._relay = self._relay, None
+        if relay is not None:
+            _unix_relay.release(relay)

@@ -1,0 +1,140 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""The wire protocol of the unix notification driver (private).
+
+Subscribers only read: one JSON notification a line. The service's own
+processes (publishers) also write: a handshake line, then notification
+lines; the hub answers them with status lines. Handshake and status lines
+are JSON objects whose first key is PROTOCOL_KEY, so that they can be told
+apart from notifications without decoding them.
+"""
+
+import importlib
+import json
+import os
+import struct
+import sys
+import uuid
+
+from oslo_utils import timeutils
+
+PROTOCOL_KEY = 'oslo_messaging_ext.unix'
+DROPPED_EVENT_TYPE = 'oslo_messaging_ext.unix.dropped'
+DROPPED_PREFIX = ('{"event_type":"%s"' % DROPPED_EVENT_TYPE).encode('ascii')
+
+# Every control line starts with this, so a publisher can tell the hub's
+# status lines apart without decoding the notifications that may reach it
+# before the hub has read its handshake.
+CONTROL_PREFIX = ('{"%s":' % PROTOCOL_KEY).encode('ascii')
+MAX_HANDSHAKE = 4096
+
+
+def native(name):
+    """Return the module ``name`` as it was before eventlet patched it."""
+    patcher = sys.modules.get('eventlet.patcher')
+    if patcher is not None and patcher.is_monkey_patched(
+            'thread' if name == 'threading' else name):
+        return patcher.original(name)
+    return importlib.import_module(name)
+
+
+class RelayError(Exception):
+    """The socket path cannot be used; the message says why."""
+
+
+def control_line(**fields):
+    fields = dict({PROTOCOL_KEY: fields.pop('role')}, **fields)
+    return json.dumps(fields, separators=(',', ':')).encode('ascii') + b'\n'
+
+
+def parse_control(line):
+    if not line.startswith(CONTROL_PREFIX):
+        return None
+    try:
+        fields = json.loads(line)
+    except ValueError:
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
+def dropped_envelope(count, where):
+    """The in-band notice of ``count`` notifications dropped ``where``.
+
+    event_type comes first, so that the hub can spot notices among the
+    lines it relays (DROPPED_PREFIX) without decoding every line.
+    """
+    return (json.dumps({
+        'event_type': DROPPED_EVENT_TYPE,
+        'message_id': str(uuid.uuid4()),
+        'publisher_id': 'oslo_messaging_ext.unix',
+        'priority': 'WARN',
+        'payload': {'dropped': count, 'where': where, 'pid': os.getpid()},
+        'timestamp': str(timeutils.utcnow()),
+    }, separators=(',', ':')).encode('ascii') + b'\n')
+
+
+def dropped_count(line):
+    try:
+        return int(json.loads(line)['payload']['dropped'])
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+def peer_uid(sock, socket_module):
+    creds = sock.getsockopt(socket_module.SOL_SOCKET,
+                            socket_module.SO_PEERCRED,
+                            struct.calcsize('3i'))
+    return struct.unpack('3i', creds)[1]
+
+
+def probe(path, service, timeout):
+    """Tell who listens on ``path``.
+
+    :returns: None when nobody does (no file, or a stale socket), else the
+        hub's status dict
+    :raises RelayError: when a live listener is not a hub of ``service``
+    """
+    socket = native('socket')
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        sock.sendall(control_line(role='publisher', service=service,
+                                  pid=os.getpid(), probe=True))
+        data = b''
+        try:
+            while True:
+                chunk = sock.recv(MAX_HANDSHAKE)
+                if not chunk:
+                    break
+                data += chunk
+                for line in data.split(b'\n')[:-1]:
+                    status = parse_control(line)
+                    if status and status.get(PROTOCOL_KEY) == 'hub':
+                        if status.get('service') != service:
+                            raise RelayError(
+                                'it is held by the unix notification hub of '
+                                'another service (%r, pid %s)'
+                                % (status.get('service'), status.get('pid')))
+                        return status
+                if len(data) > MAX_HANDSHAKE * 16:
+                    break
+        except socket.timeout:
+            pass
+        raise RelayError('it is held by a live listener that does not speak '
+                         'the unix notification driver protocol')
+    finally:
+        sock.close()

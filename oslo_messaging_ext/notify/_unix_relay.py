@@ -1,0 +1,921 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""The per-process relay behind the ``unix`` notification driver.
+
+Private to the driver: _impl_unix.py states the delivery semantics, this
+module implements them, and _unix_protocol.py holds the lines exchanged.
+One :class:`Relay` exists per socket path and per process. Its I/O thread
+is, by election, either
+
+* the **hub**: it holds the listening socket, accepts subscribers and the
+  other processes of the service (publishers), and copies every line to
+  every subscriber's bounded buffer; or
+* a **publisher**: it forwards its process's lines to the hub, and learns
+  from the hub how many subscribers there are.
+
+The relay always runs in a native OS thread, even in an eventlet
+monkey-patched process, so that delivery never depends on the service
+yielding to the eventlet hub.
+"""
+
+import atexit
+import collections
+import errno
+import fcntl
+import itertools
+import logging
+from multiprocessing import util as mp_util
+import os
+import stat
+import tempfile
+import time
+
+from oslo_messaging_ext.notify import _unix_protocol as proto
+
+LOG = logging.getLogger(__name__)
+
+_READ_SIZE = 262144
+_LISTEN_BACKLOG = 128
+_IOV_MAX = 512
+# Bounds the reads of what a sibling sent before hanging up (256 MiB).
+_MAX_READS_AT_HANGUP = 1024
+# A subscriber is saturated when its buffer has less room than this (or
+# than half the buffer, if smaller).
+_SATURATION_MARGIN = 65536
+# Milliseconds the I/O thread waits for more lines after sending a batch:
+# the latency bound traded for batching under load.
+_LINGER = 5
+_RETRY_MIN, _RETRY_MAX = 0.05, 5.0
+# How long a clean shutdown may wait to hand queued lines over.
+_CLOSE_FLUSH_TIMEOUT = 5.0
+# How long it may wait for its subscribers to read what is queued for them.
+_CLOSE_SUBSCRIBERS_TIMEOUT = 1.0
+
+# Seconds a new connection has to introduce itself as a publisher; after
+# that it is a subscriber (subscribers send nothing).
+_HANDSHAKE_GRACE = 0.05
+_NEW, _SUBSCRIBER, _SIBLING = 'new', 'subscriber', 'publisher'
+
+_IDLE, _STARTING, _HUB, _PUBLISHER, _FAILED = (
+    'idle', 'starting', 'hub', 'publisher', 'failed')
+
+
+class _Peer(object):
+    """A connection accepted by the hub: a subscriber until it says not."""
+
+    __slots__ = ('sock', 'fd', 'kind', 'reading', 'inbuf', 'pending',
+                 'pending_bytes', 'dropped', 'classify_at')
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.fd = sock.fileno()
+        # Unclassified for a moment: a sibling sends its handshake at once,
+        # and must not be counted (and fed) as a subscriber meanwhile.
+        self.kind = _NEW
+        self.classify_at = time.monotonic() + _HANDSHAKE_GRACE
+        self.reading = True
+        self.inbuf = b''
+        self.pending = collections.deque()
+        self.pending_bytes = 0
+        self.dropped = 0
+
+
+class Relay(object):
+    """Relay the lines of this process to the subscribers of ``path``.
+
+    :param path: the socket path
+    :param service: the identity siblings must share to join one hub
+    :param mode: the socket file's mode bits
+    :param gid: the socket file's group id
+    :param max_subscribers: connections the hub serves at most
+    :param buffer_size: bytes queued at most per subscriber, and in this
+        process on the way to the hub
+    """
+
+    def __init__(self, path, service, mode, gid, max_subscribers,
+                 buffer_size):
+        self.path = path
+        self.lock_path = path + '.lock'
+        self.service = service
+        self.mode = mode
+        self.gid = gid
+        self.max_subscribers = max_subscribers
+        self.buffer_size = buffer_size
+        self._socket = proto.native('socket')
+        self._select = proto.native('select')
+        self._threading = proto.native('threading')
+        self._os = proto.native('os')
+        self.users = 0
+        self._reset()
+        # A multiprocessing child ends in os._exit, without atexit: flush
+        # at its finalizers instead. Its registry is emptied when it
+        # starts, so the finalizer is registered from an after-fork hook
+        # that multiprocessing runs after that.
+        mp_util.register_after_fork(self, _finalize_in_multiprocessing_child)
+
+    def _reset(self):
+        self.pid = os.getpid()
+        self.state = _IDLE
+        # None while unknown: lines are queued rather than lost.
+        self.subscribers = None
+        self.saturated = False
+        self._lock = self._threading.Lock()
+        # Held while file descriptors exist that a forked child must not
+        # inherit half-way (the lock file, a socket being bound): the
+        # at-fork hook waits for it, so a child never holds the lock file.
+        self.fork_lock = self._threading.Lock()
+        self._outbox = []
+        self._outbox_bytes = 0
+        self._outbox_dropped = 0
+        # Lines counted, not serialized, while every subscriber was full.
+        self._unsent = 0
+        self._wake_pending = False
+        self._stopping = False
+        self._final_read_done = False
+        self._thread = None
+        self._wake_r = self._wake_w = None
+        self._listener = None
+        self._bound_id = None
+        self._upstream = None
+        self._upstream_pending = b''
+        self._upstream_inbuf = b''
+        self._peers = {}
+        self._poller = None
+        self._refused = 0
+
+    # -- the notifying threads' side ---------------------------------------
+
+    def wanted(self):
+        """Whether a line would reach anyone, starting the relay if idle.
+
+        This is the hot path when nobody listens: no lock, no syscall. A
+        fork is handled by the at-fork hook (Python's os.fork,
+        multiprocessing, and uwsgi, which calls PyOS_AfterFork_Child).
+        """
+        if self.state is _IDLE:
+            self.start()
+        if self.saturated:
+            # Every subscriber's buffer is full: the line would be dropped
+            # by the hub. Count it here, without serializing it; the count
+            # travels in-band before the next line that is sent.
+            with self._lock:
+                self._unsent += 1
+            return False
+        return self.subscribers != 0 and self.state is not _FAILED
+
+    def publish(self, line):
+        """Queue one JSON line (ASCII str, no newline); never blocks.
+
+        The relay thread joins a batch with newlines and encodes it once:
+        the caller's path makes no copy of the line, which matters with
+        payloads beyond the small-object allocator's reach.
+        """
+        with self._lock:
+            size = len(line) + 1
+            if self._outbox_bytes + size > self.buffer_size:
+                self._outbox_dropped += 1
+                return
+            if self._outbox_dropped:
+                notice = proto.dropped_envelope(self._outbox_dropped,
+                                                'publisher %d' % self.pid)
+                self._outbox.append(notice[:-1].decode('ascii'))
+                self._outbox_bytes += len(notice)
+                self._outbox_dropped = 0
+            self._outbox.append(line)
+            self._outbox_bytes += size
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self._wake()
+
+    def _wake(self):
+        try:
+            self._os.write(self._wake_w, b'!')
+        except (BlockingIOError, OSError, TypeError):
+            # A full pipe already wakes the thread; a closed one (TypeError
+            # on None) means the relay stopped.
+            pass
+
+    def _take_outbox(self):
+        with self._lock:
+            lines, self._outbox = self._outbox, []
+            self._outbox_bytes = 0
+            # While lines flow, the thread comes back by itself after
+            # _LINGER: notify() then needs no wake-up syscall, and the
+            # thread sends a batch per pass instead of a line.
+            self._wake_pending = bool(lines)
+        return lines
+
+    def start(self):
+        """Start the I/O thread, which joins or becomes the hub."""
+        with self._lock:
+            if self.state is not _IDLE:
+                return
+            self.state = _STARTING
+            self._wake_r, self._wake_w = os.pipe2(
+                os.O_NONBLOCK | os.O_CLOEXEC)
+            self._poller = self._select.poll()
+            self._poller.register(self._wake_r, self._select.POLLIN)
+            self._thread = self._threading.Thread(
+                target=self._run_safely, daemon=True,
+                name='oslo.messaging-ext unix relay %s' % self.path)
+            self._thread.start()
+
+    def close(self, flush_timeout=_CLOSE_FLUSH_TIMEOUT):
+        """Stop the relay, hand over queued lines, remove our socket."""
+        if self.pid != os.getpid():
+            return
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping = True
+        self._flush_deadline = time.monotonic() + flush_timeout
+        self._subscribers_deadline = time.monotonic() + min(
+            flush_timeout, _CLOSE_SUBSCRIBERS_TIMEOUT)
+        self._wake()
+        if thread is not self._threading.current_thread():
+            thread.join(flush_timeout + 1.0)
+        self._close_all()
+        self._thread = None
+        self.state = _IDLE
+        self.subscribers = None
+
+    def after_fork_in_child(self):
+        """Forget what the parent owned; rejoin lazily as a sibling."""
+        for sock in [self._listener, self._upstream] + [
+                p.sock for p in self._peers.values()]:
+            if sock is not None:
+                sock.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                os.close(fd)
+        # The parent's socket file stays the parent's: never unlink it here.
+        self._reset()
+
+    # -- the I/O thread -----------------------------------------------------
+
+    def _run_safely(self):
+        try:
+            self._run()
+        except Exception:
+            # A bug must not turn into a silent stall: say it, and stop
+            # serializing for nobody.
+            LOG.exception('Unix notification socket %s: relay failed; '
+                          'notifications for it are dropped.', self.path)
+            self.state = _FAILED
+            self.subscribers = 0
+
+    def _run(self):
+        retry_delay = _RETRY_MIN
+        retry_at = 0.0
+        while True:
+            if self.state is _STARTING and time.monotonic() >= retry_at:
+                try:
+                    self._elect()
+                    retry_delay = _RETRY_MIN
+                except proto.RelayError as exc:
+                    LOG.error('Unix notification socket %s: %s; '
+                              'notifications for it are dropped.',
+                              self.path, exc)
+                    self.state = _FAILED
+                    self.subscribers = 0
+                except OSError as exc:
+                    LOG.warning('Unix notification socket %s: cannot join '
+                                '(%s); retrying in %.2fs',
+                                self.path, exc, retry_delay)
+                    self.state = _STARTING
+                    retry_at = time.monotonic() + retry_delay
+                    retry_delay = min(retry_delay * 2, _RETRY_MAX)
+            if self.state is _FAILED:
+                self._take_outbox()
+            lines = self._take_outbox() if self._can_take() else None
+            if lines:
+                lines.append('')
+                self._deliver('\n'.join(lines).encode('ascii'))
+                linger = _LINGER
+            else:
+                linger = None
+            if self._stopping and not self._final_read_done:
+                self._final_read_done = True
+                self._read_siblings_once_more()
+            if self._stopping and self._drained():
+                return
+            if self._stopping and time.monotonic() >= self._flush_deadline:
+                LOG.warning('Unix notification socket %s: stopped before '
+                            'handing over %d queued bytes',
+                            self.path, self._queued_bytes())
+                return
+            if self.state is _STARTING:
+                timeout = max(0, retry_at - time.monotonic()) * 1000
+            elif self._stopping:
+                timeout = 10
+            else:
+                timeout = linger
+            if self.state is _HUB:
+                # Before new subscribers count: they missed none of these.
+                self._credit_unsent()
+            timeout = self._classify_new_peers(timeout)
+            if self.state is _HUB:
+                self._refresh_saturation()
+            for fd, events in self._poller.poll(timeout):
+                self._handle(fd, events)
+
+    def _classify_new_peers(self, timeout):
+        """Make subscribers of quiet new connections; return the timeout."""
+        new = [p for p in self._peers.values() if p.kind is _NEW]
+        if not new:
+            return timeout
+        now = time.monotonic()
+        changed = False
+        for peer in new:
+            if now >= peer.classify_at:
+                peer.kind = _SUBSCRIBER
+                changed = True
+        if changed:
+            self._count_changed()
+        waits = [(p.classify_at - now) * 1000 for p in new
+                 if p.kind is _NEW]
+        if not waits:
+            return timeout
+        wait = max(0, min(waits)) + 1
+        return wait if timeout is None else min(timeout, wait)
+
+    def _can_take(self):
+        if self.state is _HUB:
+            return True
+        return self.state is _PUBLISHER and not self._upstream_pending
+
+    def _read_siblings_once_more(self):
+        """At stop, relay what siblings sent (exited ones included)."""
+        for peer in list(self._peers.values()):
+            for _ in range(_MAX_READS_AT_HANGUP):
+                if (peer.kind is not _SIBLING or
+                        self._peers.get(peer.fd) is not peer or
+                        not self._read_peer(peer)):
+                    break
+
+    def _queued_bytes(self):
+        return (sum(len(line) + 1 for line in self._outbox) +
+                len(self._upstream_pending) +
+                sum(p.pending_bytes for p in self._peers.values()))
+
+    def _drained(self):
+        """At stop: our lines handed over, subscribers served a moment.
+
+        A stuck subscriber must not hold a shutdown for long.
+        """
+        if self._outbox or self._upstream_pending:
+            return False
+        return (time.monotonic() >= self._subscribers_deadline or
+                all(not p.pending for p in self._peers.values()))
+
+    def _handle(self, fd, events):
+        select = self._select
+        if fd == self._wake_r:
+            try:
+                while self._os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        elif self._listener is not None and fd == self._listener.fileno():
+            self._accept()
+        elif self._upstream is not None and fd == self._upstream.fileno():
+            if events & select.POLLOUT:
+                self._flush_upstream()
+            if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                self._read_upstream()
+        elif fd in self._peers:
+            peer = self._peers[fd]
+            hangup = select.POLLHUP | select.POLLERR | select.POLLNVAL
+            if peer.kind is _SIBLING and events & hangup:
+                # A sibling's last lines come with its hang-up: read them
+                # all; reading its end of stream drops it.
+                for _ in range(_MAX_READS_AT_HANGUP):
+                    if self._peers.get(fd) is not peer:
+                        return
+                    self._read_peer(peer)
+                self._drop_peer(peer)
+                return
+            if events & hangup:
+                self._drop_peer(peer)
+                return
+            if events & select.POLLIN:
+                self._read_peer(peer)
+            if events & select.POLLOUT and self._peers.get(fd) is peer:
+                self._flush_peer(peer)
+
+    # -- election -------------------------------------------------------------
+
+    def _elect(self):
+        """Join the hub of ``path``, or become it; under the lock file.
+
+        The lock serializes siblings, so that none unlinks the socket
+        another has just bound.
+        """
+        with self.fork_lock:
+            self._elect_locked()
+
+    def _elect_locked(self):
+        lock_fd = os.open(self.lock_path,
+                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
+                          os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            sock = self._socket.socket(self._socket.AF_UNIX,
+                                       self._socket.SOCK_STREAM)
+            try:
+                sock.settimeout(1.0)
+                sock.connect(self.path)
+            except (ConnectionRefusedError, FileNotFoundError) as exc:
+                sock.close()
+                self._remove_stale(exc)
+                self._become_hub(self._bind())
+            except BaseException:
+                sock.close()
+                raise
+            else:
+                self._become_publisher(sock)
+        finally:
+            os.close(lock_fd)
+
+    def _remove_stale(self, exc):
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise proto.RelayError('it exists and is not a socket')
+        if isinstance(exc, ConnectionRefusedError):
+            LOG.info('Removing stale unix notification socket %s', self.path)
+            os.unlink(self.path)
+
+    def _bind(self):
+        """Bind a listening socket at ``path`` with exactly our mode.
+
+        The socket is bound in a private directory (mode 0700) beside
+        ``path``, given its group and mode there, then renamed into place:
+        it is never reachable with a wider mode, even for an instant, and
+        nothing is ever changed through a symlink.
+        """
+        private_dir = tempfile.mkdtemp(prefix='.sock-',
+                                       dir=os.path.dirname(self.path))
+        private_path = os.path.join(private_dir, 's')
+        sock = self._socket.socket(self._socket.AF_UNIX,
+                                   self._socket.SOCK_STREAM)
+        try:
+            sock.bind(private_path)
+            os.chown(private_path, -1, self.gid, follow_symlinks=False)
+            os.chmod(private_path, self.mode)
+            sock.listen(_LISTEN_BACKLOG)
+            sock.setblocking(False)
+            os.rename(private_path, self.path)
+        except BaseException:
+            sock.close()
+            if os.path.lexists(private_path):
+                os.unlink(private_path)
+            raise
+        finally:
+            os.rmdir(private_dir)
+        st = os.lstat(self.path)
+        self._bound_id = (st.st_dev, st.st_ino)
+        return sock
+
+    def _become_hub(self, listener):
+        self._listener = listener
+        self._poller.register(listener, self._select.POLLIN)
+        self.state = _HUB
+        self.subscribers = 0
+        LOG.debug('Process %d serves unix notification socket %s',
+                  self.pid, self.path)
+
+    def _become_publisher(self, sock):
+        sock.setblocking(False)
+        self._upstream = sock
+        self._upstream_inbuf = b''
+        self._upstream_pending = proto.control_line(
+            role='publisher', service=self.service, pid=self.pid)
+        self._poller.register(sock, self._select.POLLIN |
+                              self._select.POLLOUT)
+        self.state = _PUBLISHER
+        self.subscribers = None
+
+    def _lose_upstream(self):
+        """The hub went away: re-elect at once, keeping queued lines."""
+        self._poller.unregister(self._upstream)
+        self._upstream.close()
+        self._upstream = None
+        self._upstream_pending = b''
+        self.subscribers = None
+        self.saturated = False
+        # _STARTING, not _IDLE: this thread re-elects; notify() must not
+        # start another one.
+        self.state = _STARTING
+
+    # -- publisher side -------------------------------------------------------
+
+    def _deliver(self, data):
+        if self.state is _HUB:
+            self._fan_out(data)
+        else:
+            self._upstream_pending = data
+            self._flush_upstream()
+
+    def _flush_upstream(self):
+        select = self._select
+        while self._upstream_pending:
+            try:
+                sent = self._upstream.send(self._upstream_pending)
+            except BlockingIOError:
+                self._poller.modify(self._upstream,
+                                    select.POLLIN | select.POLLOUT)
+                return
+            except OSError:
+                self._lose_upstream()
+                return
+            self._upstream_pending = memoryview(
+                self._upstream_pending)[sent:]
+        self._poller.modify(self._upstream, select.POLLIN)
+
+    def _read_upstream(self):
+        try:
+            data = self._upstream.recv(_READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b''
+        if not data:
+            self._lose_upstream()
+            return
+        lines = (self._upstream_inbuf + data).split(b'\n')
+        self._upstream_inbuf = lines.pop()[-proto.MAX_HANDSHAKE:]
+        for line in lines:
+            status = proto.parse_control(line)
+            if status is None or status.get(proto.PROTOCOL_KEY) != 'hub':
+                continue
+            if status.get('service') != self.service:
+                raise_later = proto.RelayError(
+                    'it is now held by the hub of another service (%r, pid '
+                    '%s)' % (status.get('service'), status.get('pid')))
+                LOG.error('Unix notification socket %s: %s; notifications '
+                          'for it are dropped.', self.path, raise_later)
+                self._lose_upstream()
+                self.state = _FAILED
+                self.subscribers = 0
+                return
+            self.subscribers = status.get('subscribers', 0)
+            self.saturated = bool(status.get('saturated'))
+            # Report what was counted to the subscribers it was counted
+            # for, before the hub's subscribers change any further.
+            self._queue_unsent_notice()
+
+    def _queue_unsent_notice(self):
+        with self._lock:
+            count, self._unsent = self._unsent, 0
+            if not count:
+                return
+            notice = proto.dropped_envelope(count, 'publisher %d' % self.pid)
+            self._outbox.append(notice[:-1].decode('ascii'))
+            self._outbox_bytes += len(notice)
+
+    # -- hub side -------------------------------------------------------------
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE and friends: the connection waits in the backlog.
+                LOG.warning('Unix notification socket %s: accept failed: '
+                            '%s', self.path, exc)
+                return
+            if sum(1 for p in self._peers.values()
+                   if p.kind is not _SIBLING) >= self.max_subscribers:
+                self._refused += 1
+                if self._refused % 100 == 1:
+                    LOG.warning('Unix notification socket %s: refused a '
+                                'connection, sock_max_subscribers (%d) '
+                                'reached (%d refused so far)', self.path,
+                                self.max_subscribers, self._refused)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            peer = _Peer(sock)
+            self._peers[peer.fd] = peer
+            self._poller.register(sock, self._select.POLLIN)
+
+    def _subscriber_count(self):
+        return sum(1 for p in self._peers.values() if p.kind is _SUBSCRIBER)
+
+    def _count_changed(self):
+        count = self._subscriber_count()
+        self.subscribers = count
+        status = self._status_line(count)
+        for peer in list(self._peers.values()):
+            if peer.kind is _SIBLING:
+                self._queue(peer, status, 0, force=True)
+
+    def _status_line(self, count):
+        return proto.control_line(role='hub', service=self.service,
+                                  pid=self.pid, subscribers=count,
+                                  saturated=self.saturated)
+
+    def _credit_unsent(self):
+        with self._lock:
+            count, self._unsent = self._unsent, 0
+        if count:
+            for peer in self._peers.values():
+                if peer.kind is _SUBSCRIBER:
+                    peer.dropped += count
+
+    def _refresh_saturation(self):
+        """Whether every subscriber's buffer is (nearly) full.
+
+        Then notify() counts lines instead of serializing them, in this
+        process and, told by the status line, in the siblings.
+        """
+        full = self.buffer_size - min(_SATURATION_MARGIN,
+                                      self.buffer_size // 2)
+        subscribers = [p for p in self._peers.values()
+                       if p.kind is _SUBSCRIBER]
+        saturated = bool(subscribers) and all(
+            p.pending_bytes >= full for p in subscribers)
+        if saturated != self.saturated:
+            self.saturated = saturated
+            self._count_changed()
+
+    def _read_peer(self, peer):
+        """Read what ``peer`` sent; return False when nothing was there."""
+        try:
+            data = peer.sock.recv(_READ_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self._drop_peer(peer)
+            return
+        if not data:
+            if peer.kind is _SIBLING:
+                self._drop_peer(peer)
+            else:
+                # A subscriber that shut its writing side down (socat with
+                # stdin at EOF) still reads; a closed one shows POLLHUP.
+                self._make_subscriber(peer)
+            return
+        if peer.kind is _SUBSCRIBER:
+            self._stop_reading(peer)
+            return
+        if peer.kind is _SIBLING:
+            data = peer.inbuf + data
+            end = data.rfind(b'\n') + 1
+            peer.inbuf = data[end:]
+            if end:
+                self._fan_out(data[:end])
+            return True
+        self._identify(peer, peer.inbuf + data)
+
+    def _identify(self, peer, data):
+        """Subscribers send nothing: a handshake line makes a publisher."""
+        line, newline, rest = data.partition(b'\n')
+        if not newline:
+            if len(data) > proto.MAX_HANDSHAKE:
+                self._make_subscriber(peer)
+            else:
+                peer.inbuf = data
+            return
+        hello = proto.parse_control(line)
+        if not hello or hello.get(proto.PROTOCOL_KEY) != 'publisher':
+            self._make_subscriber(peer)
+            return
+        try:
+            uid = proto.peer_uid(peer.sock, self._socket)
+        except OSError:
+            uid = None
+        if uid != os.geteuid():
+            LOG.warning('Unix notification socket %s: ignoring a publisher '
+                        'running as uid %s; only uid %d may publish.',
+                        self.path, uid, os.geteuid())
+            self._make_subscriber(peer)
+            return
+        peer.kind = _SIBLING
+        peer.inbuf = b''
+        self._queue(peer, self._status_line(self.subscribers), 0, force=True)
+        if rest:
+            self._read_more(peer, rest)
+
+    def _read_more(self, peer, data):
+        end = data.rfind(b'\n') + 1
+        peer.inbuf = data[end:]
+        if end:
+            self._fan_out(data[:end])
+
+    def _make_subscriber(self, peer):
+        """Whatever a subscriber sends is ignored."""
+        self._stop_reading(peer)
+        if peer.kind is _NEW:
+            peer.kind = _SUBSCRIBER
+            self._count_changed()
+
+    def _stop_reading(self, peer):
+        peer.reading = False
+        peer.inbuf = b''
+        self._poller.modify(peer.sock, self._mask(peer))
+
+    def _mask(self, peer):
+        select = self._select
+        mask = select.POLLIN if peer.reading else 0
+        if peer.pending:
+            mask |= select.POLLOUT
+        return mask
+
+    def _fan_out(self, data):
+        if proto.DROPPED_PREFIX in data:
+            self._fan_out_with_notices(data)
+            return
+        lines = data.count(b'\n')
+        for peer in list(self._peers.values()):
+            if peer.kind is _SUBSCRIBER:
+                self._queue(peer, data, lines)
+
+    def _fan_out_with_notices(self, data):
+        """Merge a publisher's drop notices into each subscriber's count.
+
+        A notice is not queued as such: if a subscriber's buffer were full
+        it would be dropped as one line, and its count lost. Each
+        subscriber gets one notice, with the total, before its next line.
+        """
+        run = []
+        for line in data.split(b'\n')[:-1]:
+            if not line.startswith(proto.DROPPED_PREFIX):
+                run.append(line)
+                continue
+            if run:
+                self._fan_out(b'\n'.join(run) + b'\n')
+                run = []
+            count = proto.dropped_count(line)
+            for peer in self._peers.values():
+                if peer.kind is _SUBSCRIBER:
+                    peer.dropped += count
+        if run:
+            self._fan_out(b'\n'.join(run) + b'\n')
+
+    def _queue(self, peer, data, lines, force=False):
+        was_empty = not peer.pending
+        if not force and (peer.pending_bytes + len(data) >
+                          self.buffer_size):
+            peer.dropped += lines
+            return
+        if peer.sock.fileno() < 0:
+            return
+        if peer.dropped:
+            notice = proto.dropped_envelope(peer.dropped, 'subscriber buffer')
+            peer.dropped = 0
+            peer.pending.append(notice)
+            peer.pending_bytes += len(notice)
+        peer.pending.append(data)
+        peer.pending_bytes += len(data)
+        if was_empty:
+            self._flush_peer(peer)
+
+    def _flush_peer(self, peer):
+        pending = peer.pending
+        while pending:
+            # Gather, not join: a subscriber that lags holds megabytes,
+            # which must not be copied for each partial send.
+            try:
+                sent = peer.sock.sendmsg(
+                    list(itertools.islice(pending, _IOV_MAX)))
+            except BlockingIOError:
+                break
+            except OSError:
+                self._drop_peer(peer)
+                return
+            peer.pending_bytes -= sent
+            while sent:
+                head = pending[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    pending.popleft()
+                else:
+                    pending[0] = memoryview(head)[sent:]
+                    sent = 0
+        self._poller.modify(peer.sock, self._mask(peer))
+
+    def _drop_peer(self, peer):
+        if self._peers.get(peer.fd) is not peer:
+            return
+        del self._peers[peer.fd]
+        self._poller.unregister(peer.sock)
+        peer.sock.close()
+        self._count_changed()
+
+    # -- shutdown -------------------------------------------------------------
+
+    def _close_all(self):
+        for peer in list(self._peers.values()):
+            peer.sock.close()
+        self._peers = {}
+        if self._upstream is not None:
+            self._upstream.close()
+            self._upstream = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            self._unlink_ours()
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                os.close(fd)
+        self._wake_r = self._wake_w = None
+        self._poller = None
+
+    def _unlink_ours(self):
+        """Remove the socket file if it is still the one we bound."""
+        with self.fork_lock:
+            self._unlink_ours_locked()
+
+    def _unlink_ours_locked(self):
+        try:
+            lock_fd = os.open(self.lock_path,
+                              os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
+                              os.O_NOFOLLOW, 0o600)
+        except OSError:
+            return
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            st = os.lstat(self.path)
+            if (stat.S_ISSOCK(st.st_mode) and
+                    (st.st_dev, st.st_ino) == self._bound_id):
+                os.unlink(self.path)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                LOG.warning('Unix notification socket %s: not removed: %s',
+                            self.path, exc)
+        finally:
+            os.close(lock_fd)
+
+
+# One relay per socket path in this process, shared by every driver
+# instance that names the path.
+_relays = {}
+
+
+def get(path, **kwargs):
+    relay = _relays.get(path)
+    if relay is None:
+        relay = _relays[path] = Relay(path, **kwargs)
+    relay.users += 1
+    return relay
+
+
+def release(relay):
+    relay.users -= 1
+    if relay.users <= 0:
+        _relays.pop(relay.path, None)
+        relay.close()
+
+
+def _finalize_in_multiprocessing_child(relay):
+    mp_util.Finalize(relay, relay.close, exitpriority=100)
+
+
+def _before_fork():
+    for relay in list(_relays.values()):
+        relay.fork_lock.acquire()
+
+
+def _after_fork_in_parent():
+    for relay in list(_relays.values()):
+        relay.fork_lock.release()
+
+
+def _after_fork_in_child():
+    for relay in list(_relays.values()):
+        relay.after_fork_in_child()
+        # A forked worker joins at once, so that the socket exists (and
+        # its subscribers are counted) before its first notification.
+        relay.start()
+
+
+def _close_all_at_exit():
+    for relay in list(_relays.values()):
+        try:
+            relay.close()
+        except Exception:
+            LOG.exception('Unix notification socket %s: failed to close',
+                          relay.path)
+
+
+os.register_at_fork(before=_before_fork,
+                    after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
+atexit.register(_close_all_at_exit)

@@ -1,0 +1,436 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+import datetime
+import json
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+from unittest import mock
+
+import fixtures
+from oslo_config import cfg
+from oslo_config import fixture as config_fixture
+from oslo_context import context as oslo_context
+import oslo_messaging
+from oslotest import base
+
+from oslo_messaging_ext.notify import _impl_unix
+from oslo_messaging_ext.notify import _unix_protocol
+from oslo_messaging_ext import opts
+from oslo_messaging_ext import samples
+from oslo_messaging_ext import unix_subscriber
+
+GROUP = 'oslo_messaging_notifications'
+TIMEOUT = 10.0
+
+
+def wait_until(predicate, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+class UnixDriverTestCase(base.BaseTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.tmpdir = self.useFixture(fixtures.TempDir()).path
+        self.sock_path = os.path.join(self.tmpdir, 'notifications.sock')
+        self.conf = self.useFixture(config_fixture.Config(cfg.ConfigOpts()))
+        self.conf.conf([], project='unix-unit')
+        _impl_unix.register_opts(self.conf.conf)
+        self.conf.config(sock_path=self.sock_path, group=GROUP)
+        self.transport = oslo_messaging.get_notification_transport(
+            self.conf.conf, url='fake:/')
+        self.addCleanup(self.transport.cleanup)
+
+    def driver(self, **overrides):
+        if overrides:
+            self.conf.config(group=GROUP, **overrides)
+        driver = _impl_unix.UnixSocketDriver(self.conf.conf, ['n'],
+                                             self.transport)
+        self.addCleanup(driver.close)
+        return driver
+
+    def notifier(self, **overrides):
+        driver = self.driver(**overrides)
+        notifier = oslo_messaging.Notifier(self.transport,
+                                           publisher_id='image.host',
+                                           driver='noop')
+        # Route the notifier to our driver instance, keeping Notifier's
+        # own envelope building.
+        ext = mock.Mock(obj=driver)
+        notifier._driver_mgr = mock.Mock(extensions=[ext])
+        notifier._driver_mgr.map.side_effect = lambda f: f(ext)
+        return notifier, driver
+
+    def connect(self):
+        # The election runs in the relay's thread: wait for the socket.
+        socks = []
+
+        def connected():
+            try:
+                socks.append(unix_subscriber.connect(self.sock_path))
+            except unix_subscriber.SubscriberError:
+                return False
+            return True
+
+        self.assertTrue(wait_until(connected))
+        self.addCleanup(socks[0].close)
+        return socks[0]
+
+    def subscribe(self, driver, count=1):
+        sock = self.connect()
+        self.assertTrue(wait_until(lambda: driver.subscribers() == count))
+        return sock
+
+    def read_lines(self, sock, count):
+        reader = sock.makefile('rb')
+        self.addCleanup(reader.close)
+        sock.settimeout(TIMEOUT)
+        return [json.loads(reader.readline()) for _ in range(count)]
+
+    def assertConfigError(self, option, value, fragment, **overrides):
+        exc = self.assertRaises(_impl_unix.UnixSocketConfigError,
+                                self.driver, **overrides)
+        message = str(exc)
+        self.assertIn(option, message)
+        self.assertIn('[%s]' % GROUP, message)
+        self.assertIn(repr(value), message)
+        self.assertIn(fragment, message)
+        self.assertEqual((option, GROUP, value),
+                         (exc.option, exc.group, exc.value))
+
+    # -- configuration ------------------------------------------------------
+
+    def test_missing_sock_path(self):
+        self.assertConfigError('sock_path', None, 'needs a socket path',
+                               sock_path=None)
+
+    def test_relative_sock_path(self):
+        self.assertConfigError('sock_path', 'n.sock', 'absolute',
+                               sock_path='n.sock')
+
+    def test_sock_path_in_missing_directory(self):
+        path = os.path.join(self.tmpdir, 'nope', 'n.sock')
+        self.assertConfigError('sock_path', path, 'does not exist',
+                               sock_path=path)
+
+    def test_world_accessible_mode(self):
+        for mode in ('0666', '0662', '0604', '0661'):
+            self.assertConfigError('sock_mode', mode, 'others',
+                                   sock_mode=mode)
+
+    def test_mode_not_octal(self):
+        self.assertConfigError('sock_mode', 'rw-rw----', 'octal',
+                               sock_mode='rw-rw----')
+
+    def test_unknown_group(self):
+        self.assertConfigError('sock_group', 'no-such-group-xyz',
+                               'no such group',
+                               sock_group='no-such-group-xyz')
+
+    def test_non_positive_bounds(self):
+        for option in ('sock_max_subscribers', 'sock_buffer_size'):
+            for value in (0, -1):
+                self.conf.config(group=GROUP, sock_max_subscribers=64,
+                                 sock_buffer_size=4096)
+                self.assertConfigError(option, value, 'positive',
+                                       **{option: value})
+
+    def test_path_is_a_regular_file(self):
+        open(self.sock_path, 'w').close()
+        self.assertConfigError('sock_path', self.sock_path,
+                               'not a socket')
+        self.assertTrue(stat.S_ISREG(os.lstat(self.sock_path).st_mode))
+
+    def test_path_is_a_symlink_to_a_socket(self):
+        target = os.path.join(self.tmpdir, 'target.sock')
+        listener = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listener.close)
+        listener.bind(target)
+        os.symlink(target, self.sock_path)
+        self.assertConfigError('sock_path', self.sock_path, 'not a socket')
+        self.assertTrue(os.path.islink(self.sock_path))
+        self.assertEqual(stat.S_IMODE(os.stat(target).st_mode),
+                         stat.S_IMODE(os.lstat(target).st_mode))
+
+    def test_path_held_by_a_live_foreign_listener(self):
+        listener = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listener.close)
+        listener.bind(self.sock_path)
+        listener.listen(1)
+        with mock.patch.object(_impl_unix, '_PROBE_TIMEOUT', 0.2):
+            self.assertConfigError('sock_path', self.sock_path,
+                                   'does not speak')
+        self.assertTrue(os.path.exists(self.sock_path))
+
+    def test_path_held_by_the_hub_of_another_service(self):
+        self.driver()
+        self.assertTrue(wait_until(lambda: os.path.exists(self.sock_path)))
+        with mock.patch.object(_impl_unix, 'service_identity',
+                               return_value='nova'):
+            self.assertConfigError('sock_path', self.sock_path,
+                                   'another service')
+
+    def test_options_listed(self):
+        listed = dict(opts.list_opts())[GROUP]
+        self.assertEqual(
+            {'sock_path', 'sock_mode', 'sock_group', 'sock_max_subscribers',
+             'sock_buffer_size', 'sock_include_context'},
+            {o.name for o in listed})
+
+    # -- the socket file ------------------------------------------------------
+
+    def test_socket_mode_group_and_removal(self):
+        driver = self.driver(sock_mode='0640')
+        self.assertTrue(wait_until(lambda: os.path.exists(self.sock_path)))
+        st = os.lstat(self.sock_path)
+        self.assertTrue(stat.S_ISSOCK(st.st_mode))
+        self.assertEqual(0o640, stat.S_IMODE(st.st_mode))
+        self.assertEqual(os.getegid(), st.st_gid)
+        # Nothing else is left beside it but the lock file.
+        self.assertEqual(['notifications.sock', 'notifications.sock.lock'],
+                         sorted(os.listdir(self.tmpdir)))
+        driver.close()
+        self.assertFalse(os.path.lexists(self.sock_path))
+
+    def test_bind_never_exposes_a_wider_mode(self):
+        seen = []
+        real_chmod = os.chmod
+
+        def spy_chmod(path, mode, *args, **kwargs):
+            # The socket is still in a private directory when its mode
+            # is set, and that directory is not reachable by others.
+            parent = os.path.dirname(path)
+            seen.append((parent != self.tmpdir,
+                         stat.S_IMODE(os.stat(parent).st_mode)))
+            return real_chmod(path, mode, *args, **kwargs)
+
+        with mock.patch('os.chmod', spy_chmod):
+            self.driver()
+            self.assertTrue(wait_until(
+                lambda: os.path.exists(self.sock_path)))
+        self.assertEqual([(True, 0o700)], seen)
+
+    def test_uwsgi_master_does_not_become_the_hub(self):
+        uwsgi = mock.Mock()
+        uwsgi.worker_id.return_value = 0
+        self.useFixture(fixtures.MonkeyPatch('sys.modules',
+                                             dict(sys.modules, uwsgi=uwsgi)))
+        notifier, driver = self.notifier()
+        self.assertIsNone(driver.subscribers())
+        self.assertFalse(os.path.lexists(self.sock_path))
+        # A worker (or the master, should it notify after all) joins at
+        # its first notification.
+        uwsgi.worker_id.return_value = 1
+        notifier.info({}, 'image.upload', {'id': 1})
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
+
+    def test_stale_socket_is_replaced(self):
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(self.sock_path)
+        stale.close()
+        driver = self.driver()
+        self.subscribe(driver)
+        self.assertTrue(stat.S_ISSOCK(os.lstat(self.sock_path).st_mode))
+
+    def test_no_leaked_fds_and_named_daemon_threads(self):
+        before = set(os.listdir('/proc/self/fd'))
+        notifier, driver = self.notifier()
+        sock = self.subscribe(driver)
+        notifier.info({}, 'image.upload', {'id': 1})
+        sock.settimeout(TIMEOUT)
+        self.assertIn(b'image.upload', sock.recv(65536))
+        relays = [t for t in threading.enumerate()
+                  if t.name.startswith('oslo.messaging-ext unix relay')]
+        self.assertEqual(1, len(relays))
+        self.assertTrue(relays[0].daemon)
+        sock.close()
+        driver.close()
+        self.assertFalse(relays[0].is_alive())
+        leaked = set(os.listdir('/proc/self/fd')) - before
+        self.assertEqual(set(), {os.readlink('/proc/self/fd/' + fd)
+                                 for fd in leaked if os.path.exists(
+                                     '/proc/self/fd/' + fd)})
+
+    # -- delivery -------------------------------------------------------------
+
+    def test_envelope_on_the_wire(self):
+        notifier, driver = self.notifier()
+        sock = self.subscribe(driver)
+        envelope = samples.glance_image_notifications()[3]
+        notifier.info({}, envelope['event_type'], envelope['payload'])
+        [received] = self.read_lines(sock, 1)
+        self.assertEqual({'message_id', 'publisher_id', 'event_type',
+                          'priority', 'payload', 'timestamp'},
+                         set(received))
+        self.assertEqual(envelope['payload'], received['payload'])
+        self.assertEqual('INFO', received['priority'])
+        self.assertEqual('image.host', received['publisher_id'])
+
+    def test_no_subscriber_means_no_serialization(self):
+        notifier, driver = self.notifier()
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
+        with mock.patch.object(driver, '_encode') as encode:
+            notifier.info({}, 'image.upload', {'id': 1})
+        encode.assert_not_called()
+
+    def test_values_json_cannot_hold(self):
+        notifier, driver = self.notifier()
+        sock = self.subscribe(driver)
+        when = datetime.datetime(2026, 11, 22, 3, 0, 0)
+        notifier.info({}, 'image.upload', {'when': when, 'tags': {'a'},
+                                           'obj': object()})
+        [received] = self.read_lines(sock, 1)
+        self.assertEqual(['a'], received['payload']['tags'])
+        self.assertIn('2026-11-22', received['payload']['when'])
+        self.assertIn('object', received['payload']['obj'])
+
+    def test_unserializable_payload_is_logged_not_raised(self):
+        notifier, driver = self.notifier()
+        sock = self.subscribe(driver)
+        circular = {}
+        circular['self'] = circular
+        logger = self.useFixture(fixtures.FakeLogger(
+            name=_impl_unix.__name__))
+        driver.notify({}, {'message_id': 'x', 'event_type': 'bad',
+                           'payload': circular}, 'INFO', None)
+        self.assertIn('Cannot serialize notification x', logger.output)
+        notifier.info({}, 'image.upload', {'id': 2})
+        [received] = self.read_lines(sock, 1)
+        self.assertEqual({'id': 2}, received['payload'])
+
+    def test_context_only_on_request_and_without_secrets(self):
+        ctxt = oslo_context.RequestContext(
+            user_id='u1', project_id='p1', auth_token='SECRET-TOKEN',
+            request_id='req-1')
+        notifier, driver = self.notifier()
+        sock = self.subscribe(driver)
+        notifier.info(ctxt, 'image.upload', {'id': 1})
+        [received] = self.read_lines(sock, 1)
+        self.assertNotIn('context', received)
+        driver.close()
+
+        notifier, driver = self.notifier(sock_include_context=True)
+        sock = self.subscribe(driver)
+        notifier.info(ctxt, 'image.upload', {'id': 1})
+        raw = sock.recv(65536)
+        self.assertNotIn(b'SECRET-TOKEN', raw)
+        received = json.loads(raw)
+        self.assertEqual('u1', received['context']['user'])
+        self.assertEqual('req-1', received['context']['request_id'])
+        self.assertNotIn('auth_token', received['context'])
+
+    def test_redact_context_strips_secret_keys(self):
+        clean = _impl_unix.redact_context({
+            'user': 'u', 'auth_token': 't', 'service_token': 's',
+            'x_secret': 'y', 'password': 'p', 'roles': ['admin']})
+        self.assertEqual({'user': 'u', 'roles': ['admin']}, clean)
+
+    def test_every_subscriber_gets_every_notification_in_order(self):
+        notifier, driver = self.notifier()
+        first = self.subscribe(driver, 1)
+        second = self.subscribe(driver, 2)
+        for seq in range(200):
+            notifier.info({}, 'image.upload', {'seq': seq})
+        for sock in (first, second):
+            self.assertEqual(list(range(200)), [
+                n['payload']['seq'] for n in self.read_lines(sock, 200)])
+
+    def test_stuck_subscriber_drops_are_counted_and_reported(self):
+        notifier, driver = self.notifier(sock_buffer_size=8192)
+        stuck = self.subscribe(driver)
+        payload = samples.glance_upload_payload()
+        count = 2000
+        for seq in range(count):
+            notifier.info({}, 'image.upload', dict(payload, seq=seq))
+        # notify() did not block. Now the subscriber catches up while the
+        # service goes on: the gap is reported in-band, where it is.
+        stop = threading.Event()
+
+        def trickle():
+            seq = count
+            while not stop.wait(0.005):
+                notifier.info({}, 'image.upload', dict(payload, seq=seq))
+                seq += 1
+
+        emitter = threading.Thread(target=trickle)
+        emitter.start()
+        self.addCleanup(emitter.join)
+        self.addCleanup(stop.set)
+        reader = stuck.makefile('rb')
+        self.addCleanup(reader.close)
+        stuck.settimeout(TIMEOUT)
+        last_seq, gap, missed = -1, 0, 0
+        while not missed or last_seq < count:
+            notification = json.loads(reader.readline())
+            if notification['event_type'] == _unix_protocol.DROPPED_EVENT_TYPE:
+                gap += notification['payload']['dropped']
+                missed += notification['payload']['dropped']
+                continue
+            seq = notification['payload']['seq']
+            self.assertEqual(last_seq + 1 + gap, seq)
+            gap, last_seq = 0, seq
+        self.assertGreater(missed, 0)
+
+    def test_drops_of_a_gone_subscriber_are_not_reported_to_a_new_one(self):
+        notifier, driver = self.notifier(sock_buffer_size=8192)
+        stuck = self.subscribe(driver)
+        payload = samples.glance_upload_payload()
+
+        def saturate():
+            notifier.info({}, 'image.upload', payload)
+            return driver._relay.saturated
+
+        self.assertTrue(wait_until(saturate))
+        for _ in range(100):
+            notifier.info({}, 'image.upload', payload)
+        stuck.close()
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
+        fresh = self.subscribe(driver)
+        notifier.info({}, 'image.upload', {'id': 'after'})
+        [received] = self.read_lines(fresh, 1)
+        self.assertEqual('image.upload', received['event_type'])
+        self.assertEqual({'id': 'after'}, received['payload'])
+
+    def test_subscriber_disconnect_is_cleaned_up(self):
+        notifier, driver = self.notifier()
+        sock = self.subscribe(driver)
+        sock.close()
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
+        notifier.info({}, 'image.upload', {'id': 1})
+
+    def test_max_subscribers(self):
+        driver = self.driver(sock_max_subscribers=1)
+        self.subscribe(driver)
+        extra = unix_subscriber.connect(self.sock_path)
+        self.addCleanup(extra.close)
+        extra.settimeout(TIMEOUT)
+        self.assertEqual(b'', extra.recv(10))
+        self.assertEqual(1, driver.subscribers())
+
+    def test_half_closed_subscriber_still_receives(self):
+        # As socat does when its stdin ends.
+        notifier, driver = self.notifier()
+        sock = self.subscribe(driver)
+        sock.shutdown(socket.SHUT_WR)
+        notifier.info({}, 'image.upload', {'id': 3})
+        [received] = self.read_lines(sock, 1)
+        self.assertEqual({'id': 3}, received['payload'])
