@@ -36,6 +36,7 @@ import itertools
 import logging
 from multiprocessing import util as mp_util
 import os
+import signal
 import stat
 import tempfile
 import time
@@ -265,6 +266,10 @@ class Relay(object):
     # -- the I/O thread -----------------------------------------------------
 
     def _run_safely(self):
+        # Signals are the service's business: a C-level handler (uwsgi's
+        # graceful reload runs exit() from its SIGHUP handler) must never
+        # run on this thread, which the process's exit would then wait for.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             self._run()
         except Exception:
