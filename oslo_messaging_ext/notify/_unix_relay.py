@@ -175,7 +175,7 @@ class Relay(object):
         return self.subscribers != 0 and self.state is not _FAILED
 
     def publish(self, line):
-        """Queue one JSON line (ASCII str, no newline); never blocks.
+        """Queue one JSON line (str, no newline); never blocks.
 
         The relay thread joins a batch with newlines and encodes it once:
         the caller's path makes no copy of the line, which matters with
@@ -306,7 +306,7 @@ class Relay(object):
             lines = self._take_outbox() if self._can_take() else None
             if lines:
                 lines.append('')
-                self._deliver('\n'.join(lines).encode('ascii'))
+                self._deliver('\n'.join(lines).encode('utf-8'))
                 linger = _LINGER
             else:
                 linger = None

@@ -303,6 +303,32 @@ class UnixDriverTestCase(base.BaseTestCase):
         self.assertIn('2026-11-22', received['payload']['when'])
         self.assertIn('object', received['payload']['obj'])
 
+    def test_values_orjson_refuses_fall_back_to_the_stdlib(self):
+        notifier, driver = self.notifier()
+        sock = self.subscribe(driver)
+        notifier.info({}, 'image.upload', {'size': 2 ** 70, 3: 'int key'})
+        [received] = self.read_lines(sock, 1)
+        self.assertEqual({'size': 2 ** 70, '3': 'int key'},
+                         received['payload'])
+
+    def test_encoders_agree_on_glance_and_odd_values(self):
+        odd = {'when': datetime.datetime(2026, 11, 22, 3, 0, 0),
+               'tags': {'a'}, 'name': 'caf\u00e9', 7: None,
+               'ratio': 0.1, 'nested': [{'deep': (1, 2)}]}
+        envelopes = samples.glance_image_notifications() + [
+            dict(samples.glance_image_notifications()[0], payload=odd)]
+        # requirements.txt has orjson: the comparison is between two
+        # encoders, not the stdlib with itself.
+        self.assertIsNotNone(_impl_unix.orjson)
+        encode = _impl_unix.make_encoder()
+        with mock.patch.object(_impl_unix, 'orjson', None):
+            stdlib_encode = _impl_unix.make_encoder()
+        for envelope in envelopes:
+            line = encode(envelope)
+            self.assertNotIn('\n', line)
+            self.assertEqual(json.loads(stdlib_encode(envelope)),
+                             json.loads(line))
+
     def test_unserializable_payload_is_logged_not_raised(self):
         notifier, driver = self.notifier()
         sock = self.subscribe(driver)
