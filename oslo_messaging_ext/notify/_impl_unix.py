@@ -327,8 +327,8 @@ class UnixSocketDriver(notifier.Driver):
         try:
             if self._include_context:
                 message = dict(message, context=redact_context(ctxt))
-            # ensure_ascii (the default): the line is ASCII, encoded by
-            # the relay thread with the rest of its batch.
+            # A str: the relay thread encodes it to UTF-8 with the rest of
+            # its batch, off the service's path.
             line = self._encode(message)
         except Exception:
             LOG.exception('Cannot serialize notification %s (%s) for the '
