@@ -5,7 +5,8 @@
 # Phases:
 #   stack install      install this package (setup_develop)
 #   stack post-config  enable the drivers in $GLANCE_API_CONF (g-api only)
-#   unstack, clean     remove the socket and the runtime directory
+#   unstack, clean     remove the socket, the runtime directory and its
+#                      systemd-tmpfiles entry
 
 # Save trace setting
 _XTRACE_OSLO_MESSAGING_EXT=$(set +o | grep xtrace)
@@ -62,6 +63,8 @@ function configure_oslo_messaging_ext_unix {
     # glance runs as $STACK_USER and binds the socket; subscribers of the
     # group need search permission on the directory to connect.
     sudo install -d -o "$STACK_USER" -g "$group" -m 0750 "$OSLO_MESSAGING_EXT_RUN_DIR"
+    echo "d $OSLO_MESSAGING_EXT_RUN_DIR 0750 $STACK_USER $group -" | \
+        sudo tee "$OSLO_MESSAGING_EXT_TMPFILES_CONF" > /dev/null
 
     iniset "$conf" $OSLO_MESSAGING_EXT_NOTIFY_SECTION sock_path "$OSLO_MESSAGING_EXT_SOCK_PATH"
     iniset "$conf" $OSLO_MESSAGING_EXT_NOTIFY_SECTION sock_group "$group"
@@ -114,6 +117,9 @@ function cleanup_oslo_messaging_ext {
     fi
     if [[ -n "$OSLO_MESSAGING_EXT_RUN_DIR" && -d "$OSLO_MESSAGING_EXT_RUN_DIR" ]]; then
         sudo rm -rf "$OSLO_MESSAGING_EXT_RUN_DIR"
+    fi
+    if [[ -f "$OSLO_MESSAGING_EXT_TMPFILES_CONF" ]]; then
+        sudo rm -f "$OSLO_MESSAGING_EXT_TMPFILES_CONF"
     fi
 }
 

@@ -146,6 +146,8 @@ class GlanceAPI(fixtures.Fixture):
             'GLANCE_API_CONF': self.conf_path,
             'ENABLED_SERVICES': 'rabbit,g-api',
             'OSLO_MESSAGING_EXT_RUN_DIR': self.run_dir,
+            'OSLO_MESSAGING_EXT_TMPFILES_CONF': os.path.join(
+                base_dir, 'tmpfiles.conf'),
             'OSLO_MESSAGING_EXT_MULTICAST_PREFIX': replica_prefix,
         }
         self.process = None

@@ -232,10 +232,13 @@ class TestGlanceNotifications(base.BrokerTestCase):
                               for m in DRIVER_ERROR_RE.finditer(log)])
 
         # Shutdown: no process of uwsgi survives, and the plugin's unstack
-        # leaves neither the socket nor its directory behind.
+        # leaves neither the socket nor its directory (nor the latter's
+        # systemd-tmpfiles entry) behind.
         graceful = api.stop()
         self.addDetail('uwsgi stop', content.text_content(
             'stopped on SIGTERM' if graceful else
             'still running %ss after SIGTERM, killed' % glance.STOP_TIMEOUT))
         self.assertFalse(os.path.exists(sock_path))
         self.assertFalse(os.path.exists(api.run_dir))
+        self.assertFalse(os.path.exists(
+            api.plugin_env['OSLO_MESSAGING_EXT_TMPFILES_CONF']))

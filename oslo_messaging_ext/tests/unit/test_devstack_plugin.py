@@ -50,9 +50,11 @@ class PluginTestCase(base.BaseTestCase):
         self.dir = self.useFixture(fixtures.TempDir()).path
         self.conf = os.path.join(self.dir, 'glance-api.conf')
         self.run_dir = os.path.join(self.dir, 'run', 'oslo-messaging-ext')
+        self.tmpfiles = os.path.join(self.dir, 'oslo-messaging-ext.conf')
         self.env = {'GLANCE_API_CONF': self.conf,
                     'ENABLED_SERVICES': 'key,rabbit,g-api,n-api',
-                    'OSLO_MESSAGING_EXT_RUN_DIR': self.run_dir}
+                    'OSLO_MESSAGING_EXT_RUN_DIR': self.run_dir,
+                    'OSLO_MESSAGING_EXT_TMPFILES_CONF': self.tmpfiles}
 
     def write_conf(self, text=DEVSTACK_GLANCE_API_CONF):
         with open(self.conf, 'w') as f:
@@ -155,6 +157,12 @@ class TestPostConfigDefaults(PluginTestCase):
         self.assertEqual(os.getuid(), info.st_uid)
         self.assertEqual(os.getgid(), info.st_gid)
 
+    def test_runtime_dir_is_recreated_at_boot(self):
+        with open(self.tmpfiles) as f:
+            self.assertEqual('d %s 0750 %s %s -\n'
+                             % (self.run_dir, devstack.current_user(),
+                                devstack.current_group()), f.read())
+
     def test_replication_rule_of_the_contract_example(self):
         self.assertEqual(['glance_replication'],
                          self.ini['oslo_messaging_multicast']['rules'])
@@ -234,6 +242,7 @@ class TestPostConfigCustom(PluginTestCase):
         self.assertEqual(['messaging-multicast'], ini[NOTIFY]['driver'])
         self.assertNotIn('sock_path', ini[NOTIFY])
         self.assertFalse(os.path.exists(self.run_dir))
+        self.assertFalse(os.path.exists(self.tmpfiles))
 
     def test_notifications_section_missing(self):
         self.write_conf('[DEFAULT]\ndebug = True\n')
@@ -273,6 +282,7 @@ class TestPostConfigSkipped(PluginTestCase):
         self.assertEqual(before.st_mtime_ns, os.stat(self.conf).st_mtime_ns)
         self.assertEqual(['define_plugin oslo-messaging-ext'], result.calls)
         self.assertFalse(os.path.exists(self.run_dir))
+        self.assertFalse(os.path.exists(self.tmpfiles))
 
     def test_missing_glance_api_conf_is_not_created(self):
         self.run_phase('stack', 'post-config')
@@ -296,6 +306,7 @@ class TestCleanup(PluginTestCase):
         self.run_phase(*phase)
         self.assertFalse(os.path.exists(path))
         self.assertFalse(os.path.exists(self.run_dir))
+        self.assertFalse(os.path.exists(self.tmpfiles))
         # Nothing left to remove: a second run is harmless.
         self.run_phase(*phase)
 
