@@ -21,6 +21,12 @@ function oslo_messaging_ext_wants {
     [[ " $OSLO_MESSAGING_EXT_DRIVERS " == *" $1 "* ]]
 }
 
+# True if $OSLO_MESSAGING_EXT_RUN_DIR is a path this plugin may create and
+# remove (recursively, as root): absolute, at least two levels deep.
+function oslo_messaging_ext_run_dir_is_safe {
+    [[ "$OSLO_MESSAGING_EXT_RUN_DIR" =~ ^/[^/]+/[^/]+ && "$OSLO_MESSAGING_EXT_RUN_DIR" != *..* ]]
+}
+
 function oslo_messaging_ext_check_settings {
     local driver
     for driver in $OSLO_MESSAGING_EXT_DRIVERS; do
@@ -28,6 +34,9 @@ function oslo_messaging_ext_check_settings {
             die $LINENO "OSLO_MESSAGING_EXT_DRIVERS: unknown driver '$driver' (known: $OSLO_MESSAGING_EXT_KNOWN_DRIVERS)"
         fi
     done
+    if oslo_messaging_ext_wants unix && ! oslo_messaging_ext_run_dir_is_safe; then
+        die $LINENO "OSLO_MESSAGING_EXT_RUN_DIR ($OSLO_MESSAGING_EXT_RUN_DIR) must be an absolute path at least two levels deep, such as /run/oslo-messaging-ext: the plugin removes it at unstack"
+    fi
     if oslo_messaging_ext_wants unix && \
             [[ "$(dirname "$OSLO_MESSAGING_EXT_SOCK_PATH")" != "$OSLO_MESSAGING_EXT_RUN_DIR" ]]; then
         die $LINENO "OSLO_MESSAGING_EXT_SOCK_PATH ($OSLO_MESSAGING_EXT_SOCK_PATH) must be directly in OSLO_MESSAGING_EXT_RUN_DIR ($OSLO_MESSAGING_EXT_RUN_DIR), the directory this plugin creates and removes"
@@ -115,7 +124,7 @@ function cleanup_oslo_messaging_ext {
     if [[ -S "$OSLO_MESSAGING_EXT_SOCK_PATH" ]]; then
         sudo rm -f "$OSLO_MESSAGING_EXT_SOCK_PATH"
     fi
-    if [[ -n "$OSLO_MESSAGING_EXT_RUN_DIR" && -d "$OSLO_MESSAGING_EXT_RUN_DIR" ]]; then
+    if oslo_messaging_ext_run_dir_is_safe && [[ -d "$OSLO_MESSAGING_EXT_RUN_DIR" ]]; then
         sudo rm -rf "$OSLO_MESSAGING_EXT_RUN_DIR"
     fi
     if [[ -f "$OSLO_MESSAGING_EXT_TMPFILES_CONF" ]]; then

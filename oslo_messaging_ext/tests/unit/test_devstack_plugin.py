@@ -264,6 +264,14 @@ class TestPostConfigCustom(PluginTestCase):
             "OSLO_MESSAGING_EXT_DRIVERS: unknown driver 'multicast'",
             OSLO_MESSAGING_EXT_DRIVERS='unix multicast')
 
+    def test_shallow_runtime_dir_is_refused(self):
+        for run_dir in ('/', '/run', 'run/omx', '/run/../etc'):
+            self.assert_refused(
+                'OSLO_MESSAGING_EXT_RUN_DIR (%s) must be an absolute path at '
+                'least two levels deep' % run_dir,
+                OSLO_MESSAGING_EXT_RUN_DIR=run_dir,
+                OSLO_MESSAGING_EXT_SOCK_PATH=run_dir + '/x.sock')
+
     def test_socket_outside_the_runtime_dir_is_refused(self):
         self.assert_refused(
             'OSLO_MESSAGING_EXT_SOCK_PATH (/tmp/glance.sock) must be '
