@@ -228,6 +228,15 @@ class TestPostConfigCustom(PluginTestCase):
         self.post_config()
         self.assertEqual(first, self.read_conf_text())
 
+    def test_drivers_already_listed_are_not_repeated(self):
+        self.write_conf(DEVSTACK_GLANCE_API_CONF.replace(
+            'driver = messagingv2',
+            'driver = messagingv2\ndriver = unix\ndriver = messaging-multicast'
+            '\ndriver = noop'))
+        ini = self.post_config()
+        self.assertEqual(['messaging-multicast', 'unix', 'noop'],
+                         ini[NOTIFY]['driver'])
+
     def test_unix_only_keeps_messagingv2(self):
         self.write_conf()
         ini = self.post_config(OSLO_MESSAGING_EXT_DRIVERS='unix')
