@@ -195,6 +195,8 @@ class TestGlanceNotifications(base.BrokerTestCase):
         self.assertEqual(unix_expected,
                          events_of(unix.received, {first, second}))
         self.assertEqual(0, subscription.dropped)
+        self.assertTrue(all(n['publisher_id'].startswith('image.')
+                            for n in unix.received))
 
         # The replica topics: the configured events only, re-published.
         for host, collector in self.replicas.items():
@@ -206,8 +208,9 @@ class TestGlanceNotifications(base.BrokerTestCase):
                 sum(replica_expected.values()), len(collector.received),
                 'unexpected notifications on the replica topic of %s: %s'
                 % (host, collector.event_types()))
-            self.assertEqual({REPLICA_PUBLISHER_ID},
-                             {n['publisher_id'] for n in collector.received})
+            self.assertEqual({(REPLICA_PUBLISHER_ID, 'info')},
+                             {(n['publisher_id'], n['priority'])
+                              for n in collector.received})
 
         # The standard topic: every event exactly once, as messagingv2
         # alone would send it. The warm-up image's deletion was emitted
