@@ -330,6 +330,23 @@ class GlanceAPI(fixtures.Fixture):
         status, answer = self.request('DELETE', path)
         self._expect(204, 'DELETE', path, status, answer)
 
+    def image_status(self, image_id):
+        path = '/v2/images/%s' % image_id
+        status, answer = self.request('GET', path)
+        self._expect(200, 'GET', path, status, answer)
+        return json.loads(answer)['status']
+
+    def wait_for_status(self, image_id, wanted, timeout=READY_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.image_status(image_id)
+            if status == wanted:
+                return
+            if time.monotonic() >= deadline:
+                raise GlanceError('image %s still %s after %ss, expected %s'
+                                  % (image_id, status, timeout, wanted))
+            time.sleep(0.05)
+
     def update_image(self, image_id, name, value):
         path = '/v2/images/%s' % image_id
         body = json.dumps([{'op': 'add', 'path': '/%s' % name,
@@ -345,7 +362,8 @@ class GlanceAPI(fixtures.Fixture):
 
         The worker that accepted the connection stays busy with this
         request (one thread per worker, as devstack runs glance) until
-        the returned function sends the rest and checks the answer.
+        the returned function sends the rest and checks the answer. glance
+        marks the image ``saving`` before it reads the data.
         """
         path = '/v2/images/%s/file' % image_id
         conn = self._connection(60)

@@ -140,25 +140,45 @@ class TestGlanceNotifications(base.BrokerTestCase):
                       % (what, dict(wanted - arrived()),
                          base.DELIVERY_TIMEOUT, dict(arrived())))
 
+    def sync_subscriber(self, api, image_id, collector, attempts=10):
+        """Update ``image_id`` until ``collector`` receives an update.
+
+        :returns: how many updates were made
+        """
+        for attempt in range(1, attempts + 1):
+            api.update_image(image_id, 'sync_%d' % attempt, 'yes')
+            if base.wait_until(
+                    lambda: events_of(collector.received, {image_id}),
+                    timeout=base.DELIVERY_TIMEOUT / attempts):
+                self.addDetail('unix subscriber sync', content.text_content(
+                    'received update %d of the warm-up image' % attempt))
+                return attempt
+        self.fail('The unix subscriber, connected, received none of %d '
+                  'updates of the warm-up image in %ss'
+                  % (attempts, base.DELIVERY_TIMEOUT))
+
     def test_image_notifications_flow_through_both_drivers(self):
         api = self.glance
         sock_path = api.sock_path
 
         # The unix driver binds its socket at the service's first
-        # notification: a warm-up image makes it appear. An update of that
-        # image, received, proves the subscriber is registered before the
-        # images under test are touched.
+        # notification: a warm-up image makes it appear. Then the warm-up
+        # image is updated until the subscriber receives an update: a
+        # subscriber only gets what is emitted once the driver has accepted
+        # it, which connect() returning does not prove. From then on,
+        # nothing may be missed.
         warm_up = api.create_image('warm-up')
         unix, subscription = self.subscribe(sock_path)
-        api.update_image(warm_up, 'purpose', 'warm-up')
-        self.wait_for_events(unix, expected(warm_up, PATCH),
-                             'unix subscriber, warm-up update')
+        updates = self.sync_subscriber(api, warm_up, unix)
 
         # While a worker is held by the upload of the first image, the
         # second image is created and deleted by the other one: both
-        # workers emit notifications.
+        # workers emit notifications. The upload's worker is past its
+        # database update once the image is "saving": sqlite, shared by
+        # both workers, then never sees two writers at once.
         first = api.create_image('first')
         finish_upload = api.start_upload(first, os.urandom(64 * 1024))
+        api.wait_for_status(first, 'saving')
         second = api.create_image('second')
         api.delete_image(second)
         finish_upload()
@@ -178,7 +198,8 @@ class TestGlanceNotifications(base.BrokerTestCase):
             'upload of the first: %s' % image_requests)
 
         images = {warm_up, first, second}
-        standard_expected = (expected(warm_up, CREATE, PATCH, DELETE) +
+        standard_expected = (expected(warm_up, CREATE, PATCH * updates,
+                                      DELETE) +
                              expected(first, CREATE, UPLOAD, DELETE) +
                              expected(second, CREATE, DELETE))
         replica_expected = collections.Counter(
