@@ -1,12 +1,150 @@
 #!/bin/bash
 # devstack plugin of oslo.messaging-ext: installs the notification drivers
-# into the environment glance runs from.
+# into the environment glance runs from and enables them in glance-api.conf.
+#
+# Phases:
+#   stack install      install this package (setup_develop)
+#   stack post-config  enable the drivers in $GLANCE_API_CONF (g-api only)
+#   unstack, clean     remove the socket, the runtime directory and its
+#                      systemd-tmpfiles entry
+
+# Save trace setting
+_XTRACE_OSLO_MESSAGING_EXT=$(set +o | grep xtrace)
+set -o xtrace
+
+OSLO_MESSAGING_EXT_KNOWN_DRIVERS="messaging-multicast unix"
+OSLO_MESSAGING_EXT_NOTIFY_SECTION=oslo_messaging_notifications
+
+
+# True if the operator asked for our driver $1.
+function oslo_messaging_ext_wants {
+    [[ " $OSLO_MESSAGING_EXT_DRIVERS " == *" $1 "* ]]
+}
+
+# True if $OSLO_MESSAGING_EXT_RUN_DIR is a path this plugin may create and
+# remove (recursively, as root): absolute, at least two levels deep.
+function oslo_messaging_ext_run_dir_is_safe {
+    [[ "$OSLO_MESSAGING_EXT_RUN_DIR" =~ ^/[^/]+/[^/]+ && "$OSLO_MESSAGING_EXT_RUN_DIR" != *..* ]]
+}
+
+function oslo_messaging_ext_check_settings {
+    local driver
+    for driver in $OSLO_MESSAGING_EXT_DRIVERS; do
+        if [[ " $OSLO_MESSAGING_EXT_KNOWN_DRIVERS " != *" $driver "* ]]; then
+            die $LINENO "OSLO_MESSAGING_EXT_DRIVERS: unknown driver '$driver' (known: $OSLO_MESSAGING_EXT_KNOWN_DRIVERS)"
+        fi
+    done
+    if oslo_messaging_ext_wants unix && ! oslo_messaging_ext_run_dir_is_safe; then
+        die $LINENO "OSLO_MESSAGING_EXT_RUN_DIR ($OSLO_MESSAGING_EXT_RUN_DIR) must be an absolute path at least two levels deep, such as /run/oslo-messaging-ext: the plugin removes it at unstack"
+    fi
+    if oslo_messaging_ext_wants unix && \
+            [[ "$(dirname "$OSLO_MESSAGING_EXT_SOCK_PATH")" != "$OSLO_MESSAGING_EXT_RUN_DIR" ]]; then
+        die $LINENO "OSLO_MESSAGING_EXT_SOCK_PATH ($OSLO_MESSAGING_EXT_SOCK_PATH) must be directly in OSLO_MESSAGING_EXT_RUN_DIR ($OSLO_MESSAGING_EXT_RUN_DIR), the directory this plugin creates and removes"
+    fi
+}
+
+# Print the notification driver list glance should run with, given the list
+# it has now ($@): messagingv2 gives its place to messaging-multicast, which
+# sends the standard notification itself (keeping both would send every
+# notification twice); the operator's other drivers stay, in their order;
+# ours are appended once. Running it on its own output changes nothing.
+function oslo_messaging_ext_driver_list {
+    local drivers="" driver
+    for driver in "$@" $OSLO_MESSAGING_EXT_DRIVERS; do
+        if [[ "$driver" == messagingv2 ]] && oslo_messaging_ext_wants messaging-multicast; then
+            driver=messaging-multicast
+        fi
+        if [[ " $drivers " != *" $driver "* ]]; then
+            drivers="${drivers:+$drivers }$driver"
+        fi
+    done
+    echo "$drivers"
+}
 
 function install_oslo_messaging_ext {
     setup_develop "$OSLO_MESSAGING_EXT_DIR"
 }
 
+function configure_oslo_messaging_ext_unix {
+    local conf=$1
+    local group=${OSLO_MESSAGING_EXT_SOCK_GROUP:-$(id -gn "$STACK_USER")}
+
+    # glance runs as $STACK_USER and binds the socket; subscribers of the
+    # group need search permission on the directory to connect.
+    sudo install -d -o "$STACK_USER" -g "$group" -m 0750 "$OSLO_MESSAGING_EXT_RUN_DIR"
+    echo "d $OSLO_MESSAGING_EXT_RUN_DIR 0750 $STACK_USER $group -" | \
+        sudo tee "$OSLO_MESSAGING_EXT_TMPFILES_CONF" > /dev/null
+
+    iniset "$conf" $OSLO_MESSAGING_EXT_NOTIFY_SECTION sock_path "$OSLO_MESSAGING_EXT_SOCK_PATH"
+    iniset "$conf" $OSLO_MESSAGING_EXT_NOTIFY_SECTION sock_group "$group"
+    iniset "$conf" $OSLO_MESSAGING_EXT_NOTIFY_SECTION sock_mode "$OSLO_MESSAGING_EXT_SOCK_MODE"
+}
+
+function configure_oslo_messaging_ext_multicast {
+    local conf=$1
+    local rule_section=multicast_rule_$OSLO_MESSAGING_EXT_MULTICAST_RULE
+    local targets="" host
+
+    for host in ${OSLO_MESSAGING_EXT_MULTICAST_HOSTS//,/ }; do
+        targets="${targets:+$targets,}$OSLO_MESSAGING_EXT_MULTICAST_PREFIX$host"
+    done
+
+    iniset "$conf" oslo_messaging_multicast rules "$OSLO_MESSAGING_EXT_MULTICAST_RULE"
+    iniset "$conf" "$rule_section" targets "$targets"
+    iniset "$conf" "$rule_section" publisher_id "$OSLO_MESSAGING_EXT_MULTICAST_PUBLISHER_ID"
+    # selector is multi-valued: drop what an earlier run left so that
+    # exactly one remains. Deleting and re-adding puts it right below the
+    # section header, so it is written last: a second run then finds the
+    # other options where the first run left them and the file unchanged.
+    inidelete "$conf" "$rule_section" selector
+    iniset "$conf" "$rule_section" selector "event_type in $OSLO_MESSAGING_EXT_MULTICAST_EVENTS"
+}
+
+function configure_oslo_messaging_ext {
+    local conf=$GLANCE_API_CONF
+    local current
+
+    oslo_messaging_ext_check_settings
+    if oslo_messaging_ext_wants unix; then
+        configure_oslo_messaging_ext_unix "$conf"
+    fi
+    if oslo_messaging_ext_wants messaging-multicast; then
+        configure_oslo_messaging_ext_multicast "$conf"
+    fi
+
+    # iniset_multiline rewrites the driver lines right below the section
+    # header; done after the iniset calls of the same section, the second
+    # run of this phase leaves the file as the first one wrote it. Driver
+    # names never contain spaces, so word splitting the lists is safe.
+    current=$(iniget_multiline "$conf" $OSLO_MESSAGING_EXT_NOTIFY_SECTION driver)
+    iniset_multiline "$conf" $OSLO_MESSAGING_EXT_NOTIFY_SECTION driver $(oslo_messaging_ext_driver_list $current)
+}
+
+function cleanup_oslo_messaging_ext {
+    if [[ -S "$OSLO_MESSAGING_EXT_SOCK_PATH" ]]; then
+        sudo rm -f "$OSLO_MESSAGING_EXT_SOCK_PATH"
+    fi
+    if oslo_messaging_ext_run_dir_is_safe && [[ -d "$OSLO_MESSAGING_EXT_RUN_DIR" ]]; then
+        sudo rm -rf "$OSLO_MESSAGING_EXT_RUN_DIR"
+    fi
+    if [[ -f "$OSLO_MESSAGING_EXT_TMPFILES_CONF" ]]; then
+        sudo rm -f "$OSLO_MESSAGING_EXT_TMPFILES_CONF"
+    fi
+}
+
 if [[ "$1" == "stack" && "$2" == "install" ]]; then
     echo_summary "Installing oslo.messaging-ext"
     install_oslo_messaging_ext
+elif [[ "$1" == "stack" && "$2" == "post-config" ]]; then
+    if is_service_enabled g-api && [[ -f "$GLANCE_API_CONF" ]]; then
+        echo_summary "Enabling oslo.messaging-ext notification drivers in glance-api"
+        configure_oslo_messaging_ext
+    fi
 fi
+
+if [[ "$1" == "unstack" || "$1" == "clean" ]]; then
+    cleanup_oslo_messaging_ext
+fi
+
+# Restore xtrace
+$_XTRACE_OSLO_MESSAGING_EXT
