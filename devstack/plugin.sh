@@ -124,8 +124,16 @@ function cleanup_oslo_messaging_ext {
     if [[ -S "$OSLO_MESSAGING_EXT_SOCK_PATH" ]]; then
         sudo rm -f "$OSLO_MESSAGING_EXT_SOCK_PATH"
     fi
+    # The driver's election lock file outlives the service on purpose.
+    if [[ -f "$OSLO_MESSAGING_EXT_SOCK_PATH.lock" && ! -L "$OSLO_MESSAGING_EXT_SOCK_PATH.lock" ]]; then
+        sudo rm -f "$OSLO_MESSAGING_EXT_SOCK_PATH.lock"
+    fi
+    # rmdir, not rm -r: whatever else someone put there is not ours to
+    # delete, and the directory then stays.
     if oslo_messaging_ext_run_dir_is_safe && [[ -d "$OSLO_MESSAGING_EXT_RUN_DIR" ]]; then
-        sudo rm -rf "$OSLO_MESSAGING_EXT_RUN_DIR"
+        if ! sudo rmdir "$OSLO_MESSAGING_EXT_RUN_DIR"; then
+            echo "oslo-messaging-ext: $OSLO_MESSAGING_EXT_RUN_DIR is not empty; left in place"
+        fi
     fi
     if [[ -f "$OSLO_MESSAGING_EXT_TMPFILES_CONF" ]]; then
         sudo rm -f "$OSLO_MESSAGING_EXT_TMPFILES_CONF"

@@ -332,3 +332,21 @@ class TestCleanup(PluginTestCase):
 
     def test_clean_removes_socket_and_runtime_dir(self):
         self.check_removes_everything('clean')
+
+    def test_lock_file_of_the_driver_is_removed_too(self):
+        path = self.bound_socket()
+        with open(path + '.lock', 'w'):
+            pass
+        self.run_phase('unstack')
+        self.assertFalse(os.path.exists(path + '.lock'))
+        self.assertFalse(os.path.exists(self.run_dir))
+
+    def test_files_not_ours_are_kept_with_their_directory(self):
+        path = self.bound_socket()
+        foreign = os.path.join(self.run_dir, 'other-service.pid')
+        with open(foreign, 'w') as f:
+            f.write('42\n')
+        result = self.run_phase('unstack')
+        self.assertFalse(os.path.exists(path))
+        self.assertTrue(os.path.exists(foreign))
+        self.assertIn('is not empty; left in place', result.stdout)
