@@ -22,7 +22,8 @@ function oslo_messaging_ext_wants {
 }
 
 # True if $OSLO_MESSAGING_EXT_RUN_DIR is a path this plugin may create and
-# remove (recursively, as root): absolute, at least two levels deep.
+# remove (as root, with rmdir once our files are gone): absolute, at least
+# two levels deep.
 function oslo_messaging_ext_run_dir_is_safe {
     [[ "$OSLO_MESSAGING_EXT_RUN_DIR" =~ ^/[^/]+/[^/]+ && "$OSLO_MESSAGING_EXT_RUN_DIR" != *..* ]]
 }
