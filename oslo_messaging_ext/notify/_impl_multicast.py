@@ -189,6 +189,10 @@ BACKOFF = 0.001
 MAX_DEFER = 0.5
 
 
+# (pid, summary) of the configurations already reported at INFO.
+_LOADED = set()
+
+
 class MulticastConfigError(cfg.Error):
     """The multicast configuration is invalid; the driver did not load."""
 
@@ -567,12 +571,17 @@ class MulticastDriver(notifier.Driver):
             self._at_exit = functools.partial(_flush_at_exit,
                                               weakref.ref(self))
             atexit.register(self._at_exit)
-        LOG.info('messaging-multicast loaded: %(rules)d rules, '
-                 '%(targets)d distinct targets, async_fanout=%(async)s',
-                 {'rules': len(self._rules),
-                  'targets': len({d.key for r in self._rules
-                                  for d in r.destinations}),
-                  'async': group.async_fanout})
+        summary = {'rules': len(self._rules),
+                   'targets': len({d.key for r in self._rules
+                                   for d in r.destinations}),
+                   'async': group.async_fanout}
+        # Services build many Notifiers (glance about 14 a process), each
+        # loading its own driver: say it at INFO once per configuration.
+        key = (os.getpid(), tuple(sorted(summary.items())))
+        log = LOG.debug if key in _LOADED else LOG.info
+        _LOADED.add(key)
+        log('messaging-multicast loaded: %(rules)d rules, '
+            '%(targets)d distinct targets, async_fanout=%(async)s', summary)
 
     # Loading and validation.
 

@@ -234,6 +234,17 @@ class SelectorTestCase(base.BaseTestCase):
 
 class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
 
+    def test_loaded_said_at_info_once_per_configuration(self):
+        self.useFixture(fixtures.MockPatchObject(multicast, '_LOADED',
+                                                 set()))
+        self.configure(GLANCE_RULE)
+        with self.assertLogs(multicast.__name__, logging.DEBUG) as logs:
+            for _ in range(3):
+                self.driver()
+        levels = [r.levelname for r in logs.records
+                  if 'messaging-multicast loaded' in r.getMessage()]
+        self.assertEqual(['INFO', 'DEBUG', 'DEBUG'], levels)
+
     def test_loaded_by_notifier_through_entry_point(self):
         self.configure(GLANCE_RULE)
         notifier = oslo_messaging.Notifier(
