@@ -41,6 +41,11 @@ import socket
 import stat
 import threading
 
+try:
+    import orjson
+except ImportError:  # the stdlib decoder is as correct, only slower
+    orjson = None
+
 LOG = logging.getLogger(__name__)
 
 DROPPED_EVENT_TYPE = 'oslo_messaging_ext.unix.dropped'
@@ -218,7 +223,7 @@ class Subscription(object):
     def __iter__(self):
         for line in self.lines():
             try:
-                notification = json.loads(line)
+                notification = _decode(line)
             except ValueError:
                 LOG.warning('Skipping a line of %s that is not JSON: %.80r',
                             self.path, line)
@@ -227,6 +232,20 @@ class Subscription(object):
                 self.dropped += (notification.get('payload') or {}).get(
                     'dropped', 0)
             yield notification
+
+
+def _decode(line):
+    """Decode one line; orjson first, being about three times faster.
+
+    The stdlib also reads what orjson refuses but the driver may send when
+    it fell back to the stdlib encoder (NaN, for one).
+    """
+    if orjson is not None:
+        try:
+            return orjson.loads(line)
+        except ValueError:
+            pass
+    return json.loads(line)
 
 
 class EndpointDispatcher(object):

@@ -149,6 +149,25 @@ class FailingEndpoint(object):
         raise RuntimeError('endpoint bug')
 
 
+class DecodeTestCase(base.BaseTestCase):
+
+    def test_orjson_and_stdlib_read_the_same(self):
+        self.assertIsNotNone(unix_subscriber.orjson)
+        line = json.dumps({'event_type': 'image.upload',
+                           'payload': {'name': 'caf\u00e9', 'size': 1036,
+                                       'ratio': 0.5, 'tags': []}}).encode()
+        self.assertEqual(json.loads(line), unix_subscriber._decode(line))
+
+    def test_what_only_the_stdlib_reads_still_decodes(self):
+        # The driver's stdlib fallback writes NaN, which orjson refuses.
+        decoded = unix_subscriber._decode(b'{"payload":{"x":NaN}}')
+        self.assertNotEqual(decoded['payload']['x'],
+                            decoded['payload']['x'])
+
+    def test_not_json_raises_value_error(self):
+        self.assertRaises(ValueError, unix_subscriber._decode, b'{nope')
+
+
 class EndpointDispatcherTestCase(base.BaseTestCase):
 
     def test_signature_and_priorities_as_oslo_messaging(self):
