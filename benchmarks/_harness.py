@@ -26,15 +26,12 @@ def glance_payload():
     return samples.glance_upload_payload()
 
 
-def make_notifier(driver, conf=None, transport_url='fake:/', topics=None,
-                  **conf_overrides):
+def make_notifier(driver, conf=None, transport_url='fake:/', topics=None):
     """Return (notifier, transport) for ``driver`` on its own ConfigOpts."""
     conf = conf if conf is not None else cfg.ConfigOpts()
     conf([], project='oslo-messaging-ext-bench')
     transport = oslo_messaging.get_notification_transport(
         conf, url=transport_url)
-    for (group, name), value in conf_overrides.items():
-        conf.set_override(name, value, group=group)
     notifier = oslo_messaging.Notifier(
         transport, publisher_id='image.localhost', driver=driver,
         topics=topics or ['notifications'])
