@@ -800,20 +800,23 @@ class MulticastDriver(notifier.Driver):
         return matched
 
     def notify(self, ctxt, message, priority, retry):
-        # The AMQP drivers add their own keys (_unique_id, _context_*) to the
-        # message they send, and another driver of the notifier may have
-        # sent it already: replicas get the notification's fields only.
-        original = {key: value for key, value in message.items()
-                    if not key.startswith('_')}
         self._standard.notify(ctxt, message, priority, retry)
+        # Selectors only address the notification's fields, never the
+        # underscore keys transports add, so the message is matched as is.
         try:
-            rules = self.matching_rules(original, ctxt)
+            rules = self.matching_rules(message, ctxt)
         except Exception:
             LOG.exception('messaging-multicast could not evaluate rules for '
-                          'event_type %s', original.get('event_type'))
+                          'event_type %s', message.get('event_type'))
             return
         if not rules:
             return
+        # The AMQP drivers add their own keys (_unique_id, _context_*) to the
+        # message they send, as the standard send just did: replicas get
+        # the notification's fields only. Copied only when a rule matched,
+        # since most notifications match none.
+        original = {key: value for key, value in message.items()
+                    if not key.startswith('_')}
         jobs = []
         seen = set()
         for rule in rules:
