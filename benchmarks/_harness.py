@@ -58,6 +58,54 @@ def time_calls(func, count, warmup=200):
     return timings
 
 
+class Comparison(object):
+    """What :func:`compare` measured, in seconds per call, by name."""
+
+    def __init__(self, medians, p99s, reference):
+        self.reference = reference
+        self._medians = medians
+        self._p99s = p99s
+        self.median = {name: median(v) for name, v in medians.items()}
+        self.p99 = {name: median(v) for name, v in p99s.items()}
+
+    def ratio(self, name, reference=None, p99=False):
+        """Median over rounds of ``name``'s time over ``reference``'s."""
+        series = self._p99s if p99 else self._medians
+        return median([value / ref for value, ref in
+                       zip(series[name], series[reference or
+                                                self.reference])])
+
+
+def compare(funcs, reference, count, block=1000, after_block=None):
+    """Time each of ``funcs`` (name: callable) against ``funcs[reference]``.
+
+    The calls run in short blocks, the functions taking turns in an order
+    that rotates every round. Each ratio is the median over rounds of the
+    ratio between blocks run one after the other: on a virtual machine
+    whose speed jumps by half for a few hundred milliseconds at a time
+    (seen here), whole-run medians of each function compare slow periods
+    of one with fast periods of another, while neighbouring blocks share
+    the period. ``after_block(name)``, if given, runs untimed after each
+    block, and once after the warm-up.
+    """
+    names = list(funcs)
+    for name in names:
+        time_calls(funcs[name], 0)
+        if after_block:
+            after_block(name)
+    medians = {name: [] for name in names}
+    p99s = {name: [] for name in names}
+    for round_number in range(max(1, count // block)):
+        turn = round_number % len(names)
+        for name in names[turn:] + names[:turn]:
+            timings = time_calls(funcs[name], block, warmup=0)
+            medians[name].append(median(timings))
+            p99s[name].append(percentile(timings, 0.99))
+            if after_block:
+                after_block(name)
+    return Comparison(medians, p99s, reference)
+
+
 def median(timings):
     return statistics.median(timings)
 
