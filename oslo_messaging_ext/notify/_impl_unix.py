@@ -37,14 +37,16 @@ Delivery semantics:
 * Disconnected or crashed subscribers are cleaned up silently.
 * When every subscriber's buffer is full, notify() counts the notification
   instead of serializing it; the count is reported like any other drop.
-* Nothing is stored: a subscriber only receives what is emitted while it is
-  connected.
+* Nothing is stored: a subscriber receives what is emitted after the hub
+  accepted its connection (in the hub's process), or after a sibling
+  process learned of it from the hub (one status line later).
 
 Multi-process services share one ``sock_path``. Each process takes a
 short lock on ``sock_path + '.lock'``; the one that binds the path is the
 hub, the others connect to it as publishers and introduce themselves with a
 handshake line (subscribers send nothing; a new connection that says
-nothing within 50 ms is a subscriber). The hub relays the publishers' lines,
+nothing within 50 ms is a subscriber, and what was emitted meanwhile is
+held for it). The hub relays the publishers' lines,
 already serialized, to every subscriber, and tells the publishers how many
 subscribers there are, so that a process with none serializes nothing.
 Only processes of the same user may publish (SO_PEERCRED).

@@ -63,9 +63,13 @@ _CLOSE_FLUSH_TIMEOUT = 5.0
 _CLOSE_SUBSCRIBERS_TIMEOUT = 1.0
 
 # Seconds a new connection has to introduce itself as a publisher; after
-# that it is a subscriber (subscribers send nothing).
+# that it is a subscriber (subscribers send nothing). Lines are held for it
+# meanwhile, and sent if it turns out to be a subscriber.
 _HANDSHAKE_GRACE = 0.05
 _NEW, _SUBSCRIBER, _SIBLING = 'new', 'subscriber', 'publisher'
+# Who is fed lines: subscribers, and new connections until they say what
+# they are.
+_FED = (_NEW, _SUBSCRIBER)
 
 _IDLE, _STARTING, _HUB, _PUBLISHER, _FAILED = (
     'idle', 'starting', 'hub', 'publisher', 'failed')
@@ -81,7 +85,8 @@ class _Peer(object):
         self.sock = sock
         self.fd = sock.fileno()
         # Unclassified for a moment: a sibling sends its handshake at once,
-        # and must not be counted (and fed) as a subscriber meanwhile.
+        # and must not be counted nor sent lines as a subscriber meanwhile.
+        # Lines are queued for it but held (no POLLOUT) until then.
         self.kind = _NEW
         self.classify_at = time.monotonic() + _HANDSHAKE_GRACE
         self.reading = True
@@ -129,6 +134,10 @@ class Relay(object):
         self.state = _IDLE
         # None while unknown: lines are queued rather than lost.
         self.subscribers = None
+        # New connections not yet known to be subscribers: lines are
+        # serialized for them too, so that a subscriber misses nothing
+        # emitted after the hub accepted it.
+        self.connecting = 0
         self.saturated = False
         self._lock = self._threading.Lock()
         # Held while file descriptors exist that a forked child must not
@@ -172,7 +181,8 @@ class Relay(object):
             with self._lock:
                 self._unsent += 1
             return False
-        return self.subscribers != 0 and self.state is not _FAILED
+        return ((self.subscribers != 0 or self.connecting != 0) and
+                self.state is not _FAILED)
 
     def publish(self, line):
         """Queue one JSON line (str, no newline); never blocks.
@@ -250,6 +260,7 @@ class Relay(object):
         self._thread = None
         self.state = _IDLE
         self.subscribers = None
+        self.connecting = 0
 
     def after_fork_in_child(self):
         """Forget what the parent owned; rejoin lazily as a sibling."""
@@ -348,6 +359,11 @@ class Relay(object):
                 changed = True
         if changed:
             self._count_changed()
+            for peer in new:
+                if peer.kind is _SUBSCRIBER and self._peers.get(
+                        peer.fd) is peer:
+                    # What was held while it could have been a sibling.
+                    self._flush_peer(peer)
         waits = [(p.classify_at - now) * 1000 for p in new
                  if p.kind is _NEW]
         if not waits:
@@ -382,7 +398,8 @@ class Relay(object):
         if self._outbox or self._upstream_pending:
             return False
         return (time.monotonic() >= self._subscribers_deadline or
-                all(not p.pending for p in self._peers.values()))
+                all(not p.pending for p in self._peers.values()
+                    if p.kind is not _NEW))
 
     def _handle(self, fd, events):
         select = self._select
@@ -500,6 +517,7 @@ class Relay(object):
         self._poller.register(listener, self._select.POLLIN)
         self.state = _HUB
         self.subscribers = 0
+        self.connecting = 0
         LOG.debug('Process %d serves unix notification socket %s',
                   self.pid, self.path)
 
@@ -521,6 +539,7 @@ class Relay(object):
         self._upstream = None
         self._upstream_pending = b''
         self.subscribers = None
+        self.connecting = 0
         self.saturated = False
         # _STARTING, not _IDLE: this thread re-elects; notify() must not
         # start another one.
@@ -578,6 +597,7 @@ class Relay(object):
                 self.subscribers = 0
                 return
             self.subscribers = status.get('subscribers', 0)
+            self.connecting = status.get('connecting', 0)
             self.saturated = bool(status.get('saturated'))
             # Report what was counted to the subscribers it was counted
             # for, before the hub's subscribers change any further.
@@ -595,16 +615,20 @@ class Relay(object):
     # -- hub side -------------------------------------------------------------
 
     def _accept(self):
+        # What was counted, not serialized, until now was missed by the
+        # present subscribers only.
+        self._credit_unsent()
+        accepted = 0
         while True:
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as exc:
                 # EMFILE and friends: the connection waits in the backlog.
                 LOG.warning('Unix notification socket %s: accept failed: '
                             '%s', self.path, exc)
-                return
+                break
             if sum(1 for p in self._peers.values()
                    if p.kind is not _SIBLING) >= self.max_subscribers:
                 self._refused += 1
@@ -619,41 +643,47 @@ class Relay(object):
             peer = _Peer(sock)
             self._peers[peer.fd] = peer
             self._poller.register(sock, self._select.POLLIN)
+            accepted += 1
+        if accepted:
+            # Every process serializes for them from now on; a new
+            # connection has room, so not every buffer is full any more.
+            self.saturated = False
+            self._count_changed()
 
     def _subscriber_count(self):
         return sum(1 for p in self._peers.values() if p.kind is _SUBSCRIBER)
 
     def _count_changed(self):
+        """Publish the counts to this process and to the siblings."""
         count = self._subscriber_count()
+        connecting = sum(1 for p in self._peers.values() if p.kind is _NEW)
         self.subscribers = count
-        status = self._status_line(count)
+        self.connecting = connecting
+        status = proto.control_line(
+            role='hub', service=self.service, pid=self.pid,
+            subscribers=count, connecting=connecting,
+            saturated=self.saturated)
         for peer in list(self._peers.values()):
             if peer.kind is _SIBLING:
                 self._queue(peer, status, 0, force=True)
-
-    def _status_line(self, count):
-        return proto.control_line(role='hub', service=self.service,
-                                  pid=self.pid, subscribers=count,
-                                  saturated=self.saturated)
 
     def _credit_unsent(self):
         with self._lock:
             count, self._unsent = self._unsent, 0
         if count:
             for peer in self._peers.values():
-                if peer.kind is _SUBSCRIBER:
+                if peer.kind in _FED:
                     peer.dropped += count
 
     def _refresh_saturation(self):
-        """Whether every subscriber's buffer is (nearly) full.
+        """Whether every fed connection's buffer is (nearly) full.
 
         Then notify() counts lines instead of serializing them, in this
         process and, told by the status line, in the siblings.
         """
         full = self.buffer_size - min(_SATURATION_MARGIN,
                                       self.buffer_size // 2)
-        subscribers = [p for p in self._peers.values()
-                       if p.kind is _SUBSCRIBER]
+        subscribers = [p for p in self._peers.values() if p.kind in _FED]
         saturated = bool(subscribers) and all(
             p.pending_bytes >= full for p in subscribers)
         if saturated != self.saturated:
@@ -714,7 +744,11 @@ class Relay(object):
             return
         peer.kind = _SIBLING
         peer.inbuf = b''
-        self._queue(peer, self._status_line(self.subscribers), 0, force=True)
+        # Held for it while it could have been a subscriber: not for it.
+        peer.pending.clear()
+        peer.pending_bytes = 0
+        peer.dropped = 0
+        self._count_changed()
         if rest:
             self._read_more(peer, rest)
 
@@ -726,10 +760,13 @@ class Relay(object):
 
     def _make_subscriber(self, peer):
         """Whatever a subscriber sends is ignored."""
-        self._stop_reading(peer)
+        peer.reading = False
+        peer.inbuf = b''
         if peer.kind is _NEW:
             peer.kind = _SUBSCRIBER
             self._count_changed()
+        # Sends what was held while it could have been a sibling.
+        self._flush_peer(peer)
 
     def _stop_reading(self, peer):
         peer.reading = False
@@ -739,7 +776,7 @@ class Relay(object):
     def _mask(self, peer):
         select = self._select
         mask = select.POLLIN if peer.reading else 0
-        if peer.pending:
+        if peer.pending and peer.kind is not _NEW:
             mask |= select.POLLOUT
         return mask
 
@@ -749,7 +786,7 @@ class Relay(object):
             return
         lines = data.count(b'\n')
         for peer in list(self._peers.values()):
-            if peer.kind is _SUBSCRIBER:
+            if peer.kind in _FED:
                 self._queue(peer, data, lines)
 
     def _fan_out_with_notices(self, data):
@@ -769,7 +806,7 @@ class Relay(object):
                 run = []
             count = proto.dropped_count(line)
             for peer in self._peers.values():
-                if peer.kind is _SUBSCRIBER:
+                if peer.kind in _FED:
                     peer.dropped += count
         if run:
             self._fan_out(b'\n'.join(run) + b'\n')
@@ -789,7 +826,7 @@ class Relay(object):
             peer.pending_bytes += len(notice)
         peer.pending.append(data)
         peer.pending_bytes += len(data)
-        if was_empty:
+        if was_empty and peer.kind is not _NEW:
             self._flush_peer(peer)
 
     def _flush_peer(self, peer):

@@ -452,6 +452,35 @@ class UnixDriverTestCase(base.BaseTestCase):
         self.assertEqual(b'', extra.recv(10))
         self.assertEqual(1, driver.subscribers())
 
+    def test_what_is_emitted_before_classification_is_held(self):
+        # A connection that has not spoken yet may be one of the service's
+        # processes: the hub holds lines for it until it knows.
+        self.useFixture(fixtures.MonkeyPatch(
+            'oslo_messaging_ext.notify._unix_relay._HANDSHAKE_GRACE',
+            TIMEOUT * 3))
+        notifier, driver = self.notifier()
+        relay = driver._relay
+        subscriber = self.connect()
+        sibling = self.connect()
+        self.assertTrue(wait_until(lambda: relay.connecting == 2))
+        self.assertEqual(0, driver.subscribers())
+        notifier.info({}, 'image.upload', {'id': 'early'})
+        sibling.sendall(_unix_protocol.control_line(
+            role='publisher', service='unix-unit', pid=os.getpid()))
+        self.assertTrue(wait_until(lambda: relay.connecting == 1))
+        # End of stream: a subscriber (as socat's is when its stdin ends).
+        subscriber.shutdown(socket.SHUT_WR)
+        [received] = self.read_lines(subscriber, 1)
+        self.assertEqual({'id': 'early'}, received['payload'])
+        self.assertEqual(1, driver.subscribers())
+        self.assertEqual(0, relay.connecting)
+        # The sibling was sent status lines only, never the held line.
+        sibling.setblocking(False)
+        lines = sibling.recv(1 << 20).splitlines()
+        self.assertTrue(lines)
+        for line in lines:
+            self.assertIsNotNone(_unix_protocol.parse_control(line), line)
+
     def test_half_closed_subscriber_still_receives(self):
         # As socat does when its stdin ends.
         notifier, driver = self.notifier()
