@@ -57,9 +57,11 @@ inherited. uwsgi's master, which loads the application before forking its
 workers (without ``--lazy-apps``), does not join, so that it is never left
 holding the socket while it runs no Python. If the hub process exits, the
 publishers elect a new hub and subscribers must reconnect (the subscriber
-library and ``oslo-notify-tail --follow`` do so with backoff); what is
-emitted during the switch-over may be lost, and a subscriber does not see
-it as a gap.
+library and ``oslo-notify-tail --follow`` do so with backoff). During the
+switch-over, what a sibling had not yet handed to the departing hub is
+counted and reported as dropped to the next hub's subscribers; what it
+had handed over but the hub had not relayed yet is lost without notice.
+A hub relays the last lines of an exiting sibling before dropping it.
 
 A stale socket file never blocks start-up; a path held by a live listener
 that is not a hub of the same service is an error at driver load. The

@@ -325,6 +325,12 @@ class Relay(object):
                 self._final_read_done = True
                 self._read_siblings_once_more()
             if self._stopping and self._drained():
+                unread = sum(p.pending_bytes for p in self._peers.values()
+                             if p.kind is _SUBSCRIBER)
+                if unread:
+                    LOG.warning('Unix notification socket %s: stopped with '
+                                '%d bytes its subscribers had not read',
+                                self.path, unread)
                 return
             if self._stopping and time.monotonic() >= self._flush_deadline:
                 LOG.warning('Unix notification socket %s: stopped before '
@@ -419,16 +425,11 @@ class Relay(object):
         elif fd in self._peers:
             peer = self._peers[fd]
             hangup = select.POLLHUP | select.POLLERR | select.POLLNVAL
-            if peer.kind is _SIBLING and events & hangup:
-                # A sibling's last lines come with its hang-up: read them
-                # all; reading its end of stream drops it.
-                for _ in range(_MAX_READS_AT_HANGUP):
-                    if self._peers.get(fd) is not peer:
-                        return
-                    self._read_peer(peer)
-                self._drop_peer(peer)
-                return
             if events & hangup:
+                if peer.kind is _NEW:
+                    # Maybe a sibling that said all it had and left.
+                    self._read_peer(peer)
+                # Dropping a sibling relays its last lines first.
                 self._drop_peer(peer)
                 return
             if events & select.POLLIN:
@@ -533,7 +534,18 @@ class Relay(object):
         self.subscribers = None
 
     def _lose_upstream(self):
-        """The hub went away: re-elect at once, keeping queued lines."""
+        """The hub went away: re-elect at once, keeping queued lines.
+
+        What the hub had not taken of the batch being sent is lost: it is
+        counted, and reported to the subscribers of the next hub.
+        """
+        lost = _notifications_in(self._upstream_pending)
+        if lost:
+            notice = proto.dropped_envelope(
+                lost, 'publisher %d (hub lost)' % self.pid)
+            with self._lock:
+                self._outbox.insert(0, notice[:-1].decode('ascii'))
+                self._outbox_bytes += len(notice)
         self._poller.unregister(self._upstream)
         self._upstream.close()
         self._upstream = None
@@ -858,8 +870,32 @@ class Relay(object):
             return
         del self._peers[peer.fd]
         self._poller.unregister(peer.sock)
+        if peer.kind is _SIBLING:
+            self._read_rest(peer)
         peer.sock.close()
         self._count_changed()
+
+    def _read_rest(self, peer):
+        """Relay what a departing sibling sent before it went.
+
+        Whatever the reason it is dropped (its hang-up, or a status line
+        that could not be sent to it because it had just exited), its last
+        lines are still in the socket, readable before the error.
+        """
+        data = peer.inbuf
+        peer.inbuf = b''
+        for _ in range(_MAX_READS_AT_HANGUP):
+            try:
+                chunk = peer.sock.recv(_READ_SIZE)
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+            end = data.rfind(b'\n') + 1
+            if end:
+                self._fan_out(data[:end])
+                data = data[end:]
 
     # -- shutdown -------------------------------------------------------------
 
@@ -904,6 +940,17 @@ class Relay(object):
                             self.path, exc)
         finally:
             os.close(lock_fd)
+
+
+def _notifications_in(data):
+    """How many notifications ``data`` holds, a cut first line included."""
+    count = 0
+    for line in bytes(data).split(b'\n')[:-1]:
+        if line.startswith(proto.DROPPED_PREFIX):
+            count += proto.dropped_count(line)
+        elif not line.startswith(proto.CONTROL_PREFIX):
+            count += 1
+    return count
 
 
 # One relay per socket path in this process, shared by every driver

@@ -91,7 +91,8 @@ class UnixProcessesTestCase(base.BaseTestCase):
             '%s never appeared' % self.sock_path)
 
     def assertComplete(self, summary, workers, count):
-        self.assertEqual({w: count for w in workers}, summary['workers'])
+        self.assertEqual({w: count for w in workers}, summary['workers'],
+                         summary)
         self.assertEqual(0, summary['dropped'])
         self.assertEqual(0, summary['gaps'])
 

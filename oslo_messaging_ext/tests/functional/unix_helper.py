@@ -32,6 +32,7 @@ if __name__ == '__main__' and '--eventlet' in sys.argv:
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import multiprocessing  # noqa: E402
 import os  # noqa: E402
 import threading  # noqa: E402
@@ -135,8 +136,9 @@ def publish(args):
 
 
 def subscribe(args):
+    # first and connections say where a loss was, when a test fails.
     summary = {'received': 0, 'dropped': 0, 'gaps': 0, 'workers': {},
-               'tags': []}
+               'first': {}, 'tags': [], 'connections': 0}
     last = {}
     subscription = unix_subscriber.Subscription(args.sock_path,
                                                 reconnect=True,
@@ -155,6 +157,7 @@ def subscribe(args):
         if worker in last and seq != last[worker] + 1:
             summary['gaps'] += 1
         last[worker] = seq
+        summary['first'].setdefault(worker, seq)
         summary['workers'][worker] = summary['workers'].get(worker, 0) + 1
         if payload['tag'] not in summary['tags']:
             summary['tags'].append(payload['tag'])
@@ -163,6 +166,8 @@ def subscribe(args):
             break
     timer.cancel()
     subscription.close()
+    summary['last'] = last
+    summary['connections'] = subscription.connections
     print(json.dumps(summary), flush=True)
     return 0
 
@@ -192,6 +197,9 @@ def main(argv=None):
     subs.add_argument('--timeout', type=float, default=60.0)
     subs.set_defaults(run=subscribe)
     args = parser.parse_args(argv)
+    # What the drivers log lands in the test's failure output.
+    logging.basicConfig(level=logging.DEBUG if os.environ.get(
+        'UNIX_HELPER_DEBUG') else logging.WARNING, stream=sys.stderr)
     return args.run(args)
 
 
