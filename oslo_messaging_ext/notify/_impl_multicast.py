@@ -193,6 +193,53 @@ MAX_DEFER = 0.5
 _LOADED = set()
 
 
+class _SharedTransport(object):
+    """A rule transport, shared by the driver instances of a process.
+
+    A service builds many Notifiers (glance about 14 a process), each
+    loading its own driver: without sharing, each would open its own
+    connections to a rule's broker.
+    """
+
+    def __init__(self, conf, transport):
+        # Held so that the id(conf) in the key is not reused meanwhile.
+        self.conf = conf
+        self.transport = transport
+        self.users = 0
+
+
+# (id(conf), TransportURL) -> _SharedTransport
+_shared_transports = {}
+_shared_transports_lock = threading.Lock()
+
+
+def _acquire_transport(conf, parsed_url, url):
+    """Return (key, transport) for ``url``, made once per conf and broker."""
+    key = (id(conf), parsed_url)
+    with _shared_transports_lock:
+        shared = _shared_transports.get(key)
+        if shared is None:
+            shared = _SharedTransport(
+                conf, oslo_messaging.get_notification_transport(conf,
+                                                                url=url))
+            _shared_transports[key] = shared
+        shared.users += 1
+        return key, shared.transport
+
+
+def _release_transport(key):
+    """Drop a use of a shared transport; the last one cleans it up."""
+    with _shared_transports_lock:
+        shared = _shared_transports.get(key)
+        if shared is None:
+            return
+        shared.users -= 1
+        if shared.users > 0:
+            return
+        del _shared_transports[key]
+    shared.transport.cleanup()
+
+
 class MulticastConfigError(cfg.Error):
     """The multicast configuration is invalid; the driver did not load."""
 
@@ -552,7 +599,7 @@ class MulticastDriver(notifier.Driver):
         conf.register_opts(multicast_opts, group=GROUP)
         group = conf[GROUP]
         self._transports = {}
-        self._owned_transports = []
+        self._shared_keys = []
         try:
             self._configure(conf, group)
         except BaseException:
@@ -620,17 +667,16 @@ class MulticastDriver(notifier.Driver):
         return getattr(transport._driver, '_url', None)
 
     def _get_transport(self, conf, url):
-        """The transport for ``url``: one per distinct broker, made once."""
+        """The transport for ``url``: one per distinct broker and process."""
         if not url:
             return self.transport
         parsed = oslo_messaging.TransportURL.parse(conf, url)
         if parsed == self._standard_url:
             return self.transport
         if parsed not in self._transports:
-            transport = oslo_messaging.get_notification_transport(
-                conf, url=url)
+            key, transport = _acquire_transport(conf, parsed, url)
             self._transports[parsed] = transport
-            self._owned_transports.append(transport)
+            self._shared_keys.append(key)
         return self._transports[parsed]
 
     def _check_target(self, transport, topic, group, option, value,
@@ -847,17 +893,21 @@ class MulticastDriver(notifier.Driver):
         return 0
 
     def cleanup(self):
-        """Flush queued replicas, then release the rules' transports."""
+        """Flush queued replicas, then release the rules' transports.
+
+        A transport shared with other instances of this driver in the
+        process is cleaned up with the last of them.
+        """
         if self._worker is not None:
             atexit.unregister(self._at_exit)
             self._worker.flush(stop=True)
         self._cleanup_transports()
 
     def _cleanup_transports(self):
-        while self._owned_transports:
-            transport = self._owned_transports.pop()
+        while self._shared_keys:
+            key = self._shared_keys.pop()
             try:
-                transport.cleanup()
+                _release_transport(key)
             except Exception:
                 LOG.exception('messaging-multicast could not clean up a '
                               'transport')

@@ -120,6 +120,23 @@ class DriverFixtureMixin(object):
     def topics(self):
         return [p['topic'] for p in self.published]
 
+    def track_transports(self):
+        """Record the URLs of the transports made, and of those cleaned."""
+        made, cleaned = [], []
+        real = oslo_messaging.get_notification_transport
+
+        def tracking(conf, url=None, **kwargs):
+            transport = real(conf, url=url, **kwargs)
+            made.append(url)
+            self.useFixture(fixtures.MockPatchObject(
+                transport, 'cleanup', side_effect=lambda: cleaned.append(url)))
+            return transport
+
+        self.useFixture(fixtures.MockPatch(
+            'oslo_messaging.get_notification_transport',
+            side_effect=tracking))
+        return made, cleaned
+
 
 class SelectorTestCase(base.BaseTestCase):
 
@@ -438,16 +455,7 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
                          self.topics())
 
     def test_one_transport_per_distinct_url(self):
-        made = []
-        real = oslo_messaging.get_notification_transport
-
-        def counting(conf, url=None, **kwargs):
-            made.append(url)
-            return real(conf, url=url, **kwargs)
-
-        self.useFixture(fixtures.MockPatch(
-            'oslo_messaging.get_notification_transport',
-            side_effect=counting))
+        made, _ = self.track_transports()
         driver = self.driver("""
             [oslo_messaging_multicast]
             rules = a, b, c, d
@@ -633,19 +641,33 @@ class ValidationTestCase(DriverFixtureMixin, base.BaseTestCase):
             multicast_events = image.upload
             """, '[DEFAULT] image.upload = 3: the service already registered')
 
+    def test_driver_instances_share_a_rule_transport(self):
+        # As the Notifiers of one service do: each loads its own driver.
+        made, cleaned = self.track_transports()
+        first = self.driver("""
+            [oslo_messaging_multicast]
+            rules = a
+            [multicast_rule_a]
+            targets = t
+            transport_url = fake://region2/
+            """)
+        second = self.driver()
+        self.assertEqual(['fake://region2/'], made)
+        self.assertIs(first._rules[0].destinations[0].transport,
+                      second._rules[0].destinations[0].transport)
+        first.cleanup()
+        self.assertEqual([], cleaned)
+        second.cleanup()
+        self.assertEqual(['fake://region2/'], cleaned)
+        # Once released, the next driver makes a new one.
+        third = self.driver()
+        self.addCleanup(third.cleanup)
+        self.assertEqual(['fake://region2/'] * 2, made)
+        self.assertIsNot(first._rules[0].destinations[0].transport,
+                         third._rules[0].destinations[0].transport)
+
     def test_error_leaves_no_transport_behind(self):
-        cleaned = []
-        real = oslo_messaging.get_notification_transport
-
-        def tracking(conf, url=None, **kwargs):
-            transport = real(conf, url=url, **kwargs)
-            self.useFixture(fixtures.MockPatchObject(
-                transport, 'cleanup', side_effect=lambda: cleaned.append(url)))
-            return transport
-
-        self.useFixture(fixtures.MockPatch(
-            'oslo_messaging.get_notification_transport',
-            side_effect=tracking))
+        _, cleaned = self.track_transports()
         self.assertConfigError(
             """
             [oslo_messaging_multicast]
