@@ -197,10 +197,8 @@ class Relay(object):
                 self._outbox_dropped += 1
                 return
             if self._outbox_dropped:
-                notice = proto.dropped_envelope(self._outbox_dropped,
-                                                'publisher %d' % self.pid)
-                self._outbox.append(notice[:-1].decode('ascii'))
-                self._outbox_bytes += len(notice)
+                self._queue_notice_locked(self._outbox_dropped,
+                                          'publisher %d' % self.pid)
                 self._outbox_dropped = 0
             self._outbox.append(line)
             self._outbox_bytes += size
@@ -208,6 +206,16 @@ class Relay(object):
                 return
             self._wake_pending = True
         self._wake()
+
+    def _queue_notice_locked(self, count, where, first=False):
+        """Queue a drop notice for the hub; the caller holds self._lock."""
+        notice = proto.dropped_envelope(count, where)
+        line = notice[:-1].decode('ascii')
+        if first:
+            self._outbox.insert(0, line)
+        else:
+            self._outbox.append(line)
+        self._outbox_bytes += len(notice)
 
     def _wake(self):
         try:
@@ -541,11 +549,9 @@ class Relay(object):
         """
         lost = _notifications_in(self._upstream_pending)
         if lost:
-            notice = proto.dropped_envelope(
-                lost, 'publisher %d (hub lost)' % self.pid)
             with self._lock:
-                self._outbox.insert(0, notice[:-1].decode('ascii'))
-                self._outbox_bytes += len(notice)
+                self._queue_notice_locked(
+                    lost, 'publisher %d (hub lost)' % self.pid, first=True)
         self._poller.unregister(self._upstream)
         self._upstream.close()
         self._upstream = None
@@ -620,9 +626,7 @@ class Relay(object):
             count, self._unsent = self._unsent, 0
             if not count:
                 return
-            notice = proto.dropped_envelope(count, 'publisher %d' % self.pid)
-            self._outbox.append(notice[:-1].decode('ascii'))
-            self._outbox_bytes += len(notice)
+            self._queue_notice_locked(count, 'publisher %d' % self.pid)
 
     # -- hub side -------------------------------------------------------------
 
@@ -723,11 +727,7 @@ class Relay(object):
             self._stop_reading(peer)
             return
         if peer.kind is _SIBLING:
-            data = peer.inbuf + data
-            end = data.rfind(b'\n') + 1
-            peer.inbuf = data[end:]
-            if end:
-                self._fan_out(data[:end])
+            self._relay_sibling_data(peer, data)
             return True
         self._identify(peer, peer.inbuf + data)
 
@@ -762,9 +762,11 @@ class Relay(object):
         peer.dropped = 0
         self._count_changed()
         if rest:
-            self._read_more(peer, rest)
+            self._relay_sibling_data(peer, rest)
 
-    def _read_more(self, peer, data):
+    def _relay_sibling_data(self, peer, data):
+        """Fan out the complete lines; keep a cut last one for later."""
+        data = peer.inbuf + data
         end = data.rfind(b'\n') + 1
         peer.inbuf = data[end:]
         if end:
@@ -882,20 +884,14 @@ class Relay(object):
         that could not be sent to it because it had just exited), its last
         lines are still in the socket, readable before the error.
         """
-        data = peer.inbuf
-        peer.inbuf = b''
         for _ in range(_MAX_READS_AT_HANGUP):
             try:
-                chunk = peer.sock.recv(_READ_SIZE)
+                data = peer.sock.recv(_READ_SIZE)
             except OSError:
                 break
-            if not chunk:
+            if not data:
                 break
-            data += chunk
-            end = data.rfind(b'\n') + 1
-            if end:
-                self._fan_out(data[:end])
-                data = data[end:]
+            self._relay_sibling_data(peer, data)
 
     # -- shutdown -------------------------------------------------------------
 
