@@ -44,6 +44,7 @@ import yaml
 from benchmarks import _harness
 from oslo_messaging_ext.notify import _impl_multicast as multicast
 from oslo_messaging_ext.tests.functional import base
+from oslo_messaging_ext.tests import utils as test_utils
 
 RULES = 100
 TARGETS = 2
@@ -263,8 +264,9 @@ def _broker_table(count, payload):
 
 def _harness_wait(count_now, expected):
     """The count once it reaches ``expected``, or when it stops growing."""
-    return base.wait_until(lambda: count_now() >= expected and expected,
-                           timeout=base.DELIVERY_TIMEOUT) or count_now()
+    return test_utils.wait_until(
+        lambda: count_now() >= expected and expected,
+        timeout=base.DELIVERY_TIMEOUT) or count_now()
 
 
 def run(args):

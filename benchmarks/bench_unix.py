@@ -37,6 +37,7 @@ import oslo_messaging
 
 from benchmarks import _harness
 from oslo_messaging_ext.notify import _impl_unix
+from oslo_messaging_ext.tests import utils as test_utils
 
 GROUP = 'oslo_messaging_notifications'
 
@@ -99,11 +100,8 @@ def _log_notifier():
 
 
 def _wait(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError('benchmark set-up timed out')
-        time.sleep(0.005)
+    if not test_utils.wait_until(predicate, timeout, interval=0.005):
+        raise RuntimeError('benchmark set-up timed out')
 
 
 def _loop_rate(func, count):

@@ -73,16 +73,6 @@ def unique_name(prefix):
     return '%s-%s' % (prefix, uuid.uuid4().hex[:12])
 
 
-def wait_until(predicate, timeout=DELIVERY_TIMEOUT, interval=0.01):
-    """Poll ``predicate`` until it is true or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result or time.monotonic() >= deadline:
-            return result
-        time.sleep(interval)
-
-
 class NotificationCollector(object):
     """A notification endpoint that records what it receives.
 

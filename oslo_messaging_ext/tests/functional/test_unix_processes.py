@@ -30,6 +30,7 @@ from oslotest import base
 
 from oslo_messaging_ext import samples
 from oslo_messaging_ext.tests.functional import base as functional_base
+from oslo_messaging_ext.tests import utils as test_utils
 from oslo_messaging_ext import unix_subscriber
 
 HELPER = 'oslo_messaging_ext.tests.functional.unix_helper'
@@ -86,8 +87,9 @@ class UnixProcessesTestCase(base.BaseTestCase):
         return json.loads(out.splitlines()[-1])
 
     def wait_for_socket(self):
-        self.assertTrue(functional_base.wait_until(
-            lambda: os.path.exists(self.sock_path)),
+        self.assertTrue(test_utils.wait_until(
+            lambda: os.path.exists(self.sock_path),
+            functional_base.DELIVERY_TIMEOUT),
             '%s never appeared' % self.sock_path)
 
     def assertComplete(self, summary, workers, count):

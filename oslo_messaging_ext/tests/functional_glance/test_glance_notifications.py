@@ -31,6 +31,7 @@ from testtools import content
 
 from oslo_messaging_ext.tests.functional import base
 from oslo_messaging_ext.tests.functional_glance import glance
+from oslo_messaging_ext.tests import utils as test_utils
 
 # glance sets its control exchange to "glance"; replicas of a rule target
 # without an exchange go to the notifier's default exchange, the same one.
@@ -134,7 +135,8 @@ class TestGlanceNotifications(base.BrokerTestCase):
     def wait_for_events(self, collector, wanted, what):
         def arrived():
             return events_of(collector.received, {i for i, _ in wanted})
-        got = base.wait_until(lambda: arrived() >= wanted)
+        got = test_utils.wait_until(lambda: arrived() >= wanted,
+                                    base.DELIVERY_TIMEOUT)
         if not got:
             self.fail('%s: still missing %s after %ss; received %s'
                       % (what, dict(wanted - arrived()),
@@ -147,7 +149,7 @@ class TestGlanceNotifications(base.BrokerTestCase):
         """
         for attempt in range(1, attempts + 1):
             api.update_image(image_id, 'sync_%d' % attempt, 'yes')
-            if base.wait_until(
+            if test_utils.wait_until(
                     lambda: events_of(collector.received, {image_id}),
                     timeout=base.DELIVERY_TIMEOUT / attempts):
                 self.addDetail('unix subscriber sync', content.text_content(

@@ -11,13 +11,13 @@
 #    under the License.
 
 import datetime
+import functools
 import json
 import os
 import socket
 import stat
 import sys
 import threading
-import time
 from unittest import mock
 
 import fixtures
@@ -31,19 +31,15 @@ from oslo_messaging_ext.notify import _impl_unix
 from oslo_messaging_ext.notify import _unix_protocol
 from oslo_messaging_ext import opts
 from oslo_messaging_ext import samples
+from oslo_messaging_ext.tests import utils as test_utils
 from oslo_messaging_ext import unix_subscriber
 
 GROUP = 'oslo_messaging_notifications'
 TIMEOUT = 10.0
 
 
-def wait_until(predicate, timeout=TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
+wait_until = functools.partial(test_utils.wait_until, timeout=TIMEOUT,
+                               interval=0.005)
 
 
 class UnixDriverTestCase(base.BaseTestCase):
