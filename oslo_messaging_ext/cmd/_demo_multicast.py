@@ -78,13 +78,6 @@ class _Printer(object):
                      payload.get('status')), flush=True)
 
 
-def _life_cycle():
-    envelopes = samples.glance_image_notifications()
-    deleted = dict(envelopes[-1], event_type='image.delete',
-                   payload=dict(envelopes[-1]['payload'], status='deleted'))
-    return envelopes + [deleted]
-
-
 def run(args):
     on_broker = bool(args.transport_url)
     # On a broker, queues outlive the demo: unique names keep runs apart.
@@ -128,7 +121,7 @@ def run(args):
         where = (_masked(args.transport_url) if on_broker
                  else 'the fake transport')
         print('Emitting the glance image life cycle on %s:\n' % where)
-        for envelope in _life_cycle():
+        for envelope in samples.glance_life_cycle():
             expected[names['standard']] += 1
             for rule in driver.matching_rules(envelope, {}):
                 for destination in rule.destinations:

@@ -14,8 +14,8 @@
 
 glance-image-notifications.jsonl holds the envelopes a real glance-api
 emitted for one image's life cycle (create, update, prepare, upload,
-activate, update, delete), one JSON object a line, exactly as oslo.messaging
-built them.
+activate, update), one JSON object a line, exactly as oslo.messaging built
+them.
 """
 
 import json
@@ -29,6 +29,18 @@ def glance_image_notifications():
     """Return the recorded glance envelopes as a list of dicts, in order."""
     with open(GLANCE_IMAGE_NOTIFICATIONS, encoding='utf-8') as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def glance_life_cycle():
+    """The recorded envelopes, then the image's deletion.
+
+    The recording ends before the image is deleted; the image.delete
+    envelope is the last one with its event_type and status changed.
+    """
+    envelopes = glance_image_notifications()
+    deleted = dict(envelopes[-1], event_type='image.delete',
+                   payload=dict(envelopes[-1]['payload'], status='deleted'))
+    return envelopes + [deleted]
 
 
 def glance_upload_payload():

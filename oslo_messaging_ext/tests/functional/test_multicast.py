@@ -16,7 +16,6 @@ Every target is consumed by an oslo.messaging notification listener, as a
 real replica consumer would be.
 """
 
-import copy
 import os
 import re
 import shutil
@@ -38,15 +37,6 @@ from oslo_messaging_ext.tests.functional import base
 
 # Generous: a loaded CI machine, yet far below an unbounded retry.
 PROMPT = 10.0
-
-
-def glance_life_cycle():
-    """The recorded glance life cycle, then the image's deletion."""
-    envelopes = samples.glance_image_notifications()
-    deleted = copy.deepcopy(envelopes[-1])
-    deleted['event_type'] = 'image.delete'
-    deleted['payload']['status'] = 'deleted'
-    return envelopes + [deleted]
 
 
 class MulticastBrokerTestCase(base.BrokerTestCase):
@@ -106,7 +96,7 @@ class OnmcastGlanceTestCase(MulticastBrokerTestCase):
                     '%s%s.%s' % (prefix, host, key))
         notifier, _ = self.notifier()
 
-        envelopes = glance_life_cycle()
+        envelopes = samples.glance_life_cycle()
         for envelope in envelopes:
             notifier.info({}, envelope['event_type'], envelope['payload'])
 
@@ -183,7 +173,7 @@ class RuleTestCase(MulticastBrokerTestCase):
         region2_collector = self.start_listener(standard, url=region2)
         notifier, _ = self.notifier()
 
-        envelopes = glance_life_cycle()
+        envelopes = samples.glance_life_cycle()
         for envelope in envelopes:
             notifier.info({}, envelope['event_type'], envelope['payload'])
 
