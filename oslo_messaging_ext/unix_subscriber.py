@@ -215,6 +215,13 @@ class Subscription(object):
                     for line in chunks:
                         if line:
                             yield line
+                if pending:
+                    # The service stopped while this reader was so far
+                    # behind that it never read the end of a line.
+                    self.dropped += 1
+                    LOG.warning('%s: the connection ended inside a line '
+                                '(%d bytes); counted as dropped',
+                                self.path, len(pending))
             finally:
                 self._disconnect()
             if not self.reconnect:

@@ -33,7 +33,15 @@ Delivery semantics:
   is preceded by a notification of event_type
   ``oslo_messaging_ext.unix.dropped`` whose payload ``dropped`` is the count.
   A process whose own queue to the hub overflows reports its drops the same
-  way.
+  way. A count is reported within about 0.1 s even when no notification
+  follows, as soon as the subscriber has room for the notice, and a
+  process that stops reports what it counted before it goes. One
+  notification larger than ``sock_buffer_size`` still goes to a subscriber
+  with nothing queued.
+* Every line on the wire ends with ``\\n``: a stopping hub gives a slow
+  subscriber the rest of a line it has started (1 s more); only one that
+  reads nothing at all then sees a cut line, which the subscriber library
+  counts as dropped.
 * Disconnected or crashed subscribers are cleaned up silently.
 * When every subscriber's buffer is full, notify() counts the notification
   instead of serializing it; the count is reported like any other drop.
@@ -49,7 +57,23 @@ nothing within 50 ms is a subscriber, and what was emitted meanwhile is
 held for it). The hub relays the publishers' lines,
 already serialized, to every subscriber, and tells the publishers how many
 subscribers there are, so that a process with none serializes nothing.
-Only processes of the same user may publish (SO_PEERCRED).
+Only processes of the same user may publish, and a process publishes
+only to a hub of its own user (SO_PEERCRED, checked before anything is
+sent): a path bound by another user is an error at driver load, and at
+run time is retried with backoff while notifications are counted as
+dropped. ``sock_max_subscribers`` counts subscribers only; the service's
+own processes are always let in. The lock is only ever tried, never
+waited for, so a process holding it delays the election and never blocks
+the service (fork and notify included).
+
+The directory of ``sock_path`` must be owned by root or the service user
+and must not be writable by others unless sticky (as /tmp): otherwise
+anyone could replace the socket. Members of a group that may write the
+directory are trusted as the owner is.
+
+The relay thread never takes a lock of the logging module: in a process
+eventlet patched, its log records are handed to the service's side and
+logged from a green thread within a second.
 
 A process joins when the driver is loaded, and a forked child (os.fork,
 multiprocessing, uwsgi workers) joins again at fork, never using what it
@@ -75,6 +99,7 @@ import functools
 import grp
 import json
 import logging
+import math
 import os
 import stat
 import sys
@@ -90,6 +115,7 @@ except ImportError:  # the stdlib encoder is as correct, only slower
 
 from oslo_messaging_ext.notify import _unix_protocol
 from oslo_messaging_ext.notify import _unix_relay
+from oslo_messaging_ext.notify import _unix_sockfile
 
 LOG = logging.getLogger(__name__)
 
@@ -100,25 +126,31 @@ unix_opts = [
                help='Path of the Unix socket the unix notification driver '
                     'relays notifications on, e.g. '
                     '/run/glance/notifications.sock. Required with that '
-                    'driver. Its directory must exist; one path per service, '
-                    'whatever its number of processes.'),
+                    'driver. Its directory must exist, be owned by root or '
+                    'the service user, and not be writable by others unless '
+                    'sticky; one path per service, whatever its number of '
+                    'processes.'),
     cfg.StrOpt('sock_mode', default='0660',
                help='Mode of the socket file, as an octal string. Connecting '
                     'needs write permission, so 0660 lets the owner and the '
-                    'group subscribe. Any permission for others is refused.'),
+                    'group subscribe. The owner needs read and write; any '
+                    'permission for others is refused.'),
     cfg.StrOpt('sock_group',
                help='Group of the socket file (name or numeric id). The '
                     'service user must belong to it. Unset means the '
                     'service\'s primary group.'),
     cfg.IntOpt('sock_max_subscribers', default=64,
-               help='Subscribers served at once; further connections are '
-                    'closed at once and logged.'),
+               help='Subscribers served at once; further ones are closed '
+                    'and logged. The service\'s own processes, which also '
+                    'connect to the socket, do not count.'),
     cfg.IntOpt('sock_buffer_size', default=4 * 1024 * 1024,
                help='Bytes of notifications queued at most per subscriber '
                     'that does not keep up (on top of the kernel socket '
-                    'buffer), and per process on the way to the hub. Past '
-                    'it, notifications are dropped, counted and reported '
-                    'in-band.'),
+                    'buffer), and per process on the way to the hub; at '
+                    'least 65536. Past it, notifications are dropped, '
+                    'counted and reported in-band. A single notification '
+                    'larger than this still reaches a subscriber with '
+                    'nothing queued.'),
     cfg.BoolOpt('sock_include_context', default=False,
                 help='Add the request context to each notification, as '
                      '"context". Auth tokens and other secrets are always '
@@ -131,6 +163,9 @@ _SECRET_CONTEXT_KEYS = frozenset(['auth_token', 'auth_token_info',
                                   'service_token', 'service_auth_token',
                                   'password', 'secret', 'credentials'])
 _SECRET_KEY_WORDS = ('token', 'secret', 'password', 'credential')
+
+# sock_buffer_size below this would drop most of a burst.
+MIN_BUFFER_SIZE = 65536
 
 # The probe of a live listener at driver load waits no longer than this.
 _PROBE_TIMEOUT = 2.0
@@ -164,6 +199,10 @@ def _parse_mode(value):
         raise UnixSocketConfigError(
             'sock_mode', value, 'the socket must not be accessible to '
             'others; grant access through its group instead')
+    if mode & 0o600 != 0o600:
+        raise UnixSocketConfigError(
+            'sock_mode', value, 'the owner needs read and write permission '
+            '(0600): the service\'s own processes connect to it')
     return mode
 
 
@@ -207,6 +246,9 @@ def _check_path(path):
         raise UnixSocketConfigError(
             'sock_path', path, 'the service user (uid %d) cannot create '
             'files in %s' % (os.geteuid(), directory))
+    problem = _unix_sockfile.directory_problem(directory)
+    if problem:
+        raise UnixSocketConfigError('sock_path', path, problem)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -217,10 +259,11 @@ def _check_path(path):
             'a regular file or a directory is never replaced)')
 
 
-def _check_positive(conf_group, name):
+def _check_at_least(conf_group, name, minimum, why):
     value = getattr(conf_group, name)
-    if value is None or value <= 0:
-        raise UnixSocketConfigError(name, value, 'it must be positive')
+    if value is None or value < minimum:
+        raise UnixSocketConfigError(
+            name, value, 'it must be at least %d%s' % (minimum, why))
     return value
 
 
@@ -262,22 +305,44 @@ def _in_uwsgi_master():
         return False
 
 
+def _finite(value):
+    """``value`` with every NaN and infinity replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def make_encoder():
     """Return a function that turns an envelope into one JSON line (str).
 
-    Values JSON cannot hold go through oslo.serialization's to_primitive.
-    orjson, when installed, encodes the glance payload about ten times
-    faster than the stdlib, which is most of this driver's cost per
-    notification; whatever orjson refuses (integers beyond 64 bits, ...)
-    is encoded by the stdlib instead, so the output never depends on it.
+    Values JSON cannot hold go through oslo.serialization's to_primitive;
+    NaN and infinities become null, as JSON has no such numbers (one rule
+    whichever encoder runs: the line is always valid JSON). orjson, when
+    installed, encodes the glance payload about ten times faster than the
+    stdlib, which is most of this driver's cost per notification;
+    whatever orjson refuses (integers beyond 64 bits, ...) is encoded by
+    the stdlib instead, so the output never depends on it.
     """
     default = functools.partial(jsonutils.to_primitive,
                                 convert_instances=True, fallback=repr)
     # Circular structures still fail (RecursionError, logged by notify());
     # skipping the check saves time on every notification.
-    stdlib_encode = json.JSONEncoder(
+    strict_encode = json.JSONEncoder(
         default=default, check_circular=False, ensure_ascii=True,
-        separators=(',', ':')).encode
+        allow_nan=False, separators=(',', ':')).encode
+
+    def stdlib_encode(message):
+        try:
+            return strict_encode(message)
+        except ValueError:
+            # Rare enough to pay a second pass; to_primitive first, so
+            # that non-finite floats inside other types are found too.
+            return strict_encode(_finite(default(message)))
+
     if orjson is None:
         return stdlib_encode
     dumps = orjson.dumps
@@ -307,12 +372,15 @@ class UnixSocketDriver(notifier.Driver):
         _check_path(path)
         mode = _parse_mode(group.sock_mode)
         gid = _resolve_group(group.sock_group)
-        max_subscribers = _check_positive(group, 'sock_max_subscribers')
-        buffer_size = _check_positive(group, 'sock_buffer_size')
+        max_subscribers = _check_at_least(group, 'sock_max_subscribers', 1,
+                                          '')
+        buffer_size = _check_at_least(
+            group, 'sock_buffer_size', MIN_BUFFER_SIZE,
+            ' bytes, to hold a burst of notifications of a few kilobytes')
         self._include_context = group.sock_include_context
         service = service_identity(conf)
         try:
-            _unix_protocol.probe(path, service, _PROBE_TIMEOUT)
+            _unix_sockfile.probe(path, service, _PROBE_TIMEOUT)
         except _unix_protocol.RelayError as exc:
             raise UnixSocketConfigError('sock_path', path, str(exc))
         except OSError as exc:

@@ -22,7 +22,6 @@ apart from notifications without decoding them.
 import importlib
 import json
 import os
-import struct
 import sys
 import uuid
 
@@ -88,53 +87,3 @@ def dropped_count(line):
         return int(json.loads(line)['payload']['dropped'])
     except (ValueError, KeyError, TypeError):
         return 0
-
-
-def peer_uid(sock, socket_module):
-    creds = sock.getsockopt(socket_module.SOL_SOCKET,
-                            socket_module.SO_PEERCRED,
-                            struct.calcsize('3i'))
-    return struct.unpack('3i', creds)[1]
-
-
-def probe(path, service, timeout):
-    """Tell who listens on ``path``.
-
-    :returns: None when nobody does (no file, or a stale socket), else the
-        hub's status dict
-    :raises RelayError: when a live listener is not a hub of ``service``
-    """
-    socket = native('socket')
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            return None
-        sock.sendall(control_line(role='publisher', service=service,
-                                  pid=os.getpid(), probe=True))
-        data = b''
-        try:
-            while True:
-                chunk = sock.recv(MAX_HANDSHAKE)
-                if not chunk:
-                    break
-                data += chunk
-                for line in data.split(b'\n')[:-1]:
-                    status = parse_control(line)
-                    if status and status.get(PROTOCOL_KEY) == 'hub':
-                        if status.get('service') != service:
-                            raise RelayError(
-                                'it is held by the unix notification hub of '
-                                'another service (%r, pid %s)'
-                                % (status.get('service'), status.get('pid')))
-                        return status
-                if len(data) > MAX_HANDSHAKE * 16:
-                    break
-        except socket.timeout:
-            pass
-        raise RelayError('it is held by a live listener that does not speak '
-                         'the unix notification driver protocol')
-    finally:
-        sock.close()

@@ -11,6 +11,7 @@
 #    under the License.
 
 import datetime
+import fcntl
 import functools
 import json
 import os
@@ -29,6 +30,7 @@ from oslotest import base
 
 from oslo_messaging_ext.notify import _impl_unix
 from oslo_messaging_ext.notify import _unix_protocol
+from oslo_messaging_ext.notify import _unix_sockfile
 from oslo_messaging_ext import opts
 from oslo_messaging_ext import samples
 from oslo_messaging_ext.tests import utils as test_utils
@@ -142,13 +144,70 @@ class UnixDriverTestCase(base.BaseTestCase):
                                'no such group',
                                sock_group='no-such-group-xyz')
 
-    def test_non_positive_bounds(self):
-        for option in ('sock_max_subscribers', 'sock_buffer_size'):
-            for value in (0, -1):
-                self.conf.config(group=GROUP, sock_max_subscribers=64,
-                                 sock_buffer_size=4096)
-                self.assertConfigError(option, value, 'positive',
-                                       **{option: value})
+    def test_bounds_too_small(self):
+        for option, value in [('sock_max_subscribers', 0),
+                              ('sock_max_subscribers', -1),
+                              ('sock_buffer_size', 0),
+                              ('sock_buffer_size', 10),
+                              ('sock_buffer_size', 65535)]:
+            self.conf.config(group=GROUP, sock_max_subscribers=64,
+                             sock_buffer_size=65536)
+            self.assertConfigError(option, value, 'at least',
+                                   **{option: value})
+
+    def test_mode_without_owner_read_write(self):
+        for mode in ('0440', '0260', '0060'):
+            self.assertConfigError('sock_mode', mode, 'read and write',
+                                   sock_mode=mode)
+
+    def test_directory_writable_by_others_and_not_sticky(self):
+        os.chmod(self.tmpdir, 0o777)
+        self.addCleanup(os.chmod, self.tmpdir, 0o700)
+        self.assertConfigError('sock_path', self.sock_path,
+                               'writable by others and not sticky')
+        os.chmod(self.tmpdir, 0o1777)
+        self.driver()
+
+    def test_directory_owned_by_another_user(self):
+        if os.geteuid() != 0:
+            self.skipTest('changing a directory owner needs root')
+        os.chown(self.tmpdir, 65534, -1)
+        self.addCleanup(os.chown, self.tmpdir, 0, -1)
+        self.assertConfigError('sock_path', self.sock_path,
+                               'owned by uid 65534')
+
+    def test_path_bound_by_another_user_is_refused_at_load(self):
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(self.sock_path)
+        listener.listen(8)
+        self.useFixture(fixtures.MockPatch(
+            'oslo_messaging_ext.notify._unix_sockfile.peer_uid',
+            return_value=os.geteuid() + 1))
+        self.assertConfigError('sock_path', self.sock_path,
+                               'another user may have bound it')
+        # Nothing was sent to it, not even the handshake.
+        listener.settimeout(1.0)
+        conn, _ = listener.accept()
+        self.addCleanup(conn.close)
+        conn.settimeout(1.0)
+        self.assertEqual(b'', conn.recv(4096))
+
+    def test_held_lock_file_never_blocks_fork(self):
+        # Another process holding the lock file forever (flock locks are
+        # per open file, so a second open here conflicts like one).
+        fd = os.open(self.sock_path + '.lock', os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        driver = self.driver()
+        relay = driver._relay
+        # The relay tries to elect meanwhile; what fork waits for is free.
+        for _ in range(20):
+            self.assertTrue(relay.fork_lock.acquire(timeout=1.0))
+            relay.fork_lock.release()
+        self.assertIsNone(driver.subscribers())
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
 
     def test_path_is_a_regular_file(self):
         open(self.sock_path, 'w').close()
@@ -377,7 +436,7 @@ class UnixDriverTestCase(base.BaseTestCase):
                 n['payload']['seq'] for n in self.read_lines(sock, 200)])
 
     def test_stuck_subscriber_drops_are_counted_and_reported(self):
-        notifier, driver = self.notifier(sock_buffer_size=8192)
+        notifier, driver = self.notifier(sock_buffer_size=65536)
         stuck = self.subscribe(driver)
         payload = samples.glance_upload_payload()
         count = 2000
@@ -413,7 +472,7 @@ class UnixDriverTestCase(base.BaseTestCase):
         self.assertGreater(missed, 0)
 
     def test_drops_of_a_gone_subscriber_are_not_reported_to_a_new_one(self):
-        notifier, driver = self.notifier(sock_buffer_size=8192)
+        notifier, driver = self.notifier(sock_buffer_size=65536)
         stuck = self.subscribe(driver)
         payload = samples.glance_upload_payload()
 
@@ -447,6 +506,55 @@ class UnixDriverTestCase(base.BaseTestCase):
         extra.settimeout(TIMEOUT)
         self.assertEqual(b'', extra.recv(10))
         self.assertEqual(1, driver.subscribers())
+
+    def test_siblings_do_not_count_against_max_subscribers(self):
+        driver = self.driver(sock_max_subscribers=1)
+        self.subscribe(driver)
+        # A worker of the same service joins whatever the subscribers.
+        for _ in range(3):
+            status = _unix_sockfile.probe(self.sock_path, 'unix-unit', 2.0)
+            self.assertEqual(1, status['subscribers'])
+        self.assertEqual(1, driver.subscribers())
+
+    def test_non_finite_floats_are_null_with_either_encoder(self):
+        message = {'payload': {'nan': float('nan'), 'inf': [float('inf')],
+                               'big': 2 ** 70, 'x': 1.5}}
+        expected = {'payload': {'nan': None, 'inf': [None],
+                                'big': 2 ** 70, 'x': 1.5}}
+        for orjson in (_impl_unix.orjson, None):
+            with mock.patch.object(_impl_unix, 'orjson', orjson):
+                line = _impl_unix.make_encoder()(message)
+            self.assertEqual(expected, json.loads(line, parse_constant=None))
+            self.assertNotIn('NaN', line)
+            self.assertNotIn('Infinity', line)
+
+    def test_drops_are_reported_when_no_notification_follows(self):
+        notifier, driver = self.notifier(sock_buffer_size=65536)
+        stuck = self.subscribe(driver)
+        payload = samples.glance_upload_payload()
+        for seq in range(2000):
+            notifier.info({}, 'image.upload', dict(payload, seq=seq))
+        # The stream ends here; reading it all must account for all.
+        delivered = dropped = 0
+        reader = stuck.makefile('rb')
+        self.addCleanup(reader.close)
+        stuck.settimeout(TIMEOUT)
+        while delivered + dropped < 2000:
+            notification = json.loads(reader.readline())
+            if notification['event_type'] == _unix_protocol.DROPPED_EVENT_TYPE:
+                dropped += notification['payload']['dropped']
+            else:
+                delivered += 1
+        self.assertEqual(2000, delivered + dropped)
+        self.assertGreater(dropped, 0)
+
+    def test_one_oversized_notification_reaches_an_idle_subscriber(self):
+        notifier, driver = self.notifier(sock_buffer_size=65536)
+        sock = self.subscribe(driver)
+        notifier.info({}, 'image.upload', {'blob': 'x' * 200000})
+        [received] = self.read_lines(sock, 1)
+        self.assertEqual('image.upload', received['event_type'])
+        self.assertEqual(200000, len(received['payload']['blob']))
 
     def test_what_is_emitted_before_classification_is_held(self):
         # A connection that has not spoken yet may be one of the service's

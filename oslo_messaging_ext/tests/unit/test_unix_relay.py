@@ -17,10 +17,15 @@ socket pairs for its peers, and calls the step under test, so that the
 order of events that a thread would make a matter of luck is fixed.
 """
 
+import errno
 import json
 import os
 import select
 import socket
+import subprocess
+import sys
+import time
+from unittest import mock
 
 import fixtures
 from oslotest import base
@@ -104,3 +109,93 @@ class RelayTestCase(base.BaseTestCase):
                  notification(2))
         self.assertEqual(1 + 1 + 5 + 1, _unix_relay._notifications_in(batch))
         self.assertEqual(0, _unix_relay._notifications_in(b''))
+
+    def test_hub_gone_with_pollout_and_pollhup_together(self):
+        # The relay used to call recv() on the upstream it had just lost,
+        # and end up failed for the rest of the process's life.
+        self.relay.state = _unix_relay._PUBLISHER
+        upstream, hub_end = self.pair()
+        self.relay._upstream = upstream
+        self.relay._poller.register(upstream, select.POLLIN)
+        self.relay._upstream_pending = b''.join(
+            notification(seq) for seq in range(3))
+        hub_end.close()
+
+        self.relay._handle(upstream.fileno(), select.POLLOUT | select.POLLHUP)
+
+        self.assertEqual(_unix_relay._STARTING, self.relay.state)
+        self.assertIsNone(self.relay._upstream)
+        [notice] = self.relay._outbox
+        self.assertEqual(3, proto.dropped_count(notice))
+
+    def test_a_connection_refused_at_once_backs_off(self):
+        self.relay.state = _unix_relay._PUBLISHER
+        delays = []
+        for _ in range(4):
+            upstream, hub_end = self.pair()
+            self.relay._become_publisher(upstream)
+            hub_end.close()
+            self.relay._read_upstream()
+            delays.append(self.relay._retry_at - time.monotonic())
+        self.assertEqual(_unix_relay._STARTING, self.relay.state)
+        self.assertGreater(delays[0], 0)
+        self.assertGreater(delays[-1], delays[0] * 4)
+
+    def test_status_lines_to_a_sibling_that_does_not_read_stay_bounded(self):
+        self.relay.state = _unix_relay._HUB
+        sibling, sibling_end = self.peer(_unix_relay._SIBLING)
+        for _ in range(20000):
+            self.relay._count_changed()
+        self.assertLessEqual(len(sibling.pending), 2)
+        self.assertLess(sibling.pending_bytes, 1024)
+
+    def test_accept_out_of_descriptors_pauses_and_logs_once(self):
+        logger = self.useFixture(fixtures.FakeLogger(
+            name=_unix_relay.LOG.name))
+        self.relay.state = _unix_relay._HUB
+        listener = mock.Mock()
+        listener.accept.side_effect = OSError(errno.EMFILE, 'Too many')
+        self.relay._listener = listener
+        self.relay._poller = mock.Mock()
+        for _ in range(1000):
+            self.relay._accept()
+        self.assertEqual(1, logger.output.count('accept failed'))
+        self.relay._poller.modify.assert_called_with(listener, 0)
+        self.assertGreater(self.relay._resume_accepting(None), 0)
+
+    def test_publishers_of_another_uid_are_logged_once(self):
+        logger = self.useFixture(fixtures.FakeLogger(
+            name=_unix_relay.LOG.name))
+        self.useFixture(fixtures.MockPatch(
+            'oslo_messaging_ext.notify._unix_sockfile.peer_uid',
+            return_value=os.geteuid() + 1))
+        self.relay.state = _unix_relay._HUB
+        hello = proto.control_line(role='publisher', service='relay-unit',
+                                   pid=1)
+        for _ in range(5):
+            peer, peer_end = self.peer(_unix_relay._NEW)
+            self.relay._identify(peer, hello)
+            self.assertIs(_unix_relay._SUBSCRIBER, peer.kind)
+        self.assertEqual(1, logger.output.count('ignoring a publisher'))
+
+    def test_a_stopping_hub_never_leaves_a_cut_line(self):
+        self.relay.state = _unix_relay._HUB
+        subscriber, subscriber_end = self.peer(_unix_relay._SUBSCRIBER)
+        batch = b''.join(notification(seq) for seq in range(1000))
+        subscriber.pending.append(memoryview(batch)[10:])
+        subscriber.pending.append(notification(1000))
+        subscriber.pending_bytes = len(batch) - 10 + len(notification(1000))
+
+        unread = self.relay._trim_to_line_end(subscriber)
+
+        self.assertEqual(1000, unread)
+        [rest] = subscriber.pending
+        self.assertEqual(notification(0)[10:], bytes(rest))
+
+    def test_relay_thread_logs_do_not_hang_eventlet(self):
+        script = os.path.join(os.path.dirname(__file__), 'eventlet_logging.py')
+        for _ in range(3):
+            result = subprocess.run([sys.executable, script], timeout=60,
+                                    capture_output=True, text=True)
+            self.assertEqual(0, result.returncode, result.stderr[-2000:])
+            self.assertIn('relay records logged', result.stdout)
