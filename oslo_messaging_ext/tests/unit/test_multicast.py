@@ -31,6 +31,7 @@ from oslo_utils import timeutils
 from oslotest import base
 
 from oslo_messaging_ext.notify import _impl_multicast as multicast
+from oslo_messaging_ext.notify import _multicast_rules as multicast_rules
 from oslo_messaging_ext import opts as oslo_messaging_ext_opts
 from oslo_messaging_ext import samples
 
@@ -147,7 +148,7 @@ class SelectorTestCase(base.BaseTestCase):
 
     def matches(self, text, ctxt=None, **message):
         message.setdefault('payload', self.payload)
-        return multicast.Selector.parse(text).matches(
+        return multicast_rules.Selector.parse(text).matches(
             envelope(**message), ctxt or {})
 
     def test_operators_and_their_negation(self):
@@ -187,7 +188,7 @@ class SelectorTestCase(base.BaseTestCase):
                 ('publisher_id exact image.host2', False),
                 ('message_id exact %s' % message['message_id'], True),
                 ('message_id prefix zzz', False)]:
-            self.assertEqual(expected, multicast.Selector.parse(
+            self.assertEqual(expected, multicast_rules.Selector.parse(
                 text).matches(message, {}), text)
 
     def test_priority_ignores_case(self):
@@ -234,13 +235,13 @@ class SelectorTestCase(base.BaseTestCase):
                 ('event_type !!exact x', "unknown operator '!!exact'"),
                 ('event_type regex (', 'invalid regex'),
                 ('event_type in ,', 'at least one value')]:
-            exc = self.assertRaises(ValueError, multicast.Selector.parse,
-                                    text)
+            exc = self.assertRaises(ValueError,
+                                    multicast_rules.Selector.parse, text)
             self.assertIn(reason, str(exc))
 
     def test_index_only_positive_exact_and_in_on_event_type(self):
         def indexable(text):
-            return multicast.Selector.parse(text).indexable_event_types
+            return multicast_rules.Selector.parse(text).indexable_event_types
 
         self.assertEqual({'a'}, indexable('event_type exact a'))
         self.assertEqual({'a', 'b'}, indexable('event_type in a, b'))
@@ -406,7 +407,7 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
         self.assertEqual([], driver._unindexed)
         evaluated = []
         self.useFixture(fixtures.MockPatchObject(
-            multicast.Rule, 'matches', autospec=True,
+            multicast_rules.Rule, 'matches', autospec=True,
             side_effect=lambda rule, m, c: evaluated.append(rule.name) or 1))
         driver.notify({}, envelope('service42.event'), 'INFO', -1)
         driver.notify({}, envelope('image.upload'), 'INFO', -1)
