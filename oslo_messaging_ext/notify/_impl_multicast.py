@@ -41,20 +41,15 @@ import collections
 import functools
 import logging
 import os
-import queue
 import re
 import socket
-import threading
-import time
-import uuid
 import weakref
 
 from oslo_config import cfg
-import oslo_messaging
 from oslo_messaging.notify import messaging
 from oslo_messaging.notify import notifier
-from oslo_utils import timeutils
 
+from oslo_messaging_ext.notify import _multicast_delivery
 from oslo_messaging_ext.notify import _multicast_rules
 
 LOG = logging.getLogger(__name__)
@@ -170,72 +165,8 @@ rule_group = cfg.OptGroup(
 _RULE_NAME = re.compile(r'^[A-Za-z0-9_.-]+$')
 _TOPIC_NAME = re.compile(r'^[^\s/]+$')
 
-# Failures and overflow are logged at most once per interval per cause, with
-# the count since the previous report: a broker outage must not flood the
-# service's log with one line per notification.
-REPORT_INTERVAL = 60.0
-
-# The fan-out worker shares the interpreter lock with the service: while
-# the service has submitted replicas within BUSY_WINDOW seconds, the worker
-# sleeps (at least BACKOFF seconds at a time) instead of competing with it,
-# so that a burst of the service's calls is not slowed by the fan-out it
-# caused. The deferral is bounded: a replica waits at most MAX_DEFER seconds
-# for a lull, and none waits once the queue is half full, so under sustained
-# load replicas are late by MAX_DEFER at most rather than indefinitely.
-BUSY_WINDOW = 0.005
-BACKOFF = 0.001
-MAX_DEFER = 0.5
-
-
 # (pid, summary) of the configurations already reported at INFO.
 _LOADED = set()
-
-
-class _SharedTransport(object):
-    """A rule transport, shared by the driver instances of a process.
-
-    A service builds many Notifiers (glance about 14 a process), each
-    loading its own driver: without sharing, each would open its own
-    connections to a rule's broker.
-    """
-
-    def __init__(self, conf, transport):
-        # Held so that the id(conf) in the key is not reused meanwhile.
-        self.conf = conf
-        self.transport = transport
-        self.users = 0
-
-
-# (id(conf), TransportURL) -> _SharedTransport
-_shared_transports = {}
-_shared_transports_lock = threading.Lock()
-
-
-def _acquire_transport(conf, parsed_url, url):
-    """Return (key, transport) for ``url``, made once per conf and broker."""
-    key = (id(conf), parsed_url)
-    with _shared_transports_lock:
-        shared = _shared_transports.get(key)
-        if shared is None:
-            shared = _SharedTransport(
-                conf, oslo_messaging.get_notification_transport(conf,
-                                                                url=url))
-            _shared_transports[key] = shared
-        shared.users += 1
-        return key, shared.transport
-
-
-def _release_transport(key):
-    """Drop a use of a shared transport; the last one cleans it up."""
-    with _shared_transports_lock:
-        shared = _shared_transports.get(key)
-        if shared is None:
-            return
-        shared.users -= 1
-        if shared.users > 0:
-            return
-        del _shared_transports[key]
-    shared.transport.cleanup()
 
 
 class MulticastConfigError(cfg.Error):
@@ -252,192 +183,6 @@ def _problem(group, option, value, reason):
     return '[%s] %s = %s: %s' % (group, option, value, reason)
 
 
-class Destination(object):
-    """Where and how a replica is published."""
-
-    def __init__(self, key, transport, exchange, topic, version, shape,
-                 publisher_id, rule, label):
-        self.key = key
-        self.transport = transport
-        self.exchange = exchange
-        self.topic = topic
-        self.version = version
-        self.shape = shape
-        self.publisher_id = publisher_id
-        self.rule = rule
-        self.label = label
-        self.failures = _Reporter()
-
-    def replica(self, original, event_key):
-        if self.shape == 'onmcast':
-            return {'message_id': str(uuid.uuid4()),
-                    'publisher_id': self.publisher_id,
-                    'event_type': event_key,
-                    'priority': original['priority'],
-                    'payload': original,
-                    'timestamp': str(timeutils.utcnow())}
-        replica = dict(original)
-        if self.publisher_id:
-            replica['publisher_id'] = self.publisher_id
-        return replica
-
-    def publish(self, ctxt, original, event_key, priority, retry):
-        target = oslo_messaging.Target(
-            topic='%s.%s' % (self.topic, priority.lower()),
-            exchange=self.exchange)
-        try:
-            self.transport._send_notification(
-                target, ctxt, self.replica(original, event_key),
-                version=self.version, retry=retry)
-        except Exception as exc:
-            self.failures.report(
-                'messaging-multicast could not publish replicas of rule '
-                '%(rule)s to target %(target)s (%(count)d since the last '
-                'report): %(error)s',
-                {'rule': self.rule, 'target': self.label,
-                 'error': '%s: %s' % (type(exc).__name__, exc)})
-
-
-class _Reporter(object):
-    """Counts an event and logs it at most once per REPORT_INTERVAL."""
-
-    def __init__(self):
-        self.total = 0
-        self._unreported = 0
-        self._last = None
-        self._lock = threading.Lock()
-
-    def report(self, message, params, count=1):
-        with self._lock:
-            self.total += count
-            self._unreported += count
-            now = time.monotonic()
-            if self._last is not None and now - self._last < REPORT_INTERVAL:
-                LOG.debug(message, dict(params, count=self._unreported))
-                return
-            self._last = now
-            params = dict(params, count=self._unreported)
-            self._unreported = 0
-        LOG.error(message, params)
-
-
-class _FanoutWorker(object):
-    """A bounded queue of replicas and the daemon thread publishing them."""
-
-    def __init__(self, maxsize, flush_timeout):
-        self._maxsize = maxsize
-        self._flush_timeout = flush_timeout
-        self._lock = threading.Lock()
-        self._queue = None
-        self._thread = None
-        self._pid = None
-        # Replicas submitted and not yet published (or failed): what a
-        # stop would lose.
-        self._pending = 0
-        self._last_submit = 0.0
-        self.overflow = _Reporter()
-        self.abandoned = _Reporter()
-
-    def _ensure_started(self):
-        # A forked child inherits the queue but not the thread: start anew.
-        if self._thread is not None and self._pid == os.getpid():
-            return
-        with self._lock:
-            if self._thread is not None and self._pid == os.getpid():
-                return
-            self._queue = queue.Queue(self._maxsize)
-            self._pending = 0
-            self._thread = threading.Thread(
-                target=self._run, args=(self._queue,),
-                name='messaging-multicast-fanout', daemon=True)
-            self._pid = os.getpid()
-            self._thread.start()
-
-    def submit(self, jobs):
-        self._ensure_started()
-        now = self._last_submit = time.monotonic()
-        for index, job in enumerate(jobs):
-            with self._lock:
-                self._pending += 1
-            try:
-                self._queue.put_nowait((now,) + job)
-            except queue.Full:
-                with self._lock:
-                    self._pending -= 1
-                self.overflow.report(
-                    'messaging-multicast dropped %(count)d replicas since '
-                    'the last report: the async_fanout queue is full '
-                    '(async_queue_size = %(size)d)',
-                    {'size': self._maxsize}, count=len(jobs) - index)
-                return
-
-    def _run(self, jobs):
-        while True:
-            job = jobs.get()
-            if job is None:
-                return
-            if isinstance(job, threading.Event):
-                job.set()
-                continue
-            (queued_at, destination, ctxt, original, event_key, priority,
-             retry) = job
-            self._yield_to_service(jobs, queued_at)
-            try:
-                destination.publish(ctxt, original, event_key, priority,
-                                    retry)
-            except Exception:
-                LOG.exception('messaging-multicast fan-out worker error')
-            finally:
-                with self._lock:
-                    self._pending -= 1
-
-    def _yield_to_service(self, jobs, queued_at):
-        while jobs.qsize() < self._maxsize // 2:
-            now = time.monotonic()
-            idle = now - self._last_submit
-            waited = now - queued_at
-            if idle >= BUSY_WINDOW or waited >= MAX_DEFER:
-                return
-            time.sleep(min(MAX_DEFER - waited,
-                           max(BACKOFF, BUSY_WINDOW - idle)))
-
-    def flush(self, stop=False):
-        """Wait for queued replicas; return how many are still pending.
-
-        With ``stop``, the worker ends and what it did not publish within
-        the timeout is counted as dropped.
-        """
-        with self._lock:
-            thread, jobs = self._thread, self._queue
-            if thread is None or self._pid != os.getpid():
-                return 0
-            if stop:
-                self._thread = None
-        deadline = time.monotonic() + self._flush_timeout
-        done = threading.Event()
-        try:
-            jobs.put(None if stop else done, timeout=self._flush_timeout)
-        except queue.Full:
-            pass
-        remaining = max(0.0, deadline - time.monotonic())
-        if stop:
-            thread.join(remaining)
-        else:
-            done.wait(remaining)
-        with self._lock:
-            left = self._pending
-        if stop and left:
-            self.abandoned.report(
-                'messaging-multicast dropped %(count)d queued replicas: '
-                'not published within async_flush_timeout = %(timeout)s s',
-                {'timeout': self._flush_timeout}, count=left)
-        return left
-
-    @property
-    def dropped(self):
-        return self.overflow.total + self.abandoned.total
-
-
 class MulticastDriver(notifier.Driver):
     """Send notifications like messagingv2, and replicas selected by rules.
 
@@ -449,12 +194,11 @@ class MulticastDriver(notifier.Driver):
         super().__init__(conf, topics, transport)
         conf.register_opts(multicast_opts, group=GROUP)
         group = conf[GROUP]
-        self._transports = {}
-        self._shared_keys = []
+        self._transports = _multicast_delivery.RuleTransports(conf, transport)
         try:
             self._configure(conf, group)
         except BaseException:
-            self._cleanup_transports()
+            self._transports.release()
             raise
         if group.standard_message_format == '1.0':
             self._standard = messaging.MessagingDriver(
@@ -464,8 +208,8 @@ class MulticastDriver(notifier.Driver):
                 conf, topics=topics, transport=transport)
         self._worker = None
         if group.async_fanout:
-            self._worker = _FanoutWorker(group.async_queue_size,
-                                         group.async_flush_timeout)
+            self._worker = _multicast_delivery.FanoutWorker(
+                group.async_queue_size, group.async_flush_timeout)
             self._at_exit = functools.partial(_flush_at_exit,
                                               weakref.ref(self))
             atexit.register(self._at_exit)
@@ -485,7 +229,6 @@ class MulticastDriver(notifier.Driver):
 
     def _configure(self, conf, group):
         problems = []
-        self._standard_url = self._transport_url(self.transport)
         rules = self._load_rules(conf, group, problems)
         rules += self._load_onmcast(conf, group, problems, len(rules))
         if problems:
@@ -512,23 +255,6 @@ class MulticastDriver(notifier.Driver):
                             rule.name)
             for event_type in event_types or ():
                 self._by_event_type[event_type].append(rule)
-
-    @staticmethod
-    def _transport_url(transport):
-        return getattr(transport._driver, '_url', None)
-
-    def _get_transport(self, conf, url):
-        """The transport for ``url``: one per distinct broker and process."""
-        if not url:
-            return self.transport
-        parsed = oslo_messaging.TransportURL.parse(conf, url)
-        if parsed == self._standard_url:
-            return self.transport
-        if parsed not in self._transports:
-            key, transport = _acquire_transport(conf, parsed, url)
-            self._transports[parsed] = transport
-            self._shared_keys.append(key)
-        return self._transports[parsed]
 
     def _check_target(self, transport, topic, group, option, value,
                       problems):
@@ -587,7 +313,7 @@ class MulticastDriver(notifier.Driver):
                                          'a rule needs at least one target'))
             return None
         try:
-            transport = self._get_transport(conf, rule_conf.transport_url)
+            transport = self._transports.get(rule_conf.transport_url)
         except Exception as exc:
             # The URL is secret: name the option, never print its value.
             problems.append(_problem(group_name, 'transport_url', '****',
@@ -607,7 +333,7 @@ class MulticastDriver(notifier.Driver):
             if not self._check_target(transport, topic, group_name,
                                       'targets', targets, problems):
                 continue
-            destinations.append(Destination(
+            destinations.append(_multicast_delivery.Destination(
                 key=(id(transport), exchange or None, topic),
                 transport=transport, exchange=exchange or None, topic=topic,
                 version=2.0, shape='clean',
@@ -665,7 +391,7 @@ class MulticastDriver(notifier.Driver):
                 if not self._check_target(self.transport, topic, 'DEFAULT',
                                           key, ','.join(hosts), problems):
                     continue
-                destinations.append(Destination(
+                destinations.append(_multicast_delivery.Destination(
                     key=(id(self.transport), None, topic),
                     transport=self.transport, exchange=None, topic=topic,
                     version=version, shape=shape, publisher_id=publisher_id,
@@ -752,17 +478,7 @@ class MulticastDriver(notifier.Driver):
         if self._worker is not None:
             atexit.unregister(self._at_exit)
             self._worker.flush(stop=True)
-        self._cleanup_transports()
-
-    def _cleanup_transports(self):
-        while self._shared_keys:
-            key = self._shared_keys.pop()
-            try:
-                _release_transport(key)
-            except Exception:
-                LOG.exception('messaging-multicast could not clean up a '
-                              'transport')
-        self._transports.clear()
+        self._transports.release()
 
 
 def _register_compatible(conf, opts, problems):

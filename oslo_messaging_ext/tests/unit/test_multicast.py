@@ -31,6 +31,7 @@ from oslo_utils import timeutils
 from oslotest import base
 
 from oslo_messaging_ext.notify import _impl_multicast as multicast
+from oslo_messaging_ext.notify import _multicast_delivery as multicast_delivery
 from oslo_messaging_ext.notify import _multicast_rules as multicast_rules
 from oslo_messaging_ext import opts as oslo_messaging_ext_opts
 from oslo_messaging_ext import samples
@@ -868,13 +869,13 @@ class AsyncFanoutTestCase(DriverFixtureMixin, base.BaseTestCase):
         driver.notify({}, envelope(), 'INFO', -1)
         # A service that never pauses for BUSY_WINDOW: its submissions keep
         # the worker deferring, until the replica has waited MAX_DEFER.
-        deadline = time.monotonic() + multicast.MAX_DEFER + 5
+        deadline = time.monotonic() + multicast_delivery.MAX_DEFER + 5
         while not published.is_set() and time.monotonic() < deadline:
             driver._worker.submit([])
-            published.wait(multicast.BUSY_WINDOW / 5)
+            published.wait(multicast_delivery.BUSY_WINDOW / 5)
         self.assertTrue(published.is_set(),
                         'replica still deferred after %.1f s'
-                        % (multicast.MAX_DEFER + 5))
+                        % (multicast_delivery.MAX_DEFER + 5))
 
     def test_flush_timeout_counts_what_is_left(self):
         driver = self.driver(glance_rule(async_fanout='true',
