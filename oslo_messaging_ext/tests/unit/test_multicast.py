@@ -31,6 +31,7 @@ from oslo_utils import timeutils
 from oslotest import base
 
 from oslo_messaging_ext.notify import _impl_multicast as multicast
+from oslo_messaging_ext.notify import _multicast_config as multicast_config
 from oslo_messaging_ext.notify import _multicast_delivery as multicast_delivery
 from oslo_messaging_ext.notify import _multicast_rules as multicast_rules
 from oslo_messaging_ext import opts as oslo_messaging_ext_opts
@@ -484,7 +485,7 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
 class ValidationTestCase(DriverFixtureMixin, base.BaseTestCase):
 
     def assertConfigError(self, text, *expected, topics=('notifications',)):
-        exc = self.assertRaises(multicast.MulticastConfigError,
+        exc = self.assertRaises(multicast_config.MulticastConfigError,
                                 self.driver, text, topics)
         for part in expected:
             self.assertIn(part, str(exc))
@@ -780,7 +781,7 @@ class OnmcastCompatibilityTestCase(DriverFixtureMixin, base.BaseTestCase):
 
     def test_onmcast_and_standard_topic_collision_rejected(self):
         exc = self.assertRaises(
-            multicast.MulticastConfigError, self.driver, """
+            multicast_config.MulticastConfigError, self.driver, """
             [DEFAULT]
             multicast_events = image.upload
             image.upload = x
