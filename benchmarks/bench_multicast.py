@@ -42,7 +42,7 @@ from oslo_messaging.notify import _impl_routing
 import yaml
 
 from benchmarks import _harness
-from oslo_messaging_ext.notify import _impl_multicast as multicast
+from oslo_messaging_ext.notify import _multicast_opts
 from oslo_messaging_ext.tests.functional import base
 from oslo_messaging_ext.tests import utils as test_utils
 
@@ -57,13 +57,12 @@ US = 1e6
 def _multicast_conf(rules, **options):
     """A ConfigOpts holding ``rules``: {name: {option: value}}."""
     conf = cfg.ConfigOpts()
-    conf.register_opts(multicast.multicast_opts, group=multicast.GROUP)
-    conf.set_override('rules', list(rules), group=multicast.GROUP)
+    _multicast_opts.register_opts(conf)
+    conf.set_override('rules', list(rules), group=_multicast_opts.GROUP)
     for name, value in options.items():
-        conf.set_override(name, value, group=multicast.GROUP)
+        conf.set_override(name, value, group=_multicast_opts.GROUP)
     for rule, values in rules.items():
-        group = multicast.RULE_GROUP_PREFIX + rule
-        conf.register_opts(multicast.rule_opts, group=group)
+        group = _multicast_opts.register_rule_opts(conf, rule)
         for name, value in values.items():
             conf.set_override(name, value, group=group)
     return conf

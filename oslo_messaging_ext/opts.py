@@ -19,18 +19,18 @@ configuration object.
 
 import copy
 
-from oslo_messaging_ext.notify import _impl_multicast
 from oslo_messaging_ext.notify import _impl_unix
+from oslo_messaging_ext.notify import _multicast_opts
 
 __all__ = [
     'list_opts',
 ]
 
 _opts = [
-    (None, _impl_multicast.onmcast_opts),
-    (_impl_multicast.GROUP, _impl_multicast.multicast_opts),
+    (None, _multicast_opts.onmcast_opts),
+    (_multicast_opts.GROUP, _multicast_opts.multicast_opts),
     # A dynamic group: one [multicast_rule_NAME] per rule named in rules.
-    (_impl_multicast.rule_group, _impl_multicast.rule_opts),
+    (_multicast_opts.rule_group, _multicast_opts.rule_opts),
     (_impl_unix.GROUP, _impl_unix.unix_opts),
 ]
 

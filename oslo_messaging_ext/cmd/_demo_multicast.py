@@ -30,6 +30,7 @@ import kombu
 from oslo_config import cfg
 import oslo_messaging
 
+from oslo_messaging_ext.notify import _impl_multicast
 from oslo_messaging_ext import samples
 
 CONFIG = """\
@@ -116,23 +117,30 @@ def run(args):
 
         notifier = oslo_messaging.Notifier(transport,
                                            publisher_id='image.localhost')
-        driver = notifier._driver_mgr['messaging-multicast'].obj
+        life_cycle = samples.glance_life_cycle()
         expected.update(dict.fromkeys(printers, 0))
+        expected[names['standard']] = len(life_cycle)
+        # The Notifier keeps its drivers to itself: a driver of the same
+        # configuration tells where each notification is replicated.
+        driver = _impl_multicast.MulticastDriver(
+            conf, conf.oslo_messaging_notifications.topics, transport)
+        try:
+            for envelope in life_cycle:
+                for rule in driver.matching_rules(envelope, {}):
+                    for destination in rule.destinations:
+                        expected[destination.topic] += 1
+        finally:
+            driver.cleanup()
         where = (_masked(args.transport_url) if on_broker
                  else 'the fake transport')
         print('Emitting the glance image life cycle on %s:\n' % where)
-        for envelope in samples.glance_life_cycle():
-            expected[names['standard']] += 1
-            for rule in driver.matching_rules(envelope, {}):
-                for destination in rule.destinations:
-                    expected[destination.topic] += 1
+        for envelope in life_cycle:
             notifier.info({}, envelope['event_type'], envelope['payload'])
 
         deadline = time.monotonic() + WAIT
         while (any(printers[t].count < n for t, n in expected.items()) and
                time.monotonic() < deadline):
             time.sleep(0.05)
-        driver.cleanup()
         missing = {t: n - printers[t].count for t, n in expected.items()
                    if printers[t].count < n}
         print('\n%s' % ('Every notification and replica arrived.'

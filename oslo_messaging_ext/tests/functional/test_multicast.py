@@ -31,7 +31,7 @@ import fixtures
 import kombu
 import oslo_messaging
 
-from oslo_messaging_ext.notify import _impl_multicast as multicast
+from oslo_messaging_ext.notify import _multicast_delivery as multicast_delivery
 from oslo_messaging_ext import samples
 from oslo_messaging_ext.tests.functional import base
 
@@ -306,14 +306,14 @@ class AsyncFanoutTestCase(MulticastBrokerTestCase):
         # still queued when the driver is shut down.
         gate = threading.Event()
         self.addCleanup(gate.set)
-        publish = multicast.Destination.publish
+        publish = multicast_delivery.Destination.publish
 
         def gated(destination, *args, **kwargs):
             gate.wait()
             return publish(destination, *args, **kwargs)
 
         self.useFixture(fixtures.MockPatchObject(
-            multicast.Destination, 'publish', autospec=True,
+            multicast_delivery.Destination, 'publish', autospec=True,
             side_effect=gated))
         count = 100
         payload = samples.glance_upload_payload()

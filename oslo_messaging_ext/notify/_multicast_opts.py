@@ -1,0 +1,168 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""The configuration options of the ``messaging-multicast`` driver.
+
+The driver registers them when it loads: [oslo_messaging_multicast], one
+[multicast_rule_NAME] group per rule it names, and onmcast's options in
+[DEFAULT]. oslo_messaging_ext.opts lists them for the sample config and
+the docs.
+"""
+
+from oslo_config import cfg
+
+GROUP = 'oslo_messaging_multicast'
+RULE_GROUP_PREFIX = 'multicast_rule_'
+
+multicast_opts = [
+    cfg.ListOpt('rules',
+                default=[],
+                help='Names of the replication rules. Each rule NAME is '
+                     'configured in its own group [%sNAME]; a notification '
+                     'matching several rules reaches each distinct target '
+                     'once.' % RULE_GROUP_PREFIX),
+    cfg.StrOpt('standard_message_format',
+               default='2.0',
+               choices=[('2.0', 'the messagingv2 envelope'),
+                        ('1.0', 'the messaging driver format, without '
+                                'envelope, for legacy consumers')],
+               help='Format of the standard notification, sent first on the '
+                    'notifier\'s topics. Replicas of rules always use 2.0.'),
+    cfg.BoolOpt('async_fanout',
+                default=False,
+                help='Publish replicas from a background worker, so that the '
+                     'service\'s call returns as soon as the standard '
+                     'notification is sent. Replicas that do not fit in the '
+                     'queue are dropped, counted and logged.'),
+    cfg.IntOpt('async_queue_size',
+               default=10000,
+               min=1,
+               help='Maximum number of replicas waiting for the background '
+                    'worker when async_fanout is enabled.'),
+    cfg.FloatOpt('async_flush_timeout',
+                 default=10.0,
+                 min=0,
+                 help='Seconds to wait, on driver cleanup and at interpreter '
+                      'exit, for queued replicas to be published. What is '
+                      'still queued then is counted as dropped.'),
+    cfg.StrOpt('onmcast_replica_shape',
+               default='onmcast',
+               choices=[('onmcast', 'what the onmcast driver sent: topic '
+                                    'PREFIXTARGET.EVENT_KEY, 1.0 format, '
+                                    'event_type set to the matched key and '
+                                    'the whole original notification as '
+                                    'payload'),
+                        ('clean', 'replicas shaped like rule replicas: topic '
+                                  'PREFIXTARGET, 2.0 envelope, the original '
+                                  'event_type, payload, timestamp and '
+                                  'message_id')],
+               help='Shape of the replicas configured in [DEFAULT] with the '
+                    'onmcast options (multicast_events).'),
+]
+
+rule_opts = [
+    cfg.MultiStrOpt('selector',
+                    default=[],
+                    help='A condition the notification must meet, as '
+                         '"FIELD [OPERATOR] VALUE". FIELD is event_type, '
+                         'priority, publisher_id, message_id, '
+                         'payload.<dotted.path> or context.<key>. OPERATOR '
+                         'is exact (the default), glob, regex, prefix, '
+                         'contains or in (VALUE is then a comma-separated '
+                         'set), each negated by a leading "!". Repeat the '
+                         'option for several selectors: all must match. A '
+                         'rule without selector matches every '
+                         'notification.'),
+    cfg.ListOpt('targets',
+                default=[],
+                help='Where replicas are published: TOPIC or EXCHANGE/TOPIC. '
+                     'A replica of priority P is published with routing key '
+                     'TOPIC.P, so an oslo.messaging notification listener '
+                     'on Target(topic=TOPIC[, exchange=EXCHANGE]) receives '
+                     'it. Required.'),
+    cfg.StrOpt('transport_url',
+               secret=True,
+               help='Transport URL of the broker the replicas of this rule '
+                    'are published to. Default: the notification '
+                    'transport.'),
+    cfg.StrOpt('publisher_id',
+               help='publisher_id of the replicas. Default: the original '
+                    'notification\'s.'),
+]
+
+# onmcast's options, kept in [DEFAULT] unchanged so that its configuration
+# files keep working. One ListOpt per event key is registered at load.
+onmcast_opts = [
+    cfg.ListOpt('multicast_events',
+                default=[],
+                help='(onmcast compatibility; prefer rules in '
+                     '[%s]) Event keys to multicast. Each key is also the '
+                     'name of a [DEFAULT] option listing its targets, e.g. '
+                     '"image.upload = host1,host2". A key matches a '
+                     'notification whose event_type, priority, message_id '
+                     'or publisher_id equals it, ignoring case.' % GROUP),
+    cfg.StrOpt('multicast_topic_prefix',
+               default='',
+               help='(onmcast compatibility) Prefix of the replica topics '
+                    'of multicast_events.'),
+    cfg.StrOpt('publisher_id',
+               help='(onmcast compatibility) publisher_id of the replicas '
+                    'of multicast_events. Default: "<hostname>-MULTICAST".'),
+]
+
+# How the sample config and the docs show the dynamic rule groups: one
+# example group, as oslo.config does for its own config source groups.
+rule_group = cfg.OptGroup(
+    RULE_GROUP_PREFIX + 'example',
+    help='Example of a rule group. Each rule NAME listed in [%s] rules is '
+         'configured in its own group [%sNAME]; this one would configure '
+         'the rule "example".' % (GROUP, RULE_GROUP_PREFIX),
+    dynamic_group_owner='rules')
+
+
+def register_opts(conf):
+    """Register the [oslo_messaging_multicast] options; return the group."""
+    conf.register_opts(multicast_opts, group=GROUP)
+    return conf[GROUP]
+
+
+def register_rule_opts(conf, name):
+    """Register the options of rule ``name``; return its group's name."""
+    group_name = RULE_GROUP_PREFIX + name
+    conf.register_opts(rule_opts, group=group_name)
+    return group_name
+
+
+def register_compatible(conf, opts):
+    """Register ``opts`` in [DEFAULT], accepting a compatible existing one.
+
+    onmcast's options may already be registered by the service (or by
+    another instance of this driver): identical definitions are accepted
+    by oslo.config, and a different list option of the same name is read
+    as it is. Anything else is a configuration error.
+
+    :returns: the (opt, value) pairs of the options already registered
+        with another type, whose value cannot be read as onmcast's
+    """
+    conflicts = []
+    for opt in opts:
+        try:
+            conf.register_opt(opt)
+        except cfg.DuplicateOptError:
+            value = conf[opt.dest]
+            if isinstance(opt, cfg.ListOpt):
+                expected = list
+            else:
+                expected = (str, type(None))
+            if not isinstance(value, expected):
+                conflicts.append((opt, value))
+    return conflicts
