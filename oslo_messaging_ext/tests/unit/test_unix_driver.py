@@ -30,6 +30,7 @@ from oslotest import base
 
 from oslo_messaging_ext.notify import _impl_unix
 from oslo_messaging_ext.notify import _unix_protocol
+from oslo_messaging_ext.notify import _unix_relay
 from oslo_messaging_ext.notify import _unix_sockfile
 from oslo_messaging_ext import opts
 from oslo_messaging_ext import samples
@@ -593,3 +594,43 @@ class UnixDriverTestCase(base.BaseTestCase):
         notifier.info({}, 'image.upload', {'id': 3})
         [received] = self.read_lines(sock, 1)
         self.assertEqual({'id': 3}, received['payload'])
+
+    def test_a_sibling_stopping_while_everyone_is_full_reports_its_count(self):
+        notifier, driver = self.notifier(sock_buffer_size=65536)
+        stuck = self.subscribe(driver)
+        # Another process of the service: a second relay on the same path.
+        sibling = _unix_relay.Relay(
+            self.sock_path, service='unix-unit', mode=0o660,
+            gid=os.getegid(), max_subscribers=64, buffer_size=65536)
+        sibling.start()
+        self.addCleanup(sibling.close)
+        self.assertTrue(wait_until(lambda: sibling.subscribers == 1))
+        encode = _impl_unix.make_encoder()
+        payload = samples.glance_upload_payload()
+        published = [0]
+
+        def publish():
+            if sibling.wanted():
+                sibling.publish(encode({'event_type': 'image.upload',
+                                        'payload': payload}))
+            published[0] += 1
+            return sibling.saturated
+
+        self.assertTrue(wait_until(publish))
+        # Counted, not serialized, from now on; then the process stops.
+        for _ in range(1000):
+            publish()
+        sibling.close()
+        published = published[0]
+        delivered = dropped = 0
+        reader = stuck.makefile('rb')
+        self.addCleanup(reader.close)
+        stuck.settimeout(TIMEOUT)
+        while delivered + dropped < published:
+            notification = json.loads(reader.readline())
+            if notification['event_type'] == _unix_protocol.DROPPED_EVENT_TYPE:
+                dropped += notification['payload']['dropped']
+            else:
+                delivered += 1
+        self.assertEqual(published, delivered + dropped)
+        self.assertGreater(dropped, 0)
