@@ -184,8 +184,10 @@ class Subscription(object):
                     self._disconnect()
                     return None
                 return sock
-            # Jitter spreads the subscribers of a restarted service.
-            self._closed.wait(delay * random.uniform(0.5, 1.0))
+            # Jitter spreads the subscribers of a restarted service; it is
+            # no secret, so bandit's B311 does not apply.
+            self._closed.wait(
+                delay * random.uniform(0.5, 1.0))  # nosec B311
             delay = min(delay * 2, self.max_backoff)
         return None
 

@@ -373,9 +373,10 @@ class UnixDriverTestCase(base.BaseTestCase):
                'ratio': 0.1, 'nested': [{'deep': (1, 2)}]}
         envelopes = samples.glance_image_notifications() + [
             dict(samples.glance_image_notifications()[0], payload=odd)]
-        # requirements.txt has orjson: the comparison is between two
-        # encoders, not the stdlib with itself.
-        self.assertIsNotNone(_impl_unix.orjson)
+        # Upstream, orjson is optional; here it is installed, so CI's
+        # totals would show this skip.
+        if _impl_unix.orjson is None:
+            self.skipTest('orjson is not installed: no second encoder')
         encode = _impl_unix.make_encoder()
         with mock.patch.object(_impl_unix, 'orjson', None):
             stdlib_encode = _impl_unix.make_encoder()
