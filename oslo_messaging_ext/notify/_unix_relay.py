@@ -587,8 +587,6 @@ class Relay(object):
                         self._queue_drop_notice(peer)
             elif self.state is _PUBLISHER:
                 self._queue_unsent_notice()
-            if self._outbox_dropped:
-                self._wake()
         wait = max(0, self._drops_report_at - now) * 1000 + 1
         return wait if timeout is None else min(timeout, wait)
 
@@ -1147,7 +1145,7 @@ class Relay(object):
             whole = head.obj
             offset = len(whole) - len(head)
             if offset and whole[offset - 1:offset] != b'\n':
-                rest = bytes(head[:bytes(head).index(b'\n') + 1])
+                rest = whole[offset:whole.index(b'\n', offset) + 1]
         unread = sum(_notifications_in(chunk) for chunk in pending)
         if rest:
             unread -= 1
