@@ -37,6 +37,7 @@ from oslo_messaging_ext.notify import _multicast_delivery as multicast_delivery
 from oslo_messaging_ext.notify import _multicast_rules as multicast_rules
 from oslo_messaging_ext import opts as oslo_messaging_ext_opts
 from oslo_messaging_ext import samples
+from oslo_messaging_ext.tests import utils as test_utils
 
 GLANCE_RULE = """
 [oslo_messaging_multicast]
@@ -92,8 +93,8 @@ class DriverFixtureMixin(object):
         self.useFixture(fixtures.MockPatchObject(
             self.transport, '_send_notification',
             side_effect=self._record))
-        self.log = self.useFixture(fixtures.FakeLogger(
-            name=multicast.__name__, level=logging.DEBUG))
+        self.log = self.useFixture(test_utils.FakeLogger(
+            multicast.__name__, level=logging.DEBUG))
 
     def _record(self, target, ctxt, message, version, retry=None):
         if target.topic in self.fail_topics:

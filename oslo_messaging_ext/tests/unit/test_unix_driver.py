@@ -391,8 +391,7 @@ class UnixDriverTestCase(base.BaseTestCase):
         sock = self.subscribe(driver)
         circular = {}
         circular['self'] = circular
-        logger = self.useFixture(fixtures.FakeLogger(
-            name=_impl_unix.__name__))
+        logger = self.useFixture(test_utils.FakeLogger(_impl_unix.__name__))
         driver.notify({}, {'message_id': 'x', 'event_type': 'bad',
                            'payload': circular}, 'INFO', None)
         self.assertIn('Cannot serialize notification x', logger.output)

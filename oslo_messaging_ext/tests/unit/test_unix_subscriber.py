@@ -22,6 +22,7 @@ import oslo_messaging
 from oslotest import base
 
 from oslo_messaging_ext.cmd import tail
+from oslo_messaging_ext.tests import utils as test_utils
 from oslo_messaging_ext import unix_subscriber
 
 NOTIFICATIONS = [
@@ -197,8 +198,8 @@ class EndpointDispatcherTestCase(base.BaseTestCase):
 
     def test_failing_endpoint_does_not_stop_the_others(self):
         endpoint = Endpoint()
-        logger = self.useFixture(fixtures.FakeLogger(
-            name=unix_subscriber.__name__))
+        logger = self.useFixture(test_utils.FakeLogger(
+            unix_subscriber.__name__))
         dispatcher = unix_subscriber.EndpointDispatcher(
             [FailingEndpoint(), endpoint])
         self.assertEqual(2, dispatcher.dispatch(NOTIFICATIONS[0]))
