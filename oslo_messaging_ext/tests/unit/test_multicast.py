@@ -960,6 +960,7 @@ class OptsTestCase(base.BaseTestCase):
              'async_flush_timeout', 'standard_message_format',
              'onmcast_replica_shape'},
             {o.name for o in listed['oslo_messaging_multicast'][1]})
+        # DEFAULT is shared: upstream's list_opts has its own options there.
         self.assertEqual(
-            {'multicast_events', 'multicast_topic_prefix', 'publisher_id'},
-            {o.name for o in listed[None][1]})
+            set(), {'multicast_events', 'multicast_topic_prefix',
+                    'publisher_id'} - {o.name for o in listed[None][1]})
