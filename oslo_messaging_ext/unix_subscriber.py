@@ -59,7 +59,7 @@ class SubscriberError(Exception):
     """Connecting to the socket failed; the message says why."""
 
     def __init__(self, path, reason, errno_=None):
-        super().__init__('%s: %s' % (path, reason))
+        super().__init__(f'{path}: {reason}')
         self.path = path
         self.reason = reason
         self.errno = errno_
@@ -127,7 +127,7 @@ def connect(path, timeout=10.0):
     return sock
 
 
-class Subscription(object):
+class Subscription:
     """Notifications read from the socket of a service, in order.
 
     :param path: the service's ``sock_path``
@@ -257,7 +257,7 @@ def _decode(line):
     return json.loads(line)
 
 
-class EndpointDispatcher(object):
+class EndpointDispatcher:
     """Call oslo.messaging notification endpoints, as a listener would.
 
     An endpoint has a method per priority it handles (``info``, ``warn``,

@@ -62,7 +62,7 @@ def add_arguments(parser):
                              '(default: the in-process fake transport)')
 
 
-class _Printer(object):
+class _Printer:
     """A notification endpoint printing what its topic receives."""
 
     lock = threading.Lock()

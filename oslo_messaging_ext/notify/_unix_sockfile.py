@@ -67,7 +67,7 @@ def directory_problem(directory):
     return None
 
 
-class Lock(object):
+class Lock:
     """The lock file beside the socket, taken without ever waiting.
 
     A sibling holds it for a few milliseconds while it binds or removes
@@ -227,7 +227,7 @@ def probe(path, service, timeout):
                                 'another service (%r, pid %s)'
                                 % (status.get('service'), status.get('pid')))
                         return status
-        except socket.timeout:
+        except TimeoutError:
             pass
         raise proto.RelayError('it is held by a live listener that does not '
                                'speak the unix notification driver protocol')

@@ -76,8 +76,8 @@ class UnixProcessesTestCase(base.BaseTestCase):
             self.fail('%s did not finish in %ss; stderr: %s'
                       % (proc.args, timeout, err.decode()[-2000:]))
         self.assertEqual(0, proc.returncode,
-                         'stderr of %s: %s' % (proc.args,
-                                               err.decode()[-2000:]))
+                         'stderr of {}: {}'.format(
+                             proc.args, err.decode()[-2000:]))
         return out.decode()
 
     def summary(self, proc, timeout=TIMEOUT):

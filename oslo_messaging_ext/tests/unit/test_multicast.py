@@ -77,7 +77,7 @@ def envelope(event_type='image.upload', priority='INFO', payload=None,
             'timestamp': str(timeutils.utcnow())}
 
 
-class DriverFixtureMixin(object):
+class DriverFixtureMixin:
     """A ConfigOpts, a fake transport and a record of what is published."""
 
     def setUp(self):

@@ -42,7 +42,7 @@ NOTIFICATIONS = [
 ]
 
 
-class FakeService(object):
+class FakeService:
     """A listening socket that writes ``lines`` to each connection."""
 
     def __init__(self, path, lines):
@@ -125,7 +125,7 @@ class SubscriberTestCase(base.BaseTestCase):
         self.assertEqual(2, subscription.connections)
 
 
-class Endpoint(object):
+class Endpoint:
 
     def __init__(self):
         self.calls = []
@@ -144,7 +144,7 @@ class FilteredEndpoint(Endpoint):
         publisher_id='^image\\.', event_type='^image\\.')
 
 
-class FailingEndpoint(object):
+class FailingEndpoint:
 
     def info(self, *args):
         raise RuntimeError('endpoint bug')
