@@ -46,9 +46,13 @@ try:
 except ImportError:  # the stdlib decoder is as correct, only slower
     orjson = None
 
+from oslo_messaging_ext.notify import _unix_protocol
+
 LOG = logging.getLogger(__name__)
 
-DROPPED_EVENT_TYPE = 'oslo_messaging_ext.unix.dropped'
+#: The event_type of the in-band notice of notifications the service
+#: dropped for this subscriber; its payload's ``dropped`` says how many.
+DROPPED_EVENT_TYPE = _unix_protocol.DROPPED_EVENT_TYPE
 PRIORITIES = ('audit', 'debug', 'info', 'warn', 'error', 'critical',
               'sample')
 

@@ -35,7 +35,6 @@ from oslo_messaging_ext import unix_subscriber
 
 HELPER = 'oslo_messaging_ext.tests.functional.unix_helper'
 TIMEOUT = 60.0
-DROPPED = 'oslo_messaging_ext.unix.dropped'
 
 
 class UnixProcessesTestCase(base.BaseTestCase):
@@ -148,7 +147,8 @@ class UnixProcessesTestCase(base.BaseTestCase):
         missed, gap, last_seq = 0, 0, -1
         while not missed or last_seq < count:
             notification = json.loads(reader.readline())
-            if notification['event_type'] == DROPPED:
+            if (notification['event_type'] ==
+                    unix_subscriber.DROPPED_EVENT_TYPE):
                 gap += notification['payload']['dropped']
                 missed += gap
                 continue

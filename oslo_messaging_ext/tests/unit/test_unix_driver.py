@@ -573,7 +573,8 @@ class UnixDriverTestCase(base.BaseTestCase):
         self.assertEqual(0, driver.subscribers())
         notifier.info({}, 'image.upload', {'id': 'early'})
         sibling.sendall(_unix_protocol.control_line(
-            role='publisher', service='unix-unit', pid=os.getpid()))
+            role=_unix_protocol.ROLE_PUBLISHER, service='unix-unit',
+            pid=os.getpid()))
         self.assertTrue(wait_until(lambda: relay.connecting == 1))
         # End of stream: a subscriber (as socat's is when its stdin ends).
         subscriber.shutdown(socket.SHUT_WR)
