@@ -19,6 +19,7 @@ from unittest import mock
 
 import fixtures
 import oslo_messaging
+from oslo_messaging.notify import dispatcher as notify_dispatcher
 from oslotest import base
 
 from oslo_messaging_ext.cmd import tail
@@ -150,6 +151,12 @@ class FailingEndpoint:
         raise RuntimeError('endpoint bug')
 
 
+class RequeueingEndpoint:
+
+    def info(self, *args):
+        return oslo_messaging.NotificationResult.REQUEUE
+
+
 class DecodeTestCase(base.BaseTestCase):
 
     def test_orjson_and_stdlib_read_the_same(self):
@@ -205,6 +212,24 @@ class EndpointDispatcherTestCase(base.BaseTestCase):
         self.assertEqual(2, dispatcher.dispatch(NOTIFICATIONS[0]))
         self.assertEqual(1, len(endpoint.calls))
         self.assertIn('endpoint bug', logger.output)
+
+    def test_requeue_is_ignored(self):
+        # No requeue on a local socket: the next endpoint is still called.
+        endpoint = Endpoint()
+        dispatcher = unix_subscriber.EndpointDispatcher(
+            [RequeueingEndpoint(), endpoint])
+        self.assertEqual(2, dispatcher.dispatch(NOTIFICATIONS[0]))
+        self.assertEqual(1, len(endpoint.calls))
+
+    def test_no_endpoint_for_the_priority(self):
+        dispatcher = unix_subscriber.EndpointDispatcher([Endpoint()])
+        for priority in ('ERROR', None, 'no-such-priority'):
+            self.assertEqual(0, dispatcher.dispatch(
+                dict(NOTIFICATIONS[0], priority=priority)))
+
+    def test_is_oslo_messagings_notification_dispatcher(self):
+        self.assertIsInstance(unix_subscriber.EndpointDispatcher([]),
+                              notify_dispatcher.NotificationDispatcher)
 
 
 class TailTestCase(base.BaseTestCase):
