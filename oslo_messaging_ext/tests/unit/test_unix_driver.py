@@ -375,10 +375,9 @@ class UnixDriverTestCase(base.BaseTestCase):
                'ratio': 0.1, 'nested': [{'deep': (1, 2)}]}
         envelopes = samples.glance_image_notifications() + [
             dict(samples.glance_image_notifications()[0], payload=odd)]
-        # Upstream, orjson is optional; here it is installed, so CI's
-        # totals would show this skip.
         if _impl_unix.orjson is None:
-            self.skipTest('orjson is not installed: no second encoder')
+            self.skipTest('orjson (optional: the orjson extra) is not '
+                          'installed: no second encoder to compare')
         encode = _impl_unix.make_encoder()
         with mock.patch.object(_impl_unix, 'orjson', None):
             stdlib_encode = _impl_unix.make_encoder()

@@ -161,7 +161,8 @@ class DecodeTestCase(base.BaseTestCase):
 
     def test_orjson_and_stdlib_read_the_same(self):
         if unix_subscriber.orjson is None:
-            self.skipTest('orjson is not installed: no second decoder')
+            self.skipTest('orjson (optional: the orjson extra) is not '
+                          'installed: no second decoder to compare')
         line = json.dumps({'event_type': 'image.upload',
                            'payload': {'name': 'caf\u00e9', 'size': 1036,
                                        'ratio': 0.5, 'tags': []}}).encode()
