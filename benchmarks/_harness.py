@@ -58,7 +58,7 @@ def time_calls(func, count, warmup=200):
     return timings
 
 
-class Comparison(object):
+class Comparison:
     """What :func:`compare` measured, in seconds per call, by name."""
 
     def __init__(self, medians, p99s, reference):
@@ -115,7 +115,7 @@ def percentile(sorted_timings, fraction):
     return sorted_timings[index]
 
 
-class Table(object):
+class Table:
     """Rows of (case, measured, reference, ratio, target, verdict)."""
 
     def __init__(self, title):
@@ -130,7 +130,7 @@ class Table(object):
         header = ('case', 'measured', 'ratio', 'target', 'verdict')
         body = []
         for case, value, unit, ratio, target, ok in self.rows:
-            body.append((case, '%.3f %s' % (value, unit),
+            body.append((case, f'{value:.3f} {unit}',
                          '' if ratio is None else '%.2fx' % ratio,
                          target or '',
                          '' if ok is None else ('ok' if ok else 'MISSED')))

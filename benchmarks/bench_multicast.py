@@ -154,7 +154,7 @@ def _fake_transport_table(count, payload):
     return table
 
 
-class _Broker(object):
+class _Broker:
     """Unique queues on the broker, deleted afterwards; message counts."""
 
     def __init__(self, url):

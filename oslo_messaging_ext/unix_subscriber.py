@@ -32,7 +32,6 @@ keep up) arrives in-band as a notification of event_type
 """
 
 import errno
-import itertools
 import json
 import logging
 import os
@@ -46,11 +45,16 @@ try:
 except ImportError:  # the stdlib decoder is as correct, only slower
     orjson = None
 
+from oslo_messaging.notify import dispatcher as notify_dispatcher
+
+from oslo_messaging_ext.notify import _unix_protocol
+
 LOG = logging.getLogger(__name__)
 
-DROPPED_EVENT_TYPE = 'oslo_messaging_ext.unix.dropped'
-PRIORITIES = ('audit', 'debug', 'info', 'warn', 'error', 'critical',
-              'sample')
+#: The event_type of the in-band notice of notifications the service
+#: dropped for this subscriber; its payload's ``dropped`` says how many.
+DROPPED_EVENT_TYPE = _unix_protocol.DROPPED_EVENT_TYPE
+PRIORITIES = tuple(notify_dispatcher.PRIORITIES)
 
 _READ_SIZE = 262144
 
@@ -59,7 +63,7 @@ class SubscriberError(Exception):
     """Connecting to the socket failed; the message says why."""
 
     def __init__(self, path, reason, errno_=None):
-        super().__init__('%s: %s' % (path, reason))
+        super().__init__(f'{path}: {reason}')
         self.path = path
         self.reason = reason
         self.errno = errno_
@@ -127,7 +131,7 @@ def connect(path, timeout=10.0):
     return sock
 
 
-class Subscription(object):
+class Subscription:
     """Notifications read from the socket of a service, in order.
 
     :param path: the service's ``sock_path``
@@ -257,57 +261,59 @@ def _decode(line):
     return json.loads(line)
 
 
-class EndpointDispatcher(object):
+class _Incoming:
+    """A decoded notification, as NotificationDispatcher reads a message."""
+
+    __slots__ = ('ctxt', 'message')
+
+    def __init__(self, notification):
+        self.ctxt = notification.get('context') or {}
+        self.message = notification
+
+
+class EndpointDispatcher(notify_dispatcher.NotificationDispatcher):
     """Call oslo.messaging notification endpoints, as a listener would.
 
     An endpoint has a method per priority it handles (``info``, ``warn``,
     ``error``...) taking ``(ctxt, publisher_id, event_type, payload,
     metadata)``, and optionally a ``filter_rule``
-    (:class:`oslo_messaging.NotificationFilter`): the same contract as
-    oslo.messaging's notification listeners, so endpoint code works
-    unchanged. ``ctxt`` is the context sent with the notification (with
-    ``sock_include_context``) or an empty dict; ``metadata`` holds
-    ``message_id`` and ``timestamp``.
+    (:class:`oslo_messaging.NotificationFilter`): this is oslo.messaging's
+    own NotificationDispatcher, the one its notification listeners use, so
+    endpoint code works unchanged. ``ctxt`` is the context sent with the
+    notification (with ``sock_include_context``) or an empty dict;
+    ``metadata`` holds ``message_id`` and ``timestamp``.
 
-    An endpoint that raises is logged and the next one is called: there is
-    no requeue on a local socket.
+    There is no requeue on a local socket: an endpoint that raises is
+    logged and the next one is called, and an endpoint's return value
+    (``NotificationResult.REQUEUE`` included) is ignored.
     """
 
     def __init__(self, endpoints):
-        self._callbacks = {}
-        for endpoint, priority in itertools.product(endpoints, PRIORITIES):
-            method = getattr(endpoint, priority, None)
-            if method is not None:
-                self._callbacks.setdefault(priority, []).append(
-                    (getattr(endpoint, 'filter_rule', None), method))
+        super().__init__(endpoints, None)
+        self._called = threading.local()
 
     def dispatch(self, notification):
         """Hand one decoded notification to the matching endpoints.
 
         :returns: how many endpoint methods were called
         """
-        priority = str(notification.get('priority', '')).lower()
-        callbacks = self._callbacks.get(priority)
-        if not callbacks:
+        if not isinstance(notification.get('priority', ''), str):
             return 0
-        ctxt = notification.get('context') or {}
-        publisher_id = notification.get('publisher_id')
-        event_type = notification.get('event_type')
-        payload = notification.get('payload')
-        metadata = {'message_id': notification.get('message_id'),
-                    'timestamp': notification.get('timestamp')}
-        called = 0
-        for filter_rule, method in callbacks:
-            if filter_rule is not None and not filter_rule.match(
-                    ctxt, publisher_id, event_type, metadata, payload):
-                continue
-            called += 1
-            try:
-                method(ctxt, publisher_id, event_type, payload, metadata)
-            except Exception:
-                LOG.exception('Notification endpoint %s raised on %s',
-                              method, event_type)
-        return called
+        self._called.count = 0
+        super().dispatch(_Incoming(notification))
+        return self._called.count
+
+    def _exec_callback(self, callback, message):
+        self._called.count += 1
+        try:
+            callback(message['ctxt'], message['publisher_id'],
+                     message['event_type'], message['payload'],
+                     message['metadata'])
+        except Exception:
+            LOG.exception('Notification endpoint %s raised on %s',
+                          callback, message['event_type'])
+        # Never NotificationResult.REQUEUE, which would stop the dispatch.
+        return None
 
     def run(self, subscription):
         """Dispatch every notification of ``subscription`` until it ends."""

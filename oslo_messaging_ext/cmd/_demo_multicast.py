@@ -26,7 +26,6 @@ import time
 import urllib.parse
 import uuid
 
-import kombu
 from oslo_config import cfg
 import oslo_messaging
 
@@ -62,7 +61,7 @@ def add_arguments(parser):
                              '(default: the in-process fake transport)')
 
 
-class _Printer(object):
+class _Printer:
     """A notification endpoint printing what its topic receives."""
 
     lock = threading.Lock()
@@ -164,7 +163,14 @@ def _masked(url):
 
 
 def _delete_queues(url, topics):
-    """Delete the queues the demo's listeners and publishers declared."""
+    """Delete the queues the demo's listeners and publishers declared.
+
+    oslo.messaging has no public means of deleting a queue, so this speaks
+    to the broker with kombu, which oslo.messaging requires for its rabbit
+    driver: imported here, as only a demo run on a broker needs it.
+    """
+    import kombu
+
     amqp_url = urllib.parse.urlsplit(url)._replace(scheme='amqp').geturl()
     with kombu.Connection(amqp_url, connect_timeout=5) as conn:
         channel = conn.channel()

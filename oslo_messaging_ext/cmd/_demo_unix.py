@@ -36,7 +36,7 @@ from oslo_messaging_ext import unix_subscriber
 _TIMEOUT = 10.0
 
 
-class _PrintingEndpoint(object):
+class _PrintingEndpoint:
     """The endpoint a consumer would write for an oslo.messaging listener."""
 
     def __init__(self, expected, out):

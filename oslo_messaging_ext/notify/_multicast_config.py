@@ -46,7 +46,7 @@ class MulticastConfigError(cfg.Error):
 
 
 def _problem(group, option, value, reason):
-    return '[%s] %s = %s: %s' % (group, option, value, reason)
+    return f'[{group}] {option} = {value}: {reason}'
 
 
 def load_rules(conf, group, topics, transports):
@@ -66,7 +66,7 @@ def load_rules(conf, group, topics, transports):
     return rules
 
 
-class _RuleLoader(object):
+class _RuleLoader:
     """Reads the rules of a configuration and collects its problems."""
 
     def __init__(self, conf, topics, transports):
@@ -213,9 +213,9 @@ class _RuleLoader(object):
             destinations = []
             for host in sorted(set(hosts), key=hosts.index):
                 if shape == 'onmcast':
-                    topic, version = '%s%s.%s' % (prefix, host, key), 1.0
+                    topic, version = f'{prefix}{host}.{key}', 1.0
                 else:
-                    topic, version = '%s%s' % (prefix, host), 2.0
+                    topic, version = f'{prefix}{host}', 2.0
                 if not _TOPIC_NAME.match(topic):
                     self.problems.append(_problem(
                         'DEFAULT', key, ','.join(hosts),

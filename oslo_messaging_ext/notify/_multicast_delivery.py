@@ -49,7 +49,7 @@ BACKOFF = 0.001
 MAX_DEFER = 0.5
 
 
-class _SharedTransport(object):
+class _SharedTransport:
     """A rule transport, shared by the driver instances of a process.
 
     A service builds many Notifiers (glance about 14 a process), each
@@ -96,7 +96,7 @@ def _release_transport(key):
     shared.transport.cleanup()
 
 
-class RuleTransports(object):
+class RuleTransports:
     """The transports the rules of one driver publish on.
 
     A rule without transport_url, or whose URL names the notification
@@ -137,7 +137,7 @@ class RuleTransports(object):
         self._by_url.clear()
 
 
-class Destination(object):
+class Destination:
     """Where and how a replica is published."""
 
     def __init__(self, key, transport, exchange, topic, version, shape,
@@ -168,7 +168,7 @@ class Destination(object):
 
     def publish(self, ctxt, original, event_key, priority, retry):
         target = oslo_messaging.Target(
-            topic='%s.%s' % (self.topic, priority.lower()),
+            topic=f'{self.topic}.{priority.lower()}',
             exchange=self.exchange)
         try:
             self.transport._send_notification(
@@ -180,10 +180,10 @@ class Destination(object):
                 '%(rule)s to target %(target)s (%(count)d since the last '
                 'report): %(error)s',
                 {'rule': self.rule, 'target': self.label,
-                 'error': '%s: %s' % (type(exc).__name__, exc)})
+                 'error': f'{type(exc).__name__}: {exc}'})
 
 
-class _Reporter(object):
+class _Reporter:
     """Counts an event and logs it at most once per REPORT_INTERVAL."""
 
     def __init__(self):
@@ -206,7 +206,7 @@ class _Reporter(object):
         LOG.error(message, params)
 
 
-class FanoutWorker(object):
+class FanoutWorker:
     """A bounded queue of replicas and the daemon thread publishing them."""
 
     def __init__(self, maxsize, flush_timeout):

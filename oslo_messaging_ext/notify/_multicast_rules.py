@@ -53,7 +53,7 @@ def _lookup(container, path):
     return container
 
 
-class Selector(object):
+class Selector:
     """A compiled ``FIELD [OPERATOR] VALUE`` condition."""
 
     def __init__(self, field, operator, negated, value):
@@ -118,7 +118,7 @@ class Selector(object):
             try:
                 re.compile(value)
             except re.error as exc:
-                raise ValueError('invalid regex %r: %s' % (value, exc))
+                raise ValueError(f'invalid regex {value!r}: {exc}')
         if operator == 'in' and not any(v.strip() for v in value.split(',')):
             raise ValueError('"in" needs at least one value')
         return cls(field, operator, negated, value)
@@ -153,7 +153,7 @@ class Selector(object):
         return found != self.negated
 
 
-class Rule(object):
+class Rule:
     """Selectors and the destinations they fire."""
 
     def __init__(self, name, ordinal, selectors, destinations,

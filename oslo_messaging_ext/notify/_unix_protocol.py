@@ -28,6 +28,11 @@ import uuid
 from oslo_utils import timeutils
 
 PROTOCOL_KEY = 'oslo_messaging_ext.unix'
+# The roles a control line names, as the value of its PROTOCOL_KEY: a
+# publisher's handshake, the hub's status.
+ROLE_PUBLISHER = 'publisher'
+ROLE_HUB = 'hub'
+# Public as oslo_messaging_ext.unix_subscriber.DROPPED_EVENT_TYPE.
 DROPPED_EVENT_TYPE = 'oslo_messaging_ext.unix.dropped'
 DROPPED_PREFIX = ('{"event_type":"%s"' % DROPPED_EVENT_TYPE).encode('ascii')
 

@@ -67,7 +67,7 @@ def directory_problem(directory):
     return None
 
 
-class Lock(object):
+class Lock:
     """The lock file beside the socket, taken without ever waiting.
 
     A sibling holds it for a few milliseconds while it binds or removes
@@ -209,8 +209,9 @@ def probe(path, service, timeout):
                 'it is held by a process of uid %d, not of the service user '
                 '(uid %d): another user may have bound it to read the '
                 'notifications' % (uid, os.geteuid()))
-        sock.sendall(proto.control_line(role='publisher', service=service,
-                                        pid=os.getpid(), probe=True))
+        sock.sendall(proto.control_line(role=proto.ROLE_PUBLISHER,
+                                        service=service, pid=os.getpid(),
+                                        probe=True))
         data = b''
         try:
             while len(data) <= proto.MAX_HANDSHAKE * 16:
@@ -220,14 +221,15 @@ def probe(path, service, timeout):
                 data += chunk
                 for line in data.split(b'\n')[:-1]:
                     status = proto.parse_control(line)
-                    if status and status.get(proto.PROTOCOL_KEY) == 'hub':
+                    if (status and status.get(proto.PROTOCOL_KEY) ==
+                            proto.ROLE_HUB):
                         if status.get('service') != service:
                             raise proto.RelayError(
                                 'it is held by the unix notification hub of '
                                 'another service (%r, pid %s)'
                                 % (status.get('service'), status.get('pid')))
                         return status
-        except socket.timeout:
+        except TimeoutError:
             pass
         raise proto.RelayError('it is held by a live listener that does not '
                                'speak the unix notification driver protocol')

@@ -12,7 +12,10 @@
 
 """Helpers shared by the unit and functional tests and the benchmarks."""
 
+import logging
 import time
+
+import fixtures
 
 
 def wait_until(predicate, timeout, interval=0.01):
@@ -26,3 +29,26 @@ def wait_until(predicate, timeout, interval=0.01):
         if result or time.monotonic() >= deadline:
             return result
         time.sleep(interval)
+
+
+class FakeLogger(fixtures.FakeLogger):
+    """fixtures.FakeLogger on the logger ``name``, enabled for the test.
+
+    logging.config.dictConfig() and fileConfig() disable every logger that
+    exists when they run, unless told otherwise: a test that configured
+    logging earlier in the same process (upstream oslo.messaging's
+    test_logging_conf, for one) leaves our module loggers disabled, and a
+    disabled logger records nothing, whatever its handlers. The logger is
+    enabled for the test and put back as it was after it, so that what a
+    test asserts on does not depend on the tests run before it. assertLogs
+    on the same logger within the test sees the records too.
+    """
+
+    def __init__(self, name, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.logger = logging.getLogger(name)
+
+    def _setUp(self):
+        self.useFixture(fixtures.MockPatchObject(
+            self.logger, 'disabled', False))
+        super()._setUp()

@@ -111,7 +111,7 @@ def iniset(path, section, option, value=''):
             lines[i] = prefix + value
     else:
         lines = _insert_below_headers(
-            lines, section, ['%s = %s' % (option, value)])
+            lines, section, [f'{option} = {value}'])
     _write(path, lines)
 
 
@@ -124,7 +124,7 @@ def iniset_multiline(path, section, option, *values):
         doomed = set(_option_lines(lines, section, option))
         lines = [line for i, line in enumerate(lines) if i not in doomed]
     lines = _insert_below_headers(
-        lines, section, ['%s = %s' % (option, v) for v in values])
+        lines, section, [f'{option} = {v}' for v in values])
     _write(path, lines)
 
 
@@ -174,7 +174,7 @@ def main(argv):
     except OSError as exc:
         # devstack's sed fails on a missing file, yet the function returns
         # the status of its last command, so callers carry on.
-        print('%s: %s' % (name, exc), file=sys.stderr)
+        print(f'{name}: {exc}', file=sys.stderr)
         return 1 if name == 'ini_has_option' else 0
     return status or 0
 

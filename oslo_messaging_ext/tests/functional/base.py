@@ -53,7 +53,7 @@ def broker_required():
     return strutils.bool_from_string(os.environ.get(REQUIRE_BROKER_ENV, ''))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def broker_unreachable_reason(url):
     """Return why the broker of ``url`` cannot be reached, or None."""
     parsed = urllib.parse.urlsplit(url)
@@ -70,10 +70,10 @@ def broker_unreachable_reason(url):
 
 def unique_name(prefix):
     """A topic or exchange name no other test, run or process uses."""
-    return '%s-%s' % (prefix, uuid.uuid4().hex[:12])
+    return f'{prefix}-{uuid.uuid4().hex[:12]}'
 
 
-class NotificationCollector(object):
+class NotificationCollector:
     """A notification endpoint that records what it receives.
 
     It has the methods of an oslo.messaging notification endpoint, so it
@@ -158,7 +158,7 @@ class BrokerTestCase(base.BaseTestCase):
             transport, [target], [collector], executor='threading',
             pool=pool)
         listener.start()
-        queues = ['%s.%s' % (topic, priority) for priority in PRIORITIES]
+        queues = [f'{topic}.{priority}' for priority in PRIORITIES]
         self.addCleanup(self.delete_queues, url, queues + [pool] if pool
                         else queues)
         self.addCleanup(listener.wait)

@@ -77,23 +77,23 @@ class OnmcastGlanceTestCase(MulticastBrokerTestCase):
         # and the names this test needs unique.
         self.load_config("""
             [DEFAULT]
-            transport_url = %(url)s
+            transport_url = {url}
             multicast_events = image.upload,image.delete
-            multicast_topic_prefix = %(prefix)s
+            multicast_topic_prefix = {prefix}
             publisher_id = GLANCE:MASTER
             image.delete = host1,host2
             image.upload = host1,host2
             [oslo_messaging_notifications]
             driver = messaging-multicast
-            topics = %(standard)s
-            """ % {'url': self.url, 'prefix': prefix, 'standard': standard})
+            topics = {standard}
+            """.format(url=self.url, prefix=prefix, standard=standard))
         self.transport = self.notification_transport(None)
         standard_collector = self.start_listener(standard)
         replicas = {}
         for host in ('host1', 'host2'):
             for key in ('image.upload', 'image.delete'):
                 replicas[host, key] = self.start_listener(
-                    '%s%s.%s' % (prefix, host, key))
+                    f'{prefix}{host}.{key}')
         notifier, _ = self.notifier()
 
         envelopes = samples.glance_life_cycle()
@@ -153,21 +153,20 @@ class RuleTestCase(MulticastBrokerTestCase):
         self.load_config("""
             [oslo_messaging_notifications]
             driver = messaging-multicast
-            topics = %(standard)s
+            topics = {standard}
             [oslo_messaging_multicast]
             rules = sized, region2
             [multicast_rule_sized]
-            selector = payload.size regex ^[0-9]{4,}$
+            selector = payload.size regex ^[0-9]{{4,}}$
             selector = payload.disk_format in raw,qcow2
-            targets = %(sized)s
+            targets = {sized}
             [multicast_rule_region2]
             selector = event_type in image.upload,image.delete
             # The standard topic is allowed on another broker.
-            targets = %(standard)s
-            transport_url = %(region2)s
+            targets = {standard}
+            transport_url = {region2}
             publisher_id = GLANCE:MASTER
-            """ % {'standard': standard, 'sized': sized,
-                   'region2': region2})
+            """.format(standard=standard, sized=sized, region2=region2))
         standard_collector = self.start_listener(standard)
         sized_collector = self.start_listener(sized)
         region2_collector = self.start_listener(standard, url=region2)
@@ -246,13 +245,13 @@ class RuleTestCase(MulticastBrokerTestCase):
         self.load_config("""
             [oslo_messaging_notifications]
             driver = messaging-multicast
-            topics = %(standard)s
+            topics = {standard}
             [oslo_messaging_multicast]
             rules = r
             [multicast_rule_r]
-            targets = %(conflicting)s/refused, %(healthy)s
-            """ % {'standard': standard, 'healthy': healthy,
-                   'conflicting': conflicting})
+            targets = {conflicting}/refused, {healthy}
+            """.format(standard=standard, healthy=healthy,
+                       conflicting=conflicting))
         standard_collector = self.start_listener(standard)
         healthy_collector = self.start_listener(healthy)
         notifier, driver = self.notifier()

@@ -35,7 +35,6 @@ from oslo_messaging_ext import unix_subscriber
 
 HELPER = 'oslo_messaging_ext.tests.functional.unix_helper'
 TIMEOUT = 60.0
-DROPPED = 'oslo_messaging_ext.unix.dropped'
 
 
 class UnixProcessesTestCase(base.BaseTestCase):
@@ -76,8 +75,8 @@ class UnixProcessesTestCase(base.BaseTestCase):
             self.fail('%s did not finish in %ss; stderr: %s'
                       % (proc.args, timeout, err.decode()[-2000:]))
         self.assertEqual(0, proc.returncode,
-                         'stderr of %s: %s' % (proc.args,
-                                               err.decode()[-2000:]))
+                         'stderr of {}: {}'.format(
+                             proc.args, err.decode()[-2000:]))
         return out.decode()
 
     def summary(self, proc, timeout=TIMEOUT):
@@ -148,7 +147,8 @@ class UnixProcessesTestCase(base.BaseTestCase):
         missed, gap, last_seq = 0, 0, -1
         while not missed or last_seq < count:
             notification = json.loads(reader.readline())
-            if notification['event_type'] == DROPPED:
+            if (notification['event_type'] ==
+                    unix_subscriber.DROPPED_EVENT_TYPE):
                 gap += notification['payload']['dropped']
                 missed += gap
                 continue

@@ -68,8 +68,8 @@ class PluginTestCase(base.BaseTestCase):
         full_env = dict(self.env, **env)
         result = devstack.run_plugin(args, full_env, self.dir)
         self.assertEqual(0, result.returncode,
-                         'plugin.sh %s failed:\n%s' % (' '.join(args),
-                                                       result.stderr[-3000:]))
+                         'plugin.sh {} failed:\n{}'.format(
+                             ' '.join(args), result.stderr[-3000:]))
         return result
 
     def post_config(self, **env):

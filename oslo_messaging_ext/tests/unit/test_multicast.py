@@ -37,6 +37,7 @@ from oslo_messaging_ext.notify import _multicast_delivery as multicast_delivery
 from oslo_messaging_ext.notify import _multicast_rules as multicast_rules
 from oslo_messaging_ext import opts as oslo_messaging_ext_opts
 from oslo_messaging_ext import samples
+from oslo_messaging_ext.tests import utils as test_utils
 
 GLANCE_RULE = """
 [oslo_messaging_multicast]
@@ -76,7 +77,7 @@ def envelope(event_type='image.upload', priority='INFO', payload=None,
             'timestamp': str(timeutils.utcnow())}
 
 
-class DriverFixtureMixin(object):
+class DriverFixtureMixin:
     """A ConfigOpts, a fake transport and a record of what is published."""
 
     def setUp(self):
@@ -92,8 +93,8 @@ class DriverFixtureMixin(object):
         self.useFixture(fixtures.MockPatchObject(
             self.transport, '_send_notification',
             side_effect=self._record))
-        self.log = self.useFixture(fixtures.FakeLogger(
-            name=multicast.__name__, level=logging.DEBUG))
+        self.log = self.useFixture(test_utils.FakeLogger(
+            multicast.__name__, level=logging.DEBUG))
 
     def _record(self, target, ctxt, message, version, retry=None):
         if target.topic in self.fail_topics:
@@ -959,6 +960,7 @@ class OptsTestCase(base.BaseTestCase):
              'async_flush_timeout', 'standard_message_format',
              'onmcast_replica_shape'},
             {o.name for o in listed['oslo_messaging_multicast'][1]})
+        # DEFAULT is shared: upstream's list_opts has its own options there.
         self.assertEqual(
-            {'multicast_events', 'multicast_topic_prefix', 'publisher_id'},
-            {o.name for o in listed[None][1]})
+            set(), {'multicast_events', 'multicast_topic_prefix',
+                    'publisher_id'} - {o.name for o in listed[None][1]})

@@ -38,7 +38,7 @@ class ListOptsTestCase(base.BaseTestCase):
     def test_every_option_has_help(self):
         for group, group_opts in opts.list_opts():
             for opt in group_opts:
-                self.assertTrue(opt.help, '%s.%s has no help' % (
+                self.assertTrue(opt.help, '{}.{} has no help'.format(
                     group or 'DEFAULT', opt.name))
 
     @staticmethod

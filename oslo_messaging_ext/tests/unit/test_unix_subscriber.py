@@ -19,9 +19,11 @@ from unittest import mock
 
 import fixtures
 import oslo_messaging
+from oslo_messaging.notify import dispatcher as notify_dispatcher
 from oslotest import base
 
 from oslo_messaging_ext.cmd import tail
+from oslo_messaging_ext.tests import utils as test_utils
 from oslo_messaging_ext import unix_subscriber
 
 NOTIFICATIONS = [
@@ -41,7 +43,7 @@ NOTIFICATIONS = [
 ]
 
 
-class FakeService(object):
+class FakeService:
     """A listening socket that writes ``lines`` to each connection."""
 
     def __init__(self, path, lines):
@@ -124,7 +126,7 @@ class SubscriberTestCase(base.BaseTestCase):
         self.assertEqual(2, subscription.connections)
 
 
-class Endpoint(object):
+class Endpoint:
 
     def __init__(self):
         self.calls = []
@@ -143,17 +145,24 @@ class FilteredEndpoint(Endpoint):
         publisher_id='^image\\.', event_type='^image\\.')
 
 
-class FailingEndpoint(object):
+class FailingEndpoint:
 
     def info(self, *args):
         raise RuntimeError('endpoint bug')
+
+
+class RequeueingEndpoint:
+
+    def info(self, *args):
+        return oslo_messaging.NotificationResult.REQUEUE
 
 
 class DecodeTestCase(base.BaseTestCase):
 
     def test_orjson_and_stdlib_read_the_same(self):
         if unix_subscriber.orjson is None:
-            self.skipTest('orjson is not installed: no second decoder')
+            self.skipTest('orjson (optional: the orjson extra) is not '
+                          'installed: no second decoder to compare')
         line = json.dumps({'event_type': 'image.upload',
                            'payload': {'name': 'caf\u00e9', 'size': 1036,
                                        'ratio': 0.5, 'tags': []}}).encode()
@@ -197,13 +206,31 @@ class EndpointDispatcherTestCase(base.BaseTestCase):
 
     def test_failing_endpoint_does_not_stop_the_others(self):
         endpoint = Endpoint()
-        logger = self.useFixture(fixtures.FakeLogger(
-            name=unix_subscriber.__name__))
+        logger = self.useFixture(test_utils.FakeLogger(
+            unix_subscriber.__name__))
         dispatcher = unix_subscriber.EndpointDispatcher(
             [FailingEndpoint(), endpoint])
         self.assertEqual(2, dispatcher.dispatch(NOTIFICATIONS[0]))
         self.assertEqual(1, len(endpoint.calls))
         self.assertIn('endpoint bug', logger.output)
+
+    def test_requeue_is_ignored(self):
+        # No requeue on a local socket: the next endpoint is still called.
+        endpoint = Endpoint()
+        dispatcher = unix_subscriber.EndpointDispatcher(
+            [RequeueingEndpoint(), endpoint])
+        self.assertEqual(2, dispatcher.dispatch(NOTIFICATIONS[0]))
+        self.assertEqual(1, len(endpoint.calls))
+
+    def test_no_endpoint_for_the_priority(self):
+        dispatcher = unix_subscriber.EndpointDispatcher([Endpoint()])
+        for priority in ('ERROR', None, 'no-such-priority'):
+            self.assertEqual(0, dispatcher.dispatch(
+                dict(NOTIFICATIONS[0], priority=priority)))
+
+    def test_is_oslo_messagings_notification_dispatcher(self):
+        self.assertIsInstance(unix_subscriber.EndpointDispatcher([]),
+                              notify_dispatcher.NotificationDispatcher)
 
 
 class TailTestCase(base.BaseTestCase):
