@@ -46,7 +46,7 @@ Delivery semantics:
 * When every subscriber's buffer is full, notify() counts the notification
   instead of serializing it; the count is reported like any other drop.
 * Nothing is stored: a subscriber receives what is emitted after the hub
-  accepted its connection (in the hub's process), or after a sibling
+  accepted its connection (in the hub's process), or after a publisher
   process learned of it from the hub (one status line later).
 
 Multi-process services share one ``sock_path``. Each process takes a
@@ -82,10 +82,10 @@ workers (without ``--lazy-apps``), does not join, so that it is never left
 holding the socket while it runs no Python. If the hub process exits, the
 publishers elect a new hub and subscribers must reconnect (the subscriber
 library and ``oslo-notify-tail --follow`` do so with backoff). During the
-switch-over, what a sibling had not yet handed to the departing hub is
+switch-over, what a publisher had not yet handed to the departing hub is
 counted and reported as dropped to the next hub's subscribers; what it
 had handed over but the hub had not relayed yet is lost without notice.
-A hub relays the last lines of an exiting sibling before dropping it.
+A hub relays the last lines of an exiting publisher before dropping it.
 
 A stale socket file never blocks start-up; a path held by a live listener
 that is not a hub of the same service is an error at driver load. The
@@ -268,7 +268,7 @@ def _check_at_least(conf_group, name, minimum, why):
 
 
 def service_identity(conf):
-    """What siblings of one service share: its project, else its program."""
+    """What the processes of a service share: its project, else program."""
     return (getattr(conf, 'project', None) or
             os.path.basename(sys.argv[0] or 'python'))
 

@@ -41,6 +41,8 @@ DROPPED_PREFIX = ('{"event_type":"%s"' % DROPPED_EVENT_TYPE).encode('ascii')
 # before the hub has read its handshake.
 CONTROL_PREFIX = ('{"%s":' % PROTOCOL_KEY).encode('ascii')
 MAX_HANDSHAKE = 4096
+# Bytes read from a connection at once.
+READ_SIZE = 262144
 
 
 def native(name):
@@ -92,3 +94,18 @@ def dropped_count(line):
         return int(json.loads(line)['payload']['dropped'])
     except (ValueError, KeyError, TypeError):
         return 0
+
+
+def notifications_in(data):
+    """How many notifications ``data`` holds, a cut first line included.
+
+    Control lines are not notifications; a drop notice stands for the
+    notifications it counts.
+    """
+    count = 0
+    for line in bytes(data).split(b'\n')[:-1]:
+        if line.startswith(DROPPED_PREFIX):
+            count += dropped_count(line)
+        elif not line.startswith(CONTROL_PREFIX):
+            count += 1
+    return count

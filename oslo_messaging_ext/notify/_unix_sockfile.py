@@ -70,7 +70,7 @@ def directory_problem(directory):
 class Lock:
     """The lock file beside the socket, taken without ever waiting.
 
-    A sibling holds it for a few milliseconds while it binds or removes
+    A publisher holds it for a few milliseconds while it binds or removes
     the socket; a process of another user that holds it forever only
     delays the election, which is retried with backoff.
     """
@@ -174,7 +174,7 @@ def remove_stale(path, refused):
 def unlink_if_ours(path, bound_id):
     """Remove ``path`` if it is still the socket file we bound.
 
-    Call it under the lock, so that a sibling's socket bound meanwhile at
+    Call it under the lock, so that a publisher's socket bound meanwhile at
     the same path is never removed.
     """
     try:

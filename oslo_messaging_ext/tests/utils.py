@@ -12,10 +12,13 @@
 
 """Helpers shared by the unit and functional tests and the benchmarks."""
 
+import json
 import logging
 import time
 
 import fixtures
+
+from oslo_messaging_ext.notify import _unix_protocol as proto
 
 
 def wait_until(predicate, timeout, interval=0.01):
@@ -52,3 +55,24 @@ class FakeLogger(fixtures.FakeLogger):
         self.useFixture(fixtures.MockPatchObject(
             self.logger, 'disabled', False))
         super()._setUp()
+
+
+def notification_line(seq):
+    """A notification as the unix relay carries it: one JSON line."""
+    return json.dumps({'event_type': 'image.upload',
+                       'payload': {'seq': seq}}).encode() + b'\n'
+
+
+def native_socket_pair(test):
+    """Connected AF_UNIX sockets, ours non-blocking, closed after ``test``.
+
+    Native even in an eventlet-patched run: the relay's thread, which the
+    relay and hub unit tests stand in for, never uses green sockets.
+    """
+    socket = proto.native('socket')
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    test.addCleanup(ours.close)
+    test.addCleanup(theirs.close)
+    ours.setblocking(False)
+    theirs.settimeout(5.0)
+    return ours, theirs

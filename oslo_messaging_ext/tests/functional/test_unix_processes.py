@@ -215,23 +215,23 @@ class UnixProcessesTestCase(base.BaseTestCase):
         self.assertComplete(self.summary(sub), ['main'], 50)
         self.finish(restarted)
 
-    def test_hub_process_killed_a_sibling_takes_over(self):
+    def test_hub_process_killed_a_publisher_takes_over(self):
         hub = self.publisher('--forever', '--interval', '0.01', '--tag',
                              'first')
         self.wait_for_socket()
-        sibling = self.publisher('--forever', '--interval', '0.01', '--tag',
-                                 'second')
+        survivor = self.publisher('--forever', '--interval', '0.01', '--tag',
+                                  'second')
         early = self.subscriber(100)
         summary = self.summary(early)
         self.assertEqual(['first', 'second'], sorted(summary['tags']))
         hub.kill()
         hub.wait()
-        # The sibling binds the path again; a new subscriber hears it.
+        # The publisher binds the path again; a new subscriber hears it.
         late = self.subscriber(50)
         summary = self.summary(late)
         self.assertEqual(['second'], summary['tags'])
         self.assertEqual(0, summary['gaps'])
-        self.assertIsNone(sibling.poll())
+        self.assertIsNone(survivor.poll())
 
     def test_socat_client(self):
         socat = shutil.which('socat')

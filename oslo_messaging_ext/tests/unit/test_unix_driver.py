@@ -515,7 +515,7 @@ class UnixDriverTestCase(base.BaseTestCase):
         self.assertEqual(b'', extra.recv(10))
         self.assertEqual(1, driver.subscribers())
 
-    def test_siblings_do_not_count_against_max_subscribers(self):
+    def test_publishers_do_not_count_against_max_subscribers(self):
         driver = self.driver(sock_max_subscribers=1)
         self.subscribe(driver)
         # A worker of the same service joins whatever the subscribers.
@@ -568,16 +568,16 @@ class UnixDriverTestCase(base.BaseTestCase):
         # A connection that has not spoken yet may be one of the service's
         # processes: the hub holds lines for it until it knows.
         self.useFixture(fixtures.MonkeyPatch(
-            'oslo_messaging_ext.notify._unix_relay._HANDSHAKE_GRACE',
+            'oslo_messaging_ext.notify._unix_hub._HANDSHAKE_GRACE',
             TIMEOUT * 3))
         notifier, driver = self.notifier()
         relay = driver._relay
         subscriber = self.connect()
-        sibling = self.connect()
+        publisher = self.connect()
         self.assertTrue(wait_until(lambda: relay.connecting == 2))
         self.assertEqual(0, driver.subscribers())
         notifier.info({}, 'image.upload', {'id': 'early'})
-        sibling.sendall(_unix_protocol.control_line(
+        publisher.sendall(_unix_protocol.control_line(
             role=_unix_protocol.ROLE_PUBLISHER, service='unix-unit',
             pid=os.getpid()))
         self.assertTrue(wait_until(lambda: relay.connecting == 1))
@@ -587,9 +587,9 @@ class UnixDriverTestCase(base.BaseTestCase):
         self.assertEqual({'id': 'early'}, received['payload'])
         self.assertEqual(1, driver.subscribers())
         self.assertEqual(0, relay.connecting)
-        # The sibling was sent status lines only, never the held line.
-        sibling.setblocking(False)
-        lines = sibling.recv(1 << 20).splitlines()
+        # The publisher was sent status lines only, never the held line.
+        publisher.setblocking(False)
+        lines = publisher.recv(1 << 20).splitlines()
         self.assertTrue(lines)
         for line in lines:
             self.assertIsNotNone(_unix_protocol.parse_control(line), line)
@@ -603,32 +603,32 @@ class UnixDriverTestCase(base.BaseTestCase):
         [received] = self.read_lines(sock, 1)
         self.assertEqual({'id': 3}, received['payload'])
 
-    def test_a_sibling_stopping_while_everyone_is_full_reports_its_count(self):
+    def test_a_publisher_stopping_while_all_are_full_reports_its_count(self):
         notifier, driver = self.notifier(sock_buffer_size=65536)
         stuck = self.subscribe(driver)
         # Another process of the service: a second relay on the same path.
-        sibling = _unix_relay.Relay(
+        publisher = _unix_relay.Relay(
             self.sock_path, service='unix-unit', mode=0o660,
             gid=os.getegid(), max_subscribers=64, buffer_size=65536)
-        sibling.start()
-        self.addCleanup(sibling.close)
-        self.assertTrue(wait_until(lambda: sibling.subscribers == 1))
+        publisher.start()
+        self.addCleanup(publisher.close)
+        self.assertTrue(wait_until(lambda: publisher.subscribers == 1))
         encode = _impl_unix.make_encoder()
         payload = samples.glance_upload_payload()
         published = [0]
 
         def publish():
-            if sibling.wanted():
-                sibling.publish(encode({'event_type': 'image.upload',
-                                        'payload': payload}))
+            if publisher.wanted():
+                publisher.publish(encode({'event_type': 'image.upload',
+                                          'payload': payload}))
             published[0] += 1
-            return sibling.saturated
+            return publisher.saturated
 
         self.assertTrue(wait_until(publish))
         # Counted, not serialized, from now on; then the process stops.
         for _ in range(1000):
             publish()
-        sibling.close()
+        publisher.close()
         published = published[0]
         delivered = dropped = 0
         reader = stuck.makefile('rb')
