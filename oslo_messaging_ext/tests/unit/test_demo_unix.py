@@ -1,0 +1,43 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+import argparse
+import contextlib
+import io
+
+from oslotest import base
+
+from oslo_messaging_ext.cmd import _demo_unix
+from oslo_messaging_ext import samples
+
+
+class UnixDemoTestCase(base.BaseTestCase):
+
+    def test_the_subscriber_prints_every_notification(self):
+        parser = argparse.ArgumentParser()
+        _demo_unix.add_arguments(parser)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            status = _demo_unix.run(parser.parse_args(['--interval', '0']))
+        self.assertEqual(0, status, out.getvalue())
+        lines = out.getvalue().splitlines()
+        expected = [e['event_type']
+                    for e in samples.glance_image_notifications()]
+        emitted = [line.split()[-1] for line in lines
+                   if line.startswith('notifier emits')]
+        self.assertEqual(expected, emitted)
+        got = [line for line in lines if line.startswith('  subscriber got')]
+        self.assertEqual(len(expected), len(got))
+        for event_type, line in zip(expected, got):
+            self.assertIn(event_type, line)
+        self.assertIn('%d notifications relayed, none lost' % len(expected),
+                      lines)
