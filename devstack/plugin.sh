@@ -63,7 +63,11 @@ function oslo_messaging_ext_driver_list {
 }
 
 function install_oslo_messaging_ext {
-    setup_develop "$OSLO_MESSAGING_EXT_DIR"
+    local extras=""
+    if [[ "$OSLO_MESSAGING_EXT_ORJSON" == True ]]; then
+        extras=orjson
+    fi
+    setup_develop "$OSLO_MESSAGING_EXT_DIR" $extras
 }
 
 function configure_oslo_messaging_ext_unix {

@@ -121,8 +121,16 @@ class TestInstall(PluginTestCase):
         self.write_conf()
         result = self.run_phase('stack', 'install',
                                 OSLO_MESSAGING_EXT_DIR='/opt/stack/omx')
-        self.assertIn('setup_develop /opt/stack/omx', result.calls)
+        self.assertIn('setup_develop /opt/stack/omx orjson', result.calls)
         self.assertEqual(DEVSTACK_GLANCE_API_CONF, self.read_conf_text())
+
+    def test_install_without_orjson(self):
+        self.write_conf()
+        result = self.run_phase('stack', 'install',
+                                OSLO_MESSAGING_EXT_DIR='/opt/stack/omx',
+                                OSLO_MESSAGING_EXT_ORJSON='False')
+        self.assertIn('setup_develop /opt/stack/omx', result.calls)
+        self.assertNotIn('setup_develop /opt/stack/omx orjson', result.calls)
 
     def test_other_stack_phases_do_nothing(self):
         self.write_conf()
