@@ -676,12 +676,16 @@ class Relay:
 
         Under the lock, so that a publisher's socket bound meanwhile is never
         removed; if the lock cannot be had at once, the file is left (a
-        stale socket never blocks a start-up).
+        stale socket never blocks a start-up). A directory removed already
+        (a temporary one, /run at shutdown) took the socket with it.
         """
         with self.fork_lock:
             try:
                 with sockfile.Lock(self.lock_path):
                     sockfile.unlink_if_ours(self.path, self._bound_id)
+            except FileNotFoundError:
+                # The lock file is created if missing: the directory is.
+                pass
             except sockfile.LockBusy:
                 _log(logging.WARNING, 'Unix notification socket %s: not '
                      'removed, its lock file is held by another process',
