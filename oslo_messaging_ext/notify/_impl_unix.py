@@ -54,7 +54,8 @@ short lock on ``sock_path + '.lock'``; the one that binds the path is the
 hub, the others connect to it as publishers and introduce themselves with a
 handshake line (subscribers send nothing; a new connection that says
 nothing within 50 ms is a subscriber, and what was emitted meanwhile is
-held for it). The hub relays the publishers' lines,
+held for it; a publisher that introduces itself later still becomes
+one). The hub relays the publishers' lines,
 already serialized, to every subscriber, and tells the publishers how many
 subscribers there are, so that a process with none serializes nothing.
 Only processes of the same user may publish, and a process publishes

@@ -325,7 +325,7 @@ class Hub:
         now = time.monotonic()
         for peer in new:
             if now >= peer.classify_at:
-                self._make_subscriber(peer)
+                self._make_subscriber(peer, reading=True)
         waits = [(p.classify_at - now) * 1000 for p in new
                  if p.kind is _NEW]
         if not waits:
@@ -334,17 +334,22 @@ class Hub:
         return wait if timeout is None else min(timeout, wait)
 
     def _identify(self, peer, data):
-        """Subscribers send nothing: a handshake line makes a publisher."""
+        """Subscribers send nothing: a handshake line makes a publisher.
+
+        Of a new connection, or of one already taken for a subscriber: a
+        publisher starved of CPU past the grace period introduces itself
+        late, and what it sends must not be ignored, uncounted.
+        """
         line, newline, rest = data.partition(b'\n')
         if not newline:
             if len(data) > proto.MAX_HANDSHAKE:
-                self._make_subscriber(peer)
+                self._not_a_publisher(peer)
             else:
                 peer.inbuf = data
             return
         hello = proto.parse_control(line)
         if not hello or hello.get(proto.PROTOCOL_KEY) != proto.ROLE_PUBLISHER:
-            self._make_subscriber(peer)
+            self._not_a_publisher(peer)
             return
         try:
             uid = sockfile.peer_uid(peer.sock)
@@ -358,26 +363,37 @@ class Hub:
                              'only uid %d may publish (%d ignored since the '
                              'last report)', self.path, uid, os.geteuid(),
                              unsaid)
-            self._make_subscriber(peer)
+            self._not_a_publisher(peer)
             return
         peer.kind = _PUBLISHER
         peer.inbuf = b''
-        # Held for it while it could have been a subscriber: not for it.
-        peer.pending.clear()
-        peer.pending_bytes = 0
         peer.dropped = 0
+        if peer.pending:
+            # Held for it, or sent to it, as to a subscriber: not for it.
+            # Only the rest of a line partly sent stays, so that its status
+            # lines start a line.
+            self.trim_to_line_end(peer)
         self._count_changed()
         if rest:
             self._relay_publisher_data(peer, rest)
 
-    def _make_subscriber(self, peer):
-        """Whatever a subscriber sends is ignored.
+    def _not_a_publisher(self, peer):
+        if peer.kind is _NEW:
+            self._make_subscriber(peer)
+        else:
+            self._stop_reading(peer)
 
-        Only subscribers count against sock_max_subscribers, once known:
+    def _make_subscriber(self, peer, reading=False):
+        """Whatever a subscriber sends is ignored, but a late handshake.
+
+        One taken for a subscriber only because it said nothing yet is
+        still read (``reading``): it may be a publisher that is late. Only
+        subscribers count against sock_max_subscribers, once known:
         publishers are always let in.
         """
-        peer.reading = False
-        peer.inbuf = b''
+        peer.reading = reading
+        if not reading:
+            peer.inbuf = b''
         if peer.kind is _NEW:
             if self._subscriber_count() >= self.max_subscribers:
                 self._say_refused('sock_max_subscribers (%d) reached'
@@ -456,12 +472,12 @@ class Hub:
                 # stdin at EOF) still reads; a closed one shows POLLHUP.
                 self._make_subscriber(peer)
             return
-        if peer.kind is _SUBSCRIBER:
-            self._stop_reading(peer)
-            return
         if peer.kind is _PUBLISHER:
             self._relay_publisher_data(peer, data)
             return True
+        if peer.kind is _SUBSCRIBER and not peer.reading:
+            self._stop_reading(peer)
+            return
         self._identify(peer, peer.inbuf + data)
 
     def _relay_publisher_data(self, peer, data):

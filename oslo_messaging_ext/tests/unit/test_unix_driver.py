@@ -102,6 +102,17 @@ class UnixDriverTestCase(base.BaseTestCase):
         self.assertTrue(wait_until(lambda: driver.subscribers() == count))
         return sock
 
+    def another_process_publishing(self):
+        # A second relay on the path, as another process of the service
+        # has, once it knows of the one subscriber.
+        publisher = _unix_relay.Relay(
+            self.sock_path, service='unix-unit', mode=0o660,
+            gid=os.getegid(), max_subscribers=64, buffer_size=65536)
+        publisher.start()
+        self.addCleanup(publisher.close)
+        self.assertTrue(wait_until(lambda: publisher.subscribers == 1))
+        return publisher
+
     def read_lines(self, sock, count):
         reader = sock.makefile('rb')
         self.addCleanup(reader.close)
@@ -603,16 +614,24 @@ class UnixDriverTestCase(base.BaseTestCase):
         [received] = self.read_lines(sock, 1)
         self.assertEqual({'id': 3}, received['payload'])
 
+    def test_a_publisher_that_introduces_itself_late_is_heard(self):
+        # No grace at all: every publisher's handshake comes after it was
+        # taken for a subscriber, as when it is starved of CPU.
+        self.useFixture(fixtures.MonkeyPatch(
+            'oslo_messaging_ext.notify._unix_hub._HANDSHAKE_GRACE', 0))
+        notifier, driver = self.notifier()
+        sock = self.subscribe(driver)
+        publisher = self.another_process_publishing()
+        self.assertEqual(1, driver.subscribers())
+        publisher.publish(_impl_unix.make_encoder()(
+            {'event_type': 'image.upload', 'payload': {'id': 'late'}}))
+        [received] = self.read_lines(sock, 1)
+        self.assertEqual({'id': 'late'}, received['payload'])
+
     def test_a_publisher_stopping_while_all_are_full_reports_its_count(self):
         notifier, driver = self.notifier(sock_buffer_size=65536)
         stuck = self.subscribe(driver)
-        # Another process of the service: a second relay on the same path.
-        publisher = _unix_relay.Relay(
-            self.sock_path, service='unix-unit', mode=0o660,
-            gid=os.getegid(), max_subscribers=64, buffer_size=65536)
-        publisher.start()
-        self.addCleanup(publisher.close)
-        self.assertTrue(wait_until(lambda: publisher.subscribers == 1))
+        publisher = self.another_process_publishing()
         encode = _impl_unix.make_encoder()
         payload = samples.glance_upload_payload()
         published = [0]

@@ -135,3 +135,53 @@ class HubTestCase(base.BaseTestCase):
         self.assertEqual(1000, unread)
         [rest] = subscriber.pending
         self.assertEqual(notification(0)[10:], bytes(rest))
+
+    def test_a_publisher_whose_handshake_came_late_is_still_heard(self):
+        # A publisher starved of CPU for longer than the grace period is
+        # taken for a subscriber; its handshake must still make it one,
+        # or every line it sends would be ignored, uncounted.
+        subscriber, subscriber_end = self.peer(_unix_hub._NEW)
+        late, late_end = self.peer(_unix_hub._NEW)
+        for peer in (subscriber, late):
+            peer.classify_at = 0
+        self.hub.tick(None)
+        self.assertEqual(_unix_hub._SUBSCRIBER, late.kind)
+        self.assertEqual((2, 0, False), self.counts[-1])
+
+        late_end.sendall(proto.control_line(
+            role=proto.ROLE_PUBLISHER, service='hub-unit', pid=1) +
+            b''.join(notification(seq) for seq in range(3)))
+        self.hub.handle(late.fd, select.POLLIN)
+
+        self.assertEqual(_unix_hub._PUBLISHER, late.kind)
+        self.assertEqual((1, 0, False), self.counts[-1])
+        reader = subscriber_end.makefile('rb')
+        self.addCleanup(reader.close)
+        received = [json.loads(reader.readline())['payload']['seq']
+                    for _ in range(3)]
+        self.assertEqual([0, 1, 2], received)
+        # It is sent status lines only from now on.
+        late_end.setblocking(False)
+        for line in late_end.recv(65536).splitlines():
+            self.assertIsNotNone(proto.parse_control(line), line)
+
+    def test_a_subscriber_that_sends_anything_else_is_not_read_again(self):
+        subscriber, subscriber_end = self.peer(_unix_hub._NEW)
+        subscriber.classify_at = 0
+        self.hub.tick(None)
+        subscriber_end.sendall(b'hello\n')
+        self.hub.handle(subscriber.fd, select.POLLIN)
+        self.assertEqual(_unix_hub._SUBSCRIBER, subscriber.kind)
+        self.assertFalse(subscriber.reading)
+
+    def test_a_handshake_cut_by_the_grace_period_still_counts(self):
+        late, late_end = self.peer(_unix_hub._NEW)
+        hello = proto.control_line(role=proto.ROLE_PUBLISHER,
+                                   service='hub-unit', pid=1)
+        late_end.sendall(hello[:10])
+        self.hub.handle(late.fd, select.POLLIN)
+        late.classify_at = 0
+        self.hub.tick(None)
+        late_end.sendall(hello[10:])
+        self.hub.handle(late.fd, select.POLLIN)
+        self.assertEqual(_unix_hub._PUBLISHER, late.kind)
