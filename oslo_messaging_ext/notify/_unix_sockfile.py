@@ -17,23 +17,30 @@ file is here, written once: the safety rule for its directory, the lock
 that serializes the processes of a service, the private bind and rename,
 the unlink of our own socket only, and the uid of a connected peer.
 
-Every call is non-blocking or bounded, and uses the modules as they were
-before eventlet patched them: the relay's native thread calls them, and a
-fork of the service waits for the lock that guards them.
+Every call is non-blocking or bounded, and never green: the relay's
+native thread calls them, and a fork of the service waits for the lock
+that guards them.
 """
 
 import binascii
 import errno
+import fcntl
+import os
+import socket
 import stat
 import struct
 
 from oslo_messaging_ext.notify import _unix_protocol as proto
 
-fcntl = proto.native('fcntl')
-os = proto.native('os')
-socket = proto.native('socket')
-
 _LISTEN_BACKLOG = 128
+
+
+def _new_socket():
+    # Looked up at each call, not bound at import: eventlet's
+    # monkey_patch() replaces socket.socket (and os.open) in place, in the
+    # modules imported before it ran too.
+    native = proto.native('socket')
+    return native.socket(native.AF_UNIX, native.SOCK_STREAM)
 
 
 class LockBusy(Exception):
@@ -80,8 +87,9 @@ class Lock:
         self._fd = None
 
     def __enter__(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
-                     os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        fd = proto.native('os').open(
+            self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
+            os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
@@ -134,7 +142,7 @@ def bind_listener(path, mode, gid):
         parent, '.sock-' + binascii.hexlify(os.urandom(6)).decode())
     os.mkdir(private_dir, 0o700)
     private_path = os.path.join(private_dir, 's')
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _new_socket()
     try:
         sock.bind(private_path)
         os.chown(private_path, -1, gid, follow_symlinks=False)
@@ -195,7 +203,7 @@ def probe(path, service, timeout):
     :raises RelayError: when a live listener is not a hub of ``service``
         run by the service user
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _new_socket()
     try:
         sock.settimeout(timeout)
         try:

@@ -296,7 +296,7 @@ class UnixDriverTestCase(base.BaseTestCase):
                          stat.S_IMODE(os.stat(parent).st_mode)))
             return real_chmod(path, mode, *args, **kwargs)
 
-        # The relay thread calls the os module eventlet did not patch.
+        # The os module the socket-file helpers call.
         with mock.patch.object(_unix_sockfile.os, 'chmod', spy_chmod):
             self.driver()
             self.assertTrue(wait_until(

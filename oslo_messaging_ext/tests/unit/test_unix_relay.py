@@ -107,6 +107,31 @@ class RelayTestCase(base.BaseTestCase):
             self.assertEqual(0, result.returncode, result.stderr[-2000:])
             self.assertIn('relay records logged', result.stdout)
 
+    def test_sockets_stay_native_when_eventlet_patches_after_import(self):
+        # monkey_patch() replaces socket.socket in place, in modules
+        # imported before it ran too: the relay's thread must still get
+        # native sockets, whatever the order of the service's imports.
+        code = (
+            'import os, sys, tempfile, time\n'
+            'from oslo_messaging_ext.notify import _unix_relay\n'
+            'import eventlet\n'
+            'eventlet.monkey_patch()\n'
+            'relay = _unix_relay.Relay(\n'
+            '    os.path.join(tempfile.mkdtemp(), "n.sock"), service="late",\n'
+            '    mode=0o660, gid=os.getegid(), max_subscribers=4,\n'
+            '    buffer_size=65536)\n'
+            'relay.start()\n'
+            'deadline = time.monotonic() + 10\n'
+            'while relay.state != "hub" and time.monotonic() < deadline:\n'
+            '    eventlet.sleep(0.01)\n'
+            'print(relay.state, type(relay._hub.listener).__module__)\n'
+            'relay.close()\n')
+        env = dict(os.environ, PYTHONWARNINGS='ignore')
+        result = subprocess.run([sys.executable, '-c', code], timeout=60,
+                                capture_output=True, text=True, env=env)
+        self.assertEqual(0, result.returncode, result.stderr[-2000:])
+        self.assertEqual('hub socket', result.stdout.strip())
+
     def test_notifications_in_a_cut_batch(self):
         batch = (b'image.upload"}}\n' +
                  proto.control_line(role=proto.ROLE_PUBLISHER, service='s',
