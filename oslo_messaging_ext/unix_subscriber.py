@@ -56,8 +56,6 @@ LOG = logging.getLogger(__name__)
 DROPPED_EVENT_TYPE = _unix_protocol.DROPPED_EVENT_TYPE
 PRIORITIES = tuple(notify_dispatcher.PRIORITIES)
 
-_READ_SIZE = 262144
-
 
 class SubscriberError(Exception):
     """Connecting to the socket failed; the message says why."""
@@ -211,7 +209,7 @@ class Subscription:
             try:
                 while True:
                     try:
-                        data = sock.recv(_READ_SIZE)
+                        data = sock.recv(_unix_protocol.READ_SIZE)
                     except OSError:
                         data = b''
                     if not data:

@@ -127,9 +127,6 @@ class Hub:
 
     # -- what the relay calls -------------------------------------------------
 
-    def owns(self, fd):
-        return fd == self.listener.fileno() or fd in self.peers
-
     def handle(self, fd, events):
         if fd == self.listener.fileno():
             self._accept()
