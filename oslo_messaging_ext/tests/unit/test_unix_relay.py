@@ -51,31 +51,33 @@ class RelayTestCase(base.BaseTestCase):
     def pair(self):
         return test_utils.native_socket_pair(self)
 
-    def test_lines_the_lost_hub_did_not_take_are_reported(self):
-        self.relay.state = _unix_relay._PUBLISHER
+    def publishing(self):
+        """The relay as a publisher, and the hub's end of its link."""
         upstream, hub_end = self.pair()
-        self.relay._upstream = upstream
-        self.relay._poller.register(upstream, select.POLLIN)
+        self.relay._become_publisher(upstream)
+        self.relay._upstream.pending = b''
+        return hub_end
+
+    def test_lines_the_lost_hub_did_not_take_are_reported(self):
+        self.publishing()
         batch = b''.join(notification(seq) for seq in range(10))
         # The hub took 3 lines and half of the fourth.
         cut = len(b''.join(notification(seq) for seq in range(3))) + 5
-        self.relay._upstream_pending = memoryview(batch)[cut:]
+        self.relay._upstream.pending = memoryview(batch)[cut:]
 
         self.relay._lose_upstream()
 
         self.assertEqual(_unix_relay._STARTING, self.relay.state)
-        [notice] = self.relay._outbox
+        [notice] = self.relay.outbox.take()
         self.assertTrue(notice.encode().startswith(proto.DROPPED_PREFIX))
         self.assertEqual(7, proto.dropped_count(notice))
 
     def test_hub_gone_with_pollout_and_pollhup_together(self):
         # The relay used to call recv() on the upstream it had just lost,
         # and end up failed for the rest of the process's life.
-        self.relay.state = _unix_relay._PUBLISHER
-        upstream, hub_end = self.pair()
-        self.relay._upstream = upstream
-        self.relay._poller.register(upstream, select.POLLIN)
-        self.relay._upstream_pending = b''.join(
+        hub_end = self.publishing()
+        upstream = self.relay._upstream
+        self.relay._upstream.pending = b''.join(
             notification(seq) for seq in range(3))
         hub_end.close()
 
@@ -83,7 +85,7 @@ class RelayTestCase(base.BaseTestCase):
 
         self.assertEqual(_unix_relay._STARTING, self.relay.state)
         self.assertIsNone(self.relay._upstream)
-        [notice] = self.relay._outbox
+        [notice] = self.relay.outbox.take()
         self.assertEqual(3, proto.dropped_count(notice))
 
     def test_a_connection_refused_at_once_backs_off(self):
@@ -94,7 +96,7 @@ class RelayTestCase(base.BaseTestCase):
             self.relay._become_publisher(upstream)
             hub_end.close()
             self.relay._read_upstream()
-            delays.append(self.relay._retry_at - time.monotonic())
+            delays.append(self.relay.retry.at - time.monotonic())
         self.assertEqual(_unix_relay._STARTING, self.relay.state)
         self.assertGreater(delays[0], 0)
         self.assertGreater(delays[-1], delays[0] * 4)
