@@ -290,22 +290,6 @@ def redact_context(ctxt):
     return strutils.mask_dict_password(clean)
 
 
-def _in_uwsgi_master():
-    """Whether this is uwsgi's master, loading the app before forking.
-
-    Without --lazy-apps the master creates the driver, forks the workers
-    and may run no Python thread afterwards: it must not become the hub.
-    Its workers join at fork instead.
-    """
-    uwsgi = sys.modules.get('uwsgi')
-    if uwsgi is None:
-        return False
-    try:
-        return uwsgi.worker_id() == 0
-    except Exception:
-        return False
-
-
 def _finite(value):
     """``value`` with every NaN and infinity replaced by None."""
     if isinstance(value, float):
@@ -390,8 +374,9 @@ class UnixSocketDriver(notifier.Driver):
         self._relay = _unix_relay.get(
             path, service=service, mode=mode, gid=gid,
             max_subscribers=max_subscribers, buffer_size=buffer_size)
-        if not _in_uwsgi_master():
-            self._relay.start()
+        # Not in uWSGI's master, which forks its workers after loading the
+        # application: they join when they are forked.
+        self._relay.start()
 
     def notify(self, ctxt, message, priority, retry):
         relay = self._relay

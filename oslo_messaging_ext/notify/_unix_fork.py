@@ -15,10 +15,21 @@
 One relay exists per socket path and per process (:data:`relays`). This
 module keeps them right whoever forks the process and however it ends:
 
-* os.fork() and multiprocessing run Python's at-fork hooks: before the
-  fork, each relay's fork lock is taken (no lock file nor half-bound
-  socket is inherited); the child forgets what it inherited and joins
-  again as a publisher.
+* A process that forks never holds a running relay thread at fork time.
+  os.fork() and multiprocessing run Python's at-fork hooks: before the
+  fork, each relay's thread is parked at a safe point (waiting on a lock,
+  not holding the GIL nor any lock of its own) and the relay's fork lock
+  is taken (no lock file nor half-bound socket is inherited); the parent
+  then resumes its thread, and the child forgets what it inherited and
+  joins again as a publisher.
+* uWSGI forks its workers without Python's at-fork hooks (unless run
+  with ``--py-call-osafterfork``), so the parked thread cannot be had
+  there: its master, which loads the application before forking (without
+  ``--lazy-apps``), never starts a relay thread (:func:`in_uwsgi_master`).
+  uWSGI's own post-fork hook, where uWSGI is present, makes each worker's
+  relay its own; and any relay that finds itself in another process than
+  the one that made it (a fork no hook told about) does the same before
+  it acts (:func:`adopt`).
 * At exit the relays hand their queued lines over and remove their socket;
   a multiprocessing child, which ends in os._exit(), does so from its
   finalizers.
@@ -28,11 +39,49 @@ import atexit
 import logging
 from multiprocessing import util as mp_util
 import os
+import sys
+
+from oslo_messaging_ext.notify import _unix_protocol as proto
 
 LOG = logging.getLogger(__name__)
 
 # The relays of this process, by socket path.
 relays = {}
+
+# Serializes the adoption of a relay by a child that no at-fork hook told
+# about its fork: two of its threads may notice it at once.
+_adopt_lock = proto.native('threading').Lock()
+
+
+def in_uwsgi_master():
+    """Whether this is uWSGI's master, which forks the workers.
+
+    Without --lazy-apps the master loads the application, so creates the
+    driver, then forks the workers without Python's at-fork hooks: a relay
+    thread running there would be copied into each worker half-way (the
+    workers then hang taking the GIL), and the master may run no Python
+    afterwards. Mules and the spooler are forked from it and may relay.
+    """
+    uwsgi = sys.modules.get('uwsgi')
+    if uwsgi is None:
+        return False
+    try:
+        if uwsgi.worker_id() != 0:
+            return False
+        mule_id = getattr(uwsgi, 'mule_id', None)
+        if mule_id is not None and mule_id() != 0:
+            return False
+        spooler = getattr(uwsgi, 'i_am_the_spooler', None)
+        return not (spooler is not None and spooler())
+    except Exception:
+        return False
+
+
+def adopt(relay):
+    """Make a relay inherited through a fork no hook told about our own."""
+    with _adopt_lock:
+        if relay.pid != os.getpid():
+            relay.after_fork_in_child()
 
 
 def register_for_multiprocessing(relay):
@@ -51,12 +100,14 @@ def _finalize_in_multiprocessing_child(relay):
 
 def _before_fork():
     for relay in list(relays.values()):
+        relay.park()
         relay.fork_lock.acquire()
 
 
 def _after_fork_in_parent():
     for relay in list(relays.values()):
         relay.fork_lock.release()
+        relay.unpark()
 
 
 def _after_fork_in_child():
@@ -65,6 +116,39 @@ def _after_fork_in_child():
         # A forked worker joins at once, so that the socket exists (and
         # its subscribers are counted) before its first notification.
         relay.start()
+
+
+def _after_uwsgi_fork():
+    # With --py-call-osafterfork Python's hooks ran first: nothing is left
+    # to adopt then, but a relay idle in the master starts here.
+    for relay in list(relays.values()):
+        adopt(relay)
+        relay.start()
+
+
+def _install_uwsgi_post_fork_hook():
+    """Run _after_uwsgi_fork in every process uWSGI forks.
+
+    Through uwsgidecorators.postfork, so that the application's own
+    post-fork functions, registered the same way, run too; failing that
+    (an embedded uWSGI without it), chained to uwsgi.post_fork_hook.
+    """
+    uwsgi = sys.modules.get('uwsgi')
+    if uwsgi is None:
+        return
+    try:
+        import uwsgidecorators
+    except ImportError:
+        previous = getattr(uwsgi, 'post_fork_hook', None)
+
+        def post_fork_hook():
+            _after_uwsgi_fork()
+            if previous is not None:
+                previous()
+
+        uwsgi.post_fork_hook = post_fork_hook
+        return
+    uwsgidecorators.postfork(_after_uwsgi_fork)
 
 
 def _close_all_at_exit():
@@ -80,3 +164,4 @@ os.register_at_fork(before=_before_fork,
                     after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
 atexit.register(_close_all_at_exit)
+_install_uwsgi_post_fork_hook()

@@ -64,6 +64,9 @@ _CLOSE_SUBSCRIBERS_TIMEOUT = 1.0
 # After that, how long a subscriber has to read the rest of a line it got
 # a part of, so that it never sees a cut line.
 _CLOSE_LINE_END_TIMEOUT = 1.0
+# How long a fork waits for the relay thread to park. It parks within a
+# pass of its loop, which never blocks; past this the fork goes on.
+_PARK_TIMEOUT = 1.0
 
 _IDLE, _STARTING, _HUB, _PUBLISHER = 'idle', 'starting', 'hub', 'publisher'
 
@@ -116,6 +119,11 @@ class Relay:
         # at-fork hook waits for it, so a child never holds the lock file.
         # Nothing under it ever waits.
         self.fork_lock = self._threading.Lock()
+        # Before a fork the forking thread holds the gate and the relay
+        # thread waits on it, at the top of its loop.
+        self._park_gate = self._threading.Lock()
+        self._parked = self._threading.Event()
+        self._park_wanted = False
         self._stopping = False
         self._final_read_done = False
         self._lines_trimmed = False
@@ -133,14 +141,17 @@ class Relay:
     def wanted(self):
         """Whether a line would reach anyone, starting the relay if idle.
 
-        This is the hot path when nobody listens: no lock, no syscall. A
-        fork is handled by the at-fork hook (Python's os.fork,
-        multiprocessing, and uwsgi, which calls PyOS_AfterFork_Child).
+        This is the hot path when nobody listens: no lock, one getpid().
+        A fork is handled by the at-fork hooks (os.fork, multiprocessing,
+        uWSGI's post-fork hook); the pid tells of a fork none ran for.
         """
+        if self.pid != os.getpid():
+            unix_fork.adopt(self)
         if unix_log.pending():
             emit_deferred_records()
-        if self.state is _IDLE:
-            self.start()
+        if self.state is _IDLE and not self.start():
+            # uWSGI's master: nothing it emits can be relayed.
+            return False
         if self.saturated:
             # Every subscriber's buffer is full: the line would be dropped
             # by the hub. Count it here, without serializing it; the relay
@@ -151,13 +162,22 @@ class Relay:
 
     def publish(self, line):
         """Queue one JSON line (str, no newline); never blocks."""
+        if self.pid != os.getpid():
+            unix_fork.adopt(self)
         self.outbox.publish(line)
 
     def start(self):
-        """Start the I/O thread, which joins or becomes the hub."""
+        """Start the I/O thread, which joins or becomes the hub.
+
+        :returns: False in uWSGI's master, where it never runs
+        """
+        if self.pid != os.getpid():
+            unix_fork.adopt(self)
+        if unix_fork.in_uwsgi_master():
+            return False
         with self._lock:
             if self.state is not _IDLE:
-                return
+                return True
             self.state = _STARTING
             wake_r = self.outbox.open_wake_pipe()
             self._poller = self._select.poll()
@@ -167,11 +187,13 @@ class Relay:
                 name='oslo.messaging-ext unix relay %s' % self.path)
             self._thread.start()
         unix_log.start_green_drainer()
+        return True
 
     def close(self, flush_timeout=_CLOSE_FLUSH_TIMEOUT):
         """Stop the relay, hand over queued lines, remove our socket."""
         if self.pid != os.getpid():
-            return
+            # Forked without hooks: what runs is the parent's, not ours.
+            unix_fork.adopt(self)
         thread = self._thread
         if thread is None:
             return
@@ -191,6 +213,38 @@ class Relay:
         self.subscribers = None
         self.connecting = 0
         emit_deferred_records()
+
+    def park(self):
+        """Before a fork: hold the relay thread at a safe point.
+
+        The forking thread waits until the relay thread waits on the gate
+        it holds: the thread then holds no lock and not the GIL, and is
+        not half-way through anything the child would inherit.
+        """
+        thread = self._thread
+        if (thread is None or not thread.is_alive() or
+                thread is self._threading.current_thread()):
+            return
+        self._park_gate.acquire()
+        self._park_wanted = True
+        self.outbox.wake()
+        if not self._parked.wait(_PARK_TIMEOUT):
+            _log(logging.WARNING, 'Unix notification socket %s: the relay '
+                 'thread did not pause for a fork within %.1f s; forking '
+                 'anyway', self.path, _PARK_TIMEOUT)
+
+    def unpark(self):
+        """After a fork, in the parent: let the relay thread go on."""
+        if self._park_wanted:
+            self._park_wanted = False
+            self._parked.clear()
+            self._park_gate.release()
+
+    def _park_if_wanted(self):
+        if self._park_wanted:
+            self._parked.set()
+            with self._park_gate:
+                pass
 
     def after_fork_in_child(self):
         """Forget what the parent owned; rejoin as a publisher."""
@@ -236,6 +290,7 @@ class Relay:
 
     def _run(self):
         while True:
+            self._park_if_wanted()
             if self.state is _STARTING and self.retry.due(time.monotonic()):
                 self._try_to_join()
             lines = self.outbox.take() if self._can_take() else None

@@ -303,16 +303,37 @@ class UnixDriverTestCase(base.BaseTestCase):
                 lambda: os.path.exists(self.sock_path)))
         self.assertEqual([(True, 0o700)], seen)
 
-    def test_uwsgi_master_does_not_become_the_hub(self):
-        uwsgi = mock.Mock()
-        uwsgi.worker_id.return_value = 0
+    def fake_uwsgi(self, worker_id):
+        uwsgi = mock.Mock(spec=['worker_id', 'mule_id', 'i_am_the_spooler'])
+        uwsgi.worker_id.return_value = worker_id
+        uwsgi.mule_id.return_value = 0
+        uwsgi.i_am_the_spooler.return_value = False
         self.useFixture(fixtures.MonkeyPatch('sys.modules',
                                              dict(sys.modules, uwsgi=uwsgi)))
+        return uwsgi
+
+    def test_uwsgi_master_never_starts_a_relay_thread(self):
+        # uWSGI forks its workers from the master without Python's at-fork
+        # hooks: a relay thread running there at fork time left every
+        # worker hanging on the GIL. A notification emitted while the
+        # application loads used to start it.
+        uwsgi = self.fake_uwsgi(worker_id=0)
         notifier, driver = self.notifier()
+        serialized = mock.Mock(wraps=driver._encode)
+        driver._encode = serialized
+        notifier.info({}, 'image.upload', {'id': 1})
+        self.assertIsNone(driver._relay._thread)
+        self.assertEqual(0, serialized.call_count)
         self.assertIsNone(driver.subscribers())
         self.assertFalse(os.path.lexists(self.sock_path))
-        # A worker (or the master, should it notify after all) joins at
-        # its first notification.
+        # A mule, forked from the master, relays.
+        uwsgi.mule_id.return_value = 1
+        notifier.info({}, 'image.upload', {'id': 2})
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
+
+    def test_uwsgi_worker_joins_at_its_first_notification(self):
+        uwsgi = self.fake_uwsgi(worker_id=0)
+        notifier, driver = self.notifier()
         uwsgi.worker_id.return_value = 1
         notifier.info({}, 'image.upload', {'id': 1})
         self.assertTrue(wait_until(lambda: driver.subscribers() == 0))

@@ -18,6 +18,7 @@ test, so that the order of events that a thread would make a matter of
 luck is fixed.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -26,9 +27,11 @@ import time
 import fixtures
 from oslotest import base
 
+from oslo_messaging_ext.notify import _unix_fork
 from oslo_messaging_ext.notify import _unix_protocol as proto
 from oslo_messaging_ext.notify import _unix_relay
 from oslo_messaging_ext.tests import utils as test_utils
+from oslo_messaging_ext import unix_subscriber
 
 # The relay runs in a native thread and polls natively; driven by hand
 # here, it gets the same module in an eventlet-patched run.
@@ -143,3 +146,74 @@ class RelayTestCase(base.BaseTestCase):
                  notification(2))
         self.assertEqual(1 + 1 + 5 + 1, proto.notifications_in(batch))
         self.assertEqual(0, proto.notifications_in(b''))
+
+
+class ForkTestCase(base.BaseTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.path = os.path.join(self.useFixture(fixtures.TempDir()).path,
+                                 'n.sock')
+
+    def hub(self):
+        relay = _unix_relay.get(self.path, service='park', mode=0o660,
+                                gid=os.getegid(), max_subscribers=4,
+                                buffer_size=65536)
+        self.addCleanup(_unix_relay.release, relay)
+        relay.start()
+        self.assertTrue(test_utils.wait_until(
+            lambda: relay.state == _unix_relay._HUB, 10))
+        return relay
+
+    def test_a_fork_without_hooks_is_noticed(self):
+        # Default uWSGI forks its workers without Python's at-fork hooks:
+        # the relay used to keep the master's pid, so that a worker's
+        # close() did nothing and left its socket behind, and log records
+        # deferred in the master were logged again by every worker.
+        script = os.path.join(os.path.dirname(__file__), 'hookless_fork.py')
+        result = subprocess.run([sys.executable, script, self.path],
+                                timeout=60, capture_output=True, text=True)
+        self.assertEqual(0, result.returncode, result.stderr[-2000:])
+        report = json.loads(result.stdout.splitlines()[-1])
+        self.assertEqual({'relay_pid_is_ours': True,
+                          'received_from': report['pid'],
+                          'pid': report['pid'],
+                          'socket_left': False,
+                          'parent_records': []}, report)
+
+    def test_the_relay_thread_is_parked_while_the_process_forks(self):
+        relay = self.hub()
+        sock = unix_subscriber.connect(self.path)
+        self.addCleanup(sock.close)
+        self.assertTrue(test_utils.wait_until(
+            lambda: relay.subscribers == 1, 10))
+        _unix_fork._before_fork()
+        try:
+            self.assertTrue(relay._parked.is_set())
+            # Parked: it takes nothing from the outbox.
+            relay.publish(notification(1).decode().rstrip('\n'))
+            self.assertFalse(test_utils.wait_until(
+                lambda: not relay.outbox, 0.2))
+        finally:
+            _unix_fork._after_fork_in_parent()
+        sock.settimeout(10)
+        self.assertEqual(notification(1), sock.makefile('rb').readline())
+        self.assertFalse(relay._parked.is_set())
+
+    def test_forks_of_a_busy_hub_never_hang(self):
+        relay = self.hub()
+        for seq in range(20):
+            relay.publish(notification(seq).decode().rstrip('\n'))
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if relay.pid == os.getpid() else 1)
+            deadline = time.monotonic() + 10
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    self.fail('a forked child hung')
+                time.sleep(0.01)
+            self.assertEqual(0, os.waitstatus_to_exitcode(status))
