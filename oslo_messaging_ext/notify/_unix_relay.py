@@ -306,6 +306,8 @@ class Relay:
                 timeout = self.retry.wait_ms()
             elif self._stopping:
                 timeout = 10
+            elif self._upstream is not None and not self._upstream.answered:
+                timeout = self._await_answer(timeout)
             if self._hub is not None:
                 timeout = self._hub.tick(timeout)
             timeout = self._report_drops(timeout)
@@ -329,6 +331,17 @@ class Relay:
         else:
             self._become_publisher(elected.sock)
         self.retry.joined(self.state is _HUB)
+
+    def _await_answer(self, timeout):
+        """Let go of a listener that does not answer as a hub; timeout."""
+        wait = self._upstream.answer_wait_ms()
+        if wait:
+            return wait if timeout is None else min(timeout, wait)
+        self.retry.say('it is held by a live listener that has not answered '
+                       'as a hub of this service within %.0f s'
+                       % upstream.ANSWER_TIMEOUT)
+        self._lose_upstream(settled=False)
+        return self.retry.wait_ms()
 
     def _stop_step(self):
         """One step of a clean stop; return True when it is over."""
@@ -407,7 +420,8 @@ class Relay:
     def _can_take(self):
         if self.state is _HUB:
             return True
-        return self.state is _PUBLISHER and not self._upstream_pending()
+        return (self.state is _PUBLISHER and self._upstream.answered and
+                not self._upstream_pending())
 
     def _upstream_pending(self):
         return self._upstream is not None and bool(self._upstream.pending)
@@ -444,8 +458,6 @@ class Relay:
         self.state = _HUB
         self.subscribers = 0
         self.connecting = 0
-        _log(logging.DEBUG, 'Process %d serves unix notification socket %s',
-             self.pid, self.path)
 
     def _become_publisher(self, sock):
         self._upstream = upstream.Upstream(sock, self._poller, self.service,
@@ -471,6 +483,7 @@ class Relay:
                     '%s)' % (status.get('service'), status.get('pid')))
                 self._lose_upstream(settled=False)
                 return
+            self._upstream.answered = True
             self.subscribers = status.get('subscribers', 0)
             self.connecting = status.get('connecting', 0)
             self.saturated = bool(status.get('saturated'))

@@ -14,8 +14,10 @@
 
 When another process of the service holds the socket, the relay thread
 of this one is a publisher: it introduces itself with a handshake line,
-then writes its batches of lines to the hub, and reads the hub's status
-lines (how many subscribers there are, whether all are full). Everything
+then, once the hub has answered with its status, writes its batches of
+lines to it, and reads the hub's status lines (how many subscribers there
+are, whether all are full). Until the hub answers, lines wait in the
+outbox: a listener that never answers gets none of them. Everything
 is non-blocking and polled by the relay's poller; what the hub has not
 taken yet stays pending here, so that what a lost hub never got can be
 counted.
@@ -30,6 +32,10 @@ select = proto.native('select')
 # A connection that ends sooner than this was refused or broken at once:
 # the next attempt backs off instead of reconnecting in a loop.
 SETTLED = 1.0
+# A hub answers a handshake at once with its status. A listener that has
+# not within this many seconds is paused, busy, or no hub at all: the
+# relay lets it go and tries again with backoff.
+ANSWER_TIMEOUT = 5.0
 
 
 class Upstream:
@@ -46,6 +52,8 @@ class Upstream:
         self.since = time.monotonic()
         self._poller = poller
         self._inbuf = b''
+        # Whether a hub of the service answered.
+        self.answered = False
         self.pending = proto.control_line(
             role=proto.ROLE_PUBLISHER, service=service, pid=pid)
         poller.register(sock, select.POLLIN | select.POLLOUT)
@@ -55,6 +63,10 @@ class Upstream:
 
     def settled(self):
         return time.monotonic() - self.since >= SETTLED
+
+    def answer_wait_ms(self):
+        """Milliseconds left for the hub to answer (0: too late)."""
+        return max(0, self.since + ANSWER_TIMEOUT - time.monotonic()) * 1000
 
     def send(self, data):
         """Send a batch; return False when the hub is gone."""
