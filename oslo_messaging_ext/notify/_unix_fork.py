@@ -37,6 +37,7 @@ module keeps them right whoever forks the process and however it ends:
 
 import atexit
 import logging
+import multiprocessing
 from multiprocessing import util as mp_util
 import os
 import sys
@@ -88,9 +89,13 @@ def register_for_multiprocessing(relay):
     """Close ``relay`` at the end of a multiprocessing child.
 
     Such a child ends in os._exit, without atexit. Its finalizer registry
-    is emptied when it starts, so the finalizer is registered from an
-    after-fork hook that multiprocessing runs after that.
+    is emptied when it starts, so for a relay made before the fork the
+    finalizer is registered from an after-fork hook that multiprocessing
+    runs after that; a relay made in the child (cotyledon's workers make
+    their notifier there) registers it at once.
     """
+    if multiprocessing.parent_process() is not None:
+        _finalize_in_multiprocessing_child(relay)
     mp_util.register_after_fork(relay, _finalize_in_multiprocessing_child)
 
 

@@ -123,6 +123,7 @@ class Relay:
         # thread waits on it, at the top of its loop.
         self._park_gate = self._threading.Lock()
         self._parked = self._threading.Event()
+        self._resumed = self._threading.Event()
         self._park_wanted = False
         self._stopping = False
         self._final_read_done = False
@@ -226,6 +227,7 @@ class Relay:
                 thread is self._threading.current_thread()):
             return
         self._park_gate.acquire()
+        self._resumed.clear()
         self._park_wanted = True
         self.outbox.wake()
         if not self._parked.wait(_PARK_TIMEOUT):
@@ -234,17 +236,27 @@ class Relay:
                  'anyway', self.path, _PARK_TIMEOUT)
 
     def unpark(self):
-        """After a fork, in the parent: let the relay thread go on."""
-        if self._park_wanted:
-            self._park_wanted = False
-            self._parked.clear()
-            self._park_gate.release()
+        """After a fork, in the parent: let the relay thread go on.
+
+        It is seen past the gate before the next fork may park it again:
+        a thread still waiting on the gate of the last fork would not
+        tell the next one that it is parked.
+        """
+        if not self._park_wanted:
+            return
+        self._park_wanted = False
+        parked = self._parked.is_set()
+        self._parked.clear()
+        self._park_gate.release()
+        if parked:
+            self._resumed.wait(_PARK_TIMEOUT)
 
     def _park_if_wanted(self):
         if self._park_wanted:
             self._parked.set()
             with self._park_gate:
                 pass
+            self._resumed.set()
 
     def after_fork_in_child(self):
         """Forget what the parent owned; rejoin as a publisher."""
