@@ -77,19 +77,26 @@ eventlet patched, its log records are handed to the service's side and
 logged from a green thread within a second.
 
 A process joins when the driver is loaded, and a forked child (os.fork,
-multiprocessing, uwsgi workers) joins again at fork, never using what it
-inherited. uwsgi's master, which loads the application before forking its
-workers (without ``--lazy-apps``), does not join, so that it is never left
-holding the socket while it runs no Python. If the hub process exits, the
-publishers elect a new hub and subscribers must reconnect (the subscriber
-library and ``oslo-notify-tail --follow`` do so with backoff). During the
-switch-over, what a publisher had not yet handed to the departing hub is
-counted and reported as dropped to the next hub's subscribers; what it
-had handed over but the hub had not relayed yet is lost without notice.
+multiprocessing, uWSGI workers) joins again at fork, never using what it
+inherited; a process that forks parks its relay thread meanwhile. uWSGI's
+master, which loads the application before forking its workers (without
+``--lazy-apps``) and forks them without Python's at-fork hooks, never
+starts a relay thread: what it emits while loading is not relayed (no
+process serves the socket yet). A worker makes the relay its own through
+uWSGI's post-fork hook, or as soon as it notices its new process id. If
+the hub process exits, the publishers elect a new hub and subscribers
+must reconnect (the subscriber library and ``oslo-notify-tail --follow``
+do so with backoff). During the switch-over, what a publisher had not
+yet handed to the departing hub is counted and reported as dropped to the
+next hub's subscribers; what it had handed over but the hub had not
+relayed yet is lost without notice.
 A hub relays the last lines of an exiting publisher before dropping it.
 
-A stale socket file never blocks start-up; a path held by a live listener
-that is not a hub of the same service is an error at driver load. The
+A stale socket file never blocks start-up, nor does a hub exiting, paused
+or busy, or of another service: driver load never waits for another
+process, and only what another user holds for good (the socket, its lock
+file, a stale socket in a sticky directory) is an error at load. A process
+sends notifications only to a hub that answered its handshake. The
 socket is bound in a private directory, given its group and mode, then
 renamed into place: it is never reachable with a wider mode than
 configured. It is removed on clean shutdown (exit, or driver close()).
