@@ -36,15 +36,22 @@ module keeps them right whoever forks the process and however it ends:
 """
 
 import atexit
+import functools
 import logging
 import multiprocessing
 from multiprocessing import util as mp_util
 import os
 import sys
 
+from oslo_messaging_ext.notify import _unix_log as unix_log
 from oslo_messaging_ext.notify import _unix_protocol as proto
 
 LOG = logging.getLogger(__name__)
+_log = functools.partial(unix_log.log, LOG)
+
+# How long a fork waits for a relay thread to park. It parks within a pass
+# of its loop, which never blocks; past this the fork goes on.
+PARK_TIMEOUT = 1.0
 
 # The relays of this process, by socket path.
 relays = {}
@@ -52,6 +59,65 @@ relays = {}
 # Serializes the adoption of a relay by a child that no at-fork hook told
 # about its fork: two of its threads may notice it at once.
 _adopt_lock = proto.native('threading').Lock()
+
+
+class Parking:
+    """Where a relay thread waits while its process forks.
+
+    Before a fork the forking thread holds the gate, and waits until the
+    relay thread, at the top of its loop, waits on it: the thread then
+    holds no lock and not the GIL, and is not half-way through anything
+    the child would inherit.
+    """
+
+    def __init__(self):
+        threading = proto.native('threading')
+        self._gate = threading.Lock()
+        self._parked = threading.Event()
+        self._resumed = threading.Event()
+        self._wanted = False
+
+    def park(self, wake, path):
+        """In the forking thread: wait until the relay thread is parked.
+
+        :param wake: wakes the relay thread up
+        :param path: the socket path, for the log
+        """
+        self._gate.acquire()
+        self._resumed.clear()
+        self._wanted = True
+        wake()
+        if not self._parked.wait(PARK_TIMEOUT):
+            _log(logging.WARNING, 'Unix notification socket %s: the relay '
+                 'thread did not pause for a fork within %.1f s; forking '
+                 'anyway', path, PARK_TIMEOUT)
+
+    def unpark(self):
+        """After the fork, in the parent: let the relay thread go on.
+
+        It is seen past the gate before the next fork may park it again:
+        a thread still waiting on the gate of the last fork would not tell
+        the next one that it is parked.
+        """
+        if not self._wanted:
+            return
+        self._wanted = False
+        parked = self._parked.is_set()
+        self._parked.clear()
+        self._gate.release()
+        if parked:
+            self._resumed.wait(PARK_TIMEOUT)
+
+    def here(self):
+        """In the relay thread, at a safe point: park if a fork waits."""
+        if self._wanted:
+            self._parked.set()
+            with self._gate:
+                pass
+            self._resumed.set()
+
+    def parked(self):
+        return self._parked.is_set()
 
 
 def in_uwsgi_master():

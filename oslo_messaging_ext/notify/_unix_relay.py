@@ -16,9 +16,9 @@ Private to the driver: _impl_unix.py states the delivery semantics, this
 module runs the relay's thread and its states, with _unix_outbox.py (the
 queue from the notifying threads), _unix_election.py (who serves the
 path), _unix_hub.py (what the hub does), _unix_upstream.py (a publisher's
-link to the hub), _unix_fork.py (fork and exit), _unix_sockfile.py
-(everything that touches the socket file) and _unix_protocol.py (the lines
-exchanged). One :class:`Relay` exists per
+link to the hub), _unix_fork.py (fork and exit), _unix_stop.py (its clean
+stop), _unix_sockfile.py (everything that touches the socket file) and
+_unix_protocol.py (the lines exchanged). One :class:`Relay` exists per
 socket path and per process: the notifying threads queue lines to it, and
 its I/O thread, by election under the lock file, either
 
@@ -46,6 +46,7 @@ from oslo_messaging_ext.notify import _unix_log as unix_log
 from oslo_messaging_ext.notify import _unix_outbox as outbox
 from oslo_messaging_ext.notify import _unix_protocol as proto
 from oslo_messaging_ext.notify import _unix_sockfile as sockfile
+from oslo_messaging_ext.notify import _unix_stop as unix_stop
 from oslo_messaging_ext.notify import _unix_upstream as upstream
 
 LOG = logging.getLogger(__name__)
@@ -59,14 +60,6 @@ _LINGER = 5
 _DROP_REPORT_INTERVAL = 0.1
 # How long a clean shutdown may wait to hand queued lines over.
 _CLOSE_FLUSH_TIMEOUT = 5.0
-# How long it may wait for its subscribers to read what is queued for them.
-_CLOSE_SUBSCRIBERS_TIMEOUT = 1.0
-# After that, how long a subscriber has to read the rest of a line it got
-# a part of, so that it never sees a cut line.
-_CLOSE_LINE_END_TIMEOUT = 1.0
-# How long a fork waits for the relay thread to park. It parks within a
-# pass of its loop, which never blocks; past this the fork goes on.
-_PARK_TIMEOUT = 1.0
 
 _IDLE, _STARTING, _HUB, _PUBLISHER = 'idle', 'starting', 'hub', 'publisher'
 
@@ -119,15 +112,9 @@ class Relay:
         # at-fork hook waits for it, so a child never holds the lock file.
         # Nothing under it ever waits.
         self.fork_lock = self._threading.Lock()
-        # Before a fork the forking thread holds the gate and the relay
-        # thread waits on it, at the top of its loop.
-        self._park_gate = self._threading.Lock()
-        self._parked = self._threading.Event()
-        self._resumed = self._threading.Event()
-        self._park_wanted = False
-        self._stopping = False
-        self._final_read_done = False
-        self._lines_trimmed = False
+        self.parking = unix_fork.Parking()
+        # A CleanStop while the relay stops.
+        self._stopping = None
         self._thread = None
         self.retry = election.Retry(self.path, self.lock_path)
         self._drops_report_at = 0.0
@@ -198,16 +185,10 @@ class Relay:
         thread = self._thread
         if thread is None:
             return
-        now = time.monotonic()
-        self._flush_deadline = now + flush_timeout
-        self._subscribers_deadline = now + min(flush_timeout,
-                                               _CLOSE_SUBSCRIBERS_TIMEOUT)
-        self._line_end_deadline = self._subscribers_deadline + min(
-            flush_timeout, _CLOSE_LINE_END_TIMEOUT)
-        self._stopping = True
+        self._stopping = unix_stop.CleanStop(self, flush_timeout)
         self.outbox.wake()
         if thread is not self._threading.current_thread():
-            thread.join(flush_timeout + _CLOSE_LINE_END_TIMEOUT + 1.0)
+            thread.join(flush_timeout + unix_stop.LINE_END_TIMEOUT + 1.0)
         self._close_all()
         self._thread = None
         self.state = _IDLE
@@ -216,47 +197,15 @@ class Relay:
         emit_deferred_records()
 
     def park(self):
-        """Before a fork: hold the relay thread at a safe point.
-
-        The forking thread waits until the relay thread waits on the gate
-        it holds: the thread then holds no lock and not the GIL, and is
-        not half-way through anything the child would inherit.
-        """
+        """Before a fork: hold the relay thread at a safe point."""
         thread = self._thread
-        if (thread is None or not thread.is_alive() or
-                thread is self._threading.current_thread()):
-            return
-        self._park_gate.acquire()
-        self._resumed.clear()
-        self._park_wanted = True
-        self.outbox.wake()
-        if not self._parked.wait(_PARK_TIMEOUT):
-            _log(logging.WARNING, 'Unix notification socket %s: the relay '
-                 'thread did not pause for a fork within %.1f s; forking '
-                 'anyway', self.path, _PARK_TIMEOUT)
+        if (thread is not None and thread.is_alive() and
+                thread is not self._threading.current_thread()):
+            self.parking.park(self.outbox.wake, self.path)
 
     def unpark(self):
-        """After a fork, in the parent: let the relay thread go on.
-
-        It is seen past the gate before the next fork may park it again:
-        a thread still waiting on the gate of the last fork would not
-        tell the next one that it is parked.
-        """
-        if not self._park_wanted:
-            return
-        self._park_wanted = False
-        parked = self._parked.is_set()
-        self._parked.clear()
-        self._park_gate.release()
-        if parked:
-            self._resumed.wait(_PARK_TIMEOUT)
-
-    def _park_if_wanted(self):
-        if self._park_wanted:
-            self._parked.set()
-            with self._park_gate:
-                pass
-            self._resumed.set()
+        """After a fork, in the parent: let the relay thread go on."""
+        self.parking.unpark()
 
     def after_fork_in_child(self):
         """Forget what the parent owned; rejoin as a publisher."""
@@ -302,7 +251,8 @@ class Relay:
 
     def _run(self):
         while True:
-            self._park_if_wanted()
+            # At the top of the loop: nothing is half-way here.
+            self.parking.here()
             if self.state is _STARTING and self.retry.due(time.monotonic()):
                 self._try_to_join()
             lines = self.outbox.take() if self._can_take() else None
@@ -312,7 +262,8 @@ class Relay:
                 timeout = _LINGER
             else:
                 timeout = None
-            if self._stopping and self._stop_step():
+            if self._stopping and self._stopping.step(
+                    self._hub, self.handing_over()):
                 return
             if self.state is _STARTING:
                 timeout = self.retry.wait_ms()
@@ -355,55 +306,6 @@ class Relay:
         self._lose_upstream(settled=False)
         return self.retry.wait_ms()
 
-    def _stop_step(self):
-        """One step of a clean stop; return True when it is over."""
-        now = time.monotonic()
-        hub = self._hub
-        if not self._final_read_done:
-            self._final_read_done = True
-            if hub is not None:
-                hub.read_publishers_once_more()
-            self._report_counts_at_stop()
-        if self.outbox or self._upstream_pending():
-            if now < self._flush_deadline:
-                return False
-            _log(logging.WARNING, 'Unix notification socket %s: stopped '
-                 'before handing over %d queued bytes', self.path,
-                 self._queued_bytes())
-            return True
-        behind = hub.subscribers_behind() if hub is not None else []
-        if not behind:
-            return True
-        if now < self._subscribers_deadline:
-            return False
-        if not self._lines_trimmed:
-            self._lines_trimmed = True
-            unread = sum(hub.trim_to_line_end(p) for p in behind)
-            if unread:
-                _log(logging.WARNING, 'Unix notification socket %s: stopped '
-                     'with %d notifications its subscribers had not read',
-                     self.path, unread)
-            return not any(p.pending for p in behind)
-        if now < self._line_end_deadline:
-            return False
-        _log(logging.WARNING, 'Unix notification socket %s: %d subscribers '
-             'did not read the end of their last line; they see it cut',
-             self.path, len(behind))
-        return True
-
-    def _report_counts_at_stop(self):
-        """What was counted and not reported yet leaves with the last lines.
-
-        A process that exits while every subscriber's buffer is full would
-        otherwise take its count with it.
-        """
-        if self._hub is None:
-            self.outbox.queue_unsent_notice()
-            return
-        self._hub.credit_dropped(self.outbox.take_unsent() +
-                                 self.outbox.take_dropped())
-        self._hub.report_drops(at_stop=True)
-
     def _report_drops(self, timeout):
         """Report drop counts within _DROP_REPORT_INTERVAL; return timeout.
 
@@ -438,7 +340,11 @@ class Relay:
     def _upstream_pending(self):
         return self._upstream is not None and bool(self._upstream.pending)
 
-    def _queued_bytes(self):
+    def handing_over(self):
+        """Whether lines of this process wait to be handed to the hub."""
+        return bool(self.outbox) or self._upstream_pending()
+
+    def queued_bytes(self):
         return (self.outbox.queued_bytes() +
                 (len(self._upstream.pending) if self._upstream else 0) +
                 (self._hub.queued_bytes() if self._hub is not None else 0))

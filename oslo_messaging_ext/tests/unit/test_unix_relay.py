@@ -189,7 +189,7 @@ class ForkTestCase(base.BaseTestCase):
             lambda: relay.subscribers == 1, 10))
         _unix_fork._before_fork()
         try:
-            self.assertTrue(relay._parked.is_set())
+            self.assertTrue(relay.parking.parked())
             # Parked: it takes nothing from the outbox.
             relay.publish(notification(1).decode().rstrip('\n'))
             self.assertFalse(test_utils.wait_until(
@@ -198,7 +198,7 @@ class ForkTestCase(base.BaseTestCase):
             _unix_fork._after_fork_in_parent()
         sock.settimeout(10)
         self.assertEqual(notification(1), sock.makefile('rb').readline())
-        self.assertFalse(relay._parked.is_set())
+        self.assertFalse(relay.parking.parked())
 
     def test_forks_of_a_busy_hub_never_hang(self):
         relay = self.hub()
