@@ -284,14 +284,18 @@ class UnixDriverTestCase(base.BaseTestCase):
         listener.listen(1)
         self.useFixture(fixtures.MockPatch(
             'oslo_messaging_ext.notify._unix_upstream.ANSWER_TIMEOUT', 0.3))
+        # The records of the relay thread name the file that logged them.
         logger = self.useFixture(test_utils.FakeLogger(
-            'oslo_messaging_ext.notify._unix_election'))
+            'oslo_messaging_ext.notify._unix_election',
+            format='%(filename)s: %(message)s'))
         started = time.monotonic()
         notifier, driver = self.notifier()
         self.assertLess(time.monotonic() - started, 1.0)
         notifier.info({}, 'image.upload', {'id': 1})
         self.assertTrue(wait_until(lambda: 'has not answered' in
                                    logger.output))
+        self.assertIn('_unix_election.py: Unix notification socket',
+                      logger.output)
         # The driver's load and its relay connected; each said who it is,
         # and nothing more.
         listener.settimeout(TIMEOUT)
