@@ -48,6 +48,8 @@ from oslo_messaging_ext.tests import utils as test_utils
 from oslo_messaging_ext import unix_subscriber
 
 SERVICE = 'oslo_messaging_ext.tests.functional.managed_service'
+# Set, the tests run monkey-patched (see oslo_messaging_ext/tests).
+EVENTLET_ENV = 'OSLO_MESSAGING_EXT_EVENTLET'
 # Bounds of what must not hang. A request answers in milliseconds; the
 # process managers stop their workers within a second or two.
 REQUEST_TIMEOUT = 10.0
@@ -65,6 +67,7 @@ SHUTDOWN_MARGIN = 1.5
 # worker recycled just as it shuts down, which then stops only when its
 # lifetime ends, with or without the driver.
 RECYCLED_LIFETIME = 2
+LAZY_RECYCLED_LIFETIME = 8
 
 
 def _uwsgi():
@@ -94,8 +97,10 @@ class Collector:
     """A subscriber that reconnects, in a thread of the test."""
 
     def __init__(self, path):
+        # Back at most 0.2 s after a hub is recycled: the recycling cases
+        # expect what is emitted once a worker knows of it again.
         self.subscription = unix_subscriber.Subscription(
-            path, reconnect=True, min_backoff=0.01)
+            path, reconnect=True, min_backoff=0.01, max_backoff=0.2)
         self.payloads = []
         self.dropped = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -131,12 +136,19 @@ class ProcessManagerTestCase(base.BaseTestCase):
             self.fail(reason)
         self.skipTest(reason)
 
-    def start(self, argv, driver=True, at_load=False):
+    def start(self, argv, driver=True, at_load=False, eventlet=False):
+        """Start the service; ``eventlet``: monkey-patched if the tests are.
+
+        uWSGI (without its eventlet loop) and cotyledon do not run
+        monkey-patched services; oslo.service's eventlet backend does.
+        """
         env = dict(os.environ,
                    **{managed_service.SOCK_ENV:
                       self.sock_path if driver else '',
                       managed_service.STATE_ENV: self.sock_path,
                       managed_service.AT_LOAD_ENV: '1' if at_load else ''})
+        if not eventlet:
+            env.pop(EVENTLET_ENV, None)
         log = open(os.path.join(self.tmpdir, 'service.log'), 'wb')
         self.addCleanup(log.close)
         proc = subprocess.Popen(argv, env=env, stdout=log,
@@ -374,11 +386,13 @@ class UWSGITestCase(ProcessManagerTestCase):
         # Each new worker loads the driver while the hub may be exiting:
         # a transient state the driver's load took for a configuration
         # error, leaving the worker without the driver for its life.
+        # Loading takes seconds on a busy machine and counts in a worker's
+        # lifetime: workers are recycled by requests here.
         answers, collector = self.serve(
             '--lazy-apps', '--max-requests', '4', '--max-worker-lifetime',
-            str(RECYCLED_LIFETIME), '--min-worker-lifetime', '1', pace=0.1,
-            at_load=True,
-            known=2, shutdown_allowance=RECYCLED_LIFETIME)
+            str(LAZY_RECYCLED_LIFETIME), '--min-worker-lifetime', '1',
+            pace=0.1, at_load=True, known=2,
+            shutdown_allowance=LAZY_RECYCLED_LIFETIME)
         self.assertGreater(len({a['pid'] for a in answers}), 4,
                            'workers were not recycled')
 
@@ -414,7 +428,8 @@ class ForkingServiceTestCase(ProcessManagerTestCase):
         return found
 
     def _shutdown_without_driver(self, manager):
-        proc = self.start(self.service_argv(manager), driver=False)
+        proc = self.start(self.service_argv(manager), driver=False,
+                          eventlet=manager == 'oslo-service')
         self.stop_notifying()
         elapsed = self.stop(proc, signal.SIGTERM)
         # What it left is not the next run's.
@@ -456,7 +471,8 @@ class ForkingServiceTestCase(ProcessManagerTestCase):
         baseline = _baseline(manager, signal.SIGTERM,
                              functools.partial(self._shutdown_without_driver,
                                                manager))
-        proc = self.start(self.service_argv(manager))
+        proc = self.start(self.service_argv(manager),
+                          eventlet=manager == 'oslo-service')
         collector = self.collect()
         self.assertServing()
         workers = self.heard_workers(collector, set(), proc)
