@@ -207,11 +207,11 @@ def _install_uwsgi_post_fork_hook():
     uwsgi = sys.modules.get('uwsgi')
     if uwsgi is None:
         return
+    # Importing uwsgidecorators replaces a hook the application set itself.
+    previous = getattr(uwsgi, 'post_fork_hook', None)
     try:
         import uwsgidecorators
     except ImportError:
-        previous = getattr(uwsgi, 'post_fork_hook', None)
-
         def post_fork_hook():
             _after_uwsgi_fork()
             if previous is not None:
@@ -219,6 +219,8 @@ def _install_uwsgi_post_fork_hook():
 
         uwsgi.post_fork_hook = post_fork_hook
         return
+    if previous is not None and previous is not uwsgi.post_fork_hook:
+        uwsgidecorators.postfork(previous)
     uwsgidecorators.postfork(_after_uwsgi_fork)
 
 

@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import fixtures
 from oslotest import base
@@ -217,3 +218,32 @@ class ForkTestCase(base.BaseTestCase):
                     self.fail('a forked child hung')
                 time.sleep(0.01)
             self.assertEqual(0, os.waitstatus_to_exitcode(status))
+
+    def test_uwsgi_post_fork_hook_keeps_the_applications(self):
+        # Importing uwsgidecorators replaces uwsgi.post_fork_hook: one the
+        # application set itself joins the chain, before the relays'.
+        def application_hook():
+            pass
+
+        uwsgi = mock.Mock(spec=['post_fork_hook'],
+                          post_fork_hook=application_hook)
+        chain = []
+
+        def chain_hook():
+            pass
+
+        decorators = mock.Mock(spec=['postfork'])
+        decorators.postfork.side_effect = chain.append
+        real_import = __import__
+
+        def fake_import(name, *args, **kwargs):
+            if name == 'uwsgidecorators':
+                uwsgi.post_fork_hook = chain_hook
+                return decorators
+            return real_import(name, *args, **kwargs)
+
+        with mock.patch.dict(sys.modules, {'uwsgi': uwsgi}), \
+                mock.patch('builtins.__import__', fake_import):
+            _unix_fork._install_uwsgi_post_fork_hook()
+        self.assertEqual([application_hook, _unix_fork._after_uwsgi_fork],
+                         chain)
