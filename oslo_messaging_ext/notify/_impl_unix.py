@@ -77,19 +77,26 @@ eventlet patched, its log records are handed to the service's side and
 logged from a green thread within a second.
 
 A process joins when the driver is loaded, and a forked child (os.fork,
-multiprocessing, uwsgi workers) joins again at fork, never using what it
-inherited. uwsgi's master, which loads the application before forking its
-workers (without ``--lazy-apps``), does not join, so that it is never left
-holding the socket while it runs no Python. If the hub process exits, the
-publishers elect a new hub and subscribers must reconnect (the subscriber
-library and ``oslo-notify-tail --follow`` do so with backoff). During the
-switch-over, what a publisher had not yet handed to the departing hub is
-counted and reported as dropped to the next hub's subscribers; what it
-had handed over but the hub had not relayed yet is lost without notice.
+multiprocessing, uWSGI workers) joins again at fork, never using what it
+inherited; a process that forks parks its relay thread meanwhile. uWSGI's
+master, which loads the application before forking its workers (without
+``--lazy-apps``) and forks them without Python's at-fork hooks, never
+starts a relay thread: what it emits while loading is not relayed (no
+process serves the socket yet). A worker makes the relay its own through
+uWSGI's post-fork hook, or as soon as it notices its new process id. If
+the hub process exits, the publishers elect a new hub and subscribers
+must reconnect (the subscriber library and ``oslo-notify-tail --follow``
+do so with backoff). During the switch-over, what a publisher had not
+yet handed to the departing hub is counted and reported as dropped to the
+next hub's subscribers; what it had handed over but the hub had not
+relayed yet is lost without notice.
 A hub relays the last lines of an exiting publisher before dropping it.
 
-A stale socket file never blocks start-up; a path held by a live listener
-that is not a hub of the same service is an error at driver load. The
+A stale socket file never blocks start-up, nor does a hub exiting, paused
+or busy, or of another service: driver load never waits for another
+process, and only what another user holds for good (the socket, its lock
+file, a stale socket in a sticky directory) is an error at load. A process
+sends notifications only to a hub that answered its handshake. The
 socket is bound in a private directory, given its group and mode, then
 renamed into place: it is never reachable with a wider mode than
 configured. It is removed on clean shutdown (exit, or driver close()).
@@ -106,6 +113,7 @@ import stat
 import sys
 
 from oslo_config import cfg
+from oslo_config import types
 from oslo_messaging.notify import notifier
 from oslo_serialization import jsonutils
 from oslo_utils import strutils
@@ -121,6 +129,40 @@ from oslo_messaging_ext.notify import _unix_sockfile
 LOG = logging.getLogger(__name__)
 
 GROUP = 'oslo_messaging_notifications'
+
+# sock_buffer_size below this would drop most of a burst.
+MIN_BUFFER_SIZE = 65536
+
+
+class _RefusedValue(ValueError):
+    """A value below an option's minimum, kept for the load error."""
+
+    def __init__(self, value, reason):
+        super().__init__(reason)
+        self.value = value
+
+
+class _AtLeast(types.Integer):
+    """An integer with a minimum, shown by the reference and the validator.
+
+    A value below it makes the driver's load error name the value.
+    """
+
+    def __init__(self, minimum, why=''):
+        super().__init__(min=minimum, type_name='integer value')
+        self.why = why
+
+    def __call__(self, value):
+        try:
+            return super().__call__(value)
+        except ValueError:
+            raise _RefusedValue(value, 'it must be at least %d%s'
+                                % (self.min, self.why))
+
+
+# Services build many Notifiers (glance about 14 a process), each loading
+# its own driver: what it serves is said at INFO once per configuration.
+_LOADED = set()
 
 unix_opts = [
     cfg.StrOpt('sock_path',
@@ -140,18 +182,19 @@ unix_opts = [
                help='Group of the socket file (name or numeric id). The '
                     'service user must belong to it. Unset means the '
                     'service\'s primary group.'),
-    cfg.IntOpt('sock_max_subscribers', default=64,
-               help='Subscribers served at once; further ones are closed '
-                    'and logged. The service\'s own processes, which also '
-                    'connect to the socket, do not count.'),
-    cfg.IntOpt('sock_buffer_size', default=4 * 1024 * 1024,
-               help='Bytes of notifications queued at most per subscriber '
-                    'that does not keep up (on top of the kernel socket '
-                    'buffer), and per process on the way to the hub; at '
-                    'least 65536. Past it, notifications are dropped, '
-                    'counted and reported in-band. A single notification '
-                    'larger than this still reaches a subscriber with '
-                    'nothing queued.'),
+    cfg.Opt('sock_max_subscribers', type=_AtLeast(1), default=64,
+            help='Subscribers served at once; further ones are closed '
+                 'and logged. The service\'s own processes, which also '
+                 'connect to the socket, do not count.'),
+    cfg.Opt('sock_buffer_size', default=4 * 1024 * 1024,
+            type=_AtLeast(MIN_BUFFER_SIZE, ' bytes, to hold a burst of '
+                          'notifications of a few kilobytes'),
+            help='Bytes of notifications queued at most per subscriber '
+                 'that does not keep up (on top of the kernel socket '
+                 'buffer), and per process on the way to the hub. Past '
+                 'it, notifications are dropped, counted and reported '
+                 'in-band. A single notification larger than this still '
+                 'reaches a subscriber with nothing queued.'),
     cfg.BoolOpt('sock_include_context', default=False,
                 help='Add the request context to each notification, as '
                      '"context". Auth tokens and other secrets are always '
@@ -164,12 +207,6 @@ _SECRET_CONTEXT_KEYS = frozenset(['auth_token', 'auth_token_info',
                                   'service_token', 'service_auth_token',
                                   'password', 'secret', 'credentials'])
 _SECRET_KEY_WORDS = ('token', 'secret', 'password', 'credential')
-
-# sock_buffer_size below this would drop most of a burst.
-MIN_BUFFER_SIZE = 65536
-
-# The probe of a live listener at driver load waits no longer than this.
-_PROBE_TIMEOUT = 2.0
 
 
 class UnixSocketConfigError(cfg.Error):
@@ -260,12 +297,48 @@ def _check_path(path):
             'a regular file or a directory is never replaced)')
 
 
-def _check_at_least(conf_group, name, minimum, why):
-    value = getattr(conf_group, name)
-    if value is None or value < minimum:
-        raise UnixSocketConfigError(
-            name, value, 'it must be at least %d%s' % (minimum, why))
-    return value
+def _check_holders(path, service):
+    """Refuse what another user holds for good; leave the rest to the relay.
+
+    Only the certain is an error at load: a lock file or a socket file of
+    another user, or another user listening. A hub exiting, paused or
+    busy, or of another service, may be gone in a moment: the relay
+    retries with backoff. Nothing here waits for another process.
+    """
+    problem = _unix_sockfile.squatted(path, path + '.lock')
+    if problem:
+        raise UnixSocketConfigError('sock_path', path, problem)
+    try:
+        _unix_sockfile.check_listener(path, service)
+    except _unix_protocol.RelayError as exc:
+        raise UnixSocketConfigError('sock_path', path, str(exc))
+
+
+def _bounded_option(conf_group, name):
+    """The value of an option with a minimum; an error names what it was."""
+    try:
+        return getattr(conf_group, name)
+    except ValueError as exc:
+        # oslo.config reports a configuration file's value as
+        # ConfigFileValueError, raised while handling ours.
+        refused = exc if isinstance(exc, _RefusedValue) else exc.__context__
+        if not isinstance(refused, _RefusedValue):
+            raise
+        raise UnixSocketConfigError(name, refused.value, str(refused))
+
+
+def _say_loaded(path, mode, gid, service):
+    key = (os.getpid(), path, mode, gid)
+    log = LOG.debug if key in _LOADED else LOG.info
+    _LOADED.add(key)
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = str(gid)
+    log('unix notification driver loaded: socket %(path)s, mode %(mode)04o, '
+        'group %(group)s, service %(service)s; it relays every notification '
+        'of this service and ignores topics',
+        {'path': path, 'mode': mode, 'group': group, 'service': service})
 
 
 def service_identity(conf):
@@ -288,22 +361,6 @@ def redact_context(ctxt):
              if k not in _SECRET_CONTEXT_KEYS and
              not any(w in str(k).lower() for w in _SECRET_KEY_WORDS)}
     return strutils.mask_dict_password(clean)
-
-
-def _in_uwsgi_master():
-    """Whether this is uwsgi's master, loading the app before forking.
-
-    Without --lazy-apps the master creates the driver, forks the workers
-    and may run no Python thread afterwards: it must not become the hub.
-    Its workers join at fork instead.
-    """
-    uwsgi = sys.modules.get('uwsgi')
-    if uwsgi is None:
-        return False
-    try:
-        return uwsgi.worker_id() == 0
-    except Exception:
-        return False
 
 
 def _finite(value):
@@ -373,25 +430,22 @@ class UnixSocketDriver(notifier.Driver):
         _check_path(path)
         mode = _parse_mode(group.sock_mode)
         gid = _resolve_group(group.sock_group)
-        max_subscribers = _check_at_least(group, 'sock_max_subscribers', 1,
-                                          '')
-        buffer_size = _check_at_least(
-            group, 'sock_buffer_size', MIN_BUFFER_SIZE,
-            ' bytes, to hold a burst of notifications of a few kilobytes')
+        max_subscribers = _bounded_option(group, 'sock_max_subscribers')
+        buffer_size = _bounded_option(group, 'sock_buffer_size')
         self._include_context = group.sock_include_context
         service = service_identity(conf)
         try:
-            _unix_sockfile.probe(path, service, _PROBE_TIMEOUT)
-        except _unix_protocol.RelayError as exc:
-            raise UnixSocketConfigError('sock_path', path, str(exc))
+            _check_holders(path, service)
         except OSError as exc:
             raise UnixSocketConfigError('sock_path', path, str(exc))
+        _say_loaded(path, mode, gid, service)
         self._encode = make_encoder()
         self._relay = _unix_relay.get(
             path, service=service, mode=mode, gid=gid,
             max_subscribers=max_subscribers, buffer_size=buffer_size)
-        if not _in_uwsgi_master():
-            self._relay.start()
+        # Not in uWSGI's master, which forks its workers after loading the
+        # application: they join when they are forked.
+        self._relay.start()
 
     def notify(self, ctxt, message, priority, retry):
         relay = self._relay

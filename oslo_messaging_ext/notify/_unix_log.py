@@ -22,6 +22,7 @@ Elsewhere records are logged at once.
 
 import collections
 import logging
+import os
 import sys
 import time
 import traceback
@@ -32,6 +33,8 @@ LOG = logging.getLogger(__name__)
 _deferred_records = collections.deque()
 _MAX_DEFERRED_RECORDS = 1000
 _deferred_lost = [0]
+# The process they were deferred in.
+_deferred_pid = [os.getpid()]
 _green_drainer_started = [False]
 # A repeated warning is logged at most once per this many seconds.
 _INTERVAL = 60.0
@@ -43,16 +46,33 @@ def logging_is_green():
 
 
 def log(logger, level, msg, *args, exc_info=False):
-    """Log from the relay thread, never taking a green lock."""
+    """Log from the relay thread, never taking a green lock.
+
+    The record names the caller's file and line, not this module's, also
+    when it is logged later from the service's side.
+    """
     if exc_info:
         msg += '\n%s'
         args += (traceback.format_exc().rstrip(),)
+    caller = sys._getframe(1)
+    where = (caller.f_code.co_filename, caller.f_lineno,
+             caller.f_code.co_name)
     if not logging_is_green():
-        logger.log(level, msg, *args)
-    elif len(_deferred_records) < _MAX_DEFERRED_RECORDS:
-        _deferred_records.append((logger, level, msg, args))
+        _handle(logger, level, msg, args, where)
+        return
+    if _deferred_pid[0] != os.getpid():
+        _forget_deferred_records()
+    if len(_deferred_records) < _MAX_DEFERRED_RECORDS:
+        _deferred_records.append((logger, level, msg, args, where))
     else:
         _deferred_lost[0] += 1
+
+
+def _handle(logger, level, msg, args, where):
+    if logger.isEnabledFor(level):
+        pathname, lineno, func = where
+        logger.handle(logger.makeRecord(logger.name, level, pathname, lineno,
+                                        msg, args, None, func))
 
 
 def pending():
@@ -61,18 +81,31 @@ def pending():
 
 
 def emit_deferred_records():
-    """Log what the relay thread handed over; call it on the service side."""
+    """Log what the relay thread handed over; call it on the service side.
+
+    A forked child inherits its parent's records: they are the parent's to
+    log, and are forgotten here, even where no at-fork hook ran.
+    """
+    if _deferred_pid[0] != os.getpid():
+        _forget_deferred_records()
+        return
     while True:
         try:
-            logger, level, msg, args = _deferred_records.popleft()
+            logger, level, msg, args, where = _deferred_records.popleft()
         except IndexError:
             break
-        logger.log(level, msg, *args)
+        _handle(logger, level, msg, args, where)
     lost, _deferred_lost[0] = _deferred_lost[0], 0
     if lost:
         LOG.warning('Unix notification relay: %d log records were lost '
                     '(more than %d waited to be logged)', lost,
                     _MAX_DEFERRED_RECORDS)
+
+
+def _forget_deferred_records():
+    _deferred_records.clear()
+    _deferred_lost[0] = 0
+    _deferred_pid[0] = os.getpid()
 
 
 def start_green_drainer():
@@ -89,6 +122,9 @@ def start_green_drainer():
 
     # A forked child inherits this green thread with the rest of the hub.
     eventlet.spawn_n(drain_forever)
+
+
+os.register_at_fork(after_in_child=_forget_deferred_records)
 
 
 class Throttle:

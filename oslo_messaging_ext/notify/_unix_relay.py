@@ -13,8 +13,11 @@
 """The per-process relay behind the ``unix`` notification driver.
 
 Private to the driver: _impl_unix.py states the delivery semantics, this
-module implements them with _unix_hub.py (what the hub does),
-_unix_sockfile.py (everything that touches the socket file) and
+module runs the relay's thread and its states, with _unix_outbox.py (the
+queue from the notifying threads), _unix_election.py (who serves the
+path), _unix_hub.py (what the hub does), _unix_upstream.py (a publisher's
+link to the hub), _unix_fork.py (fork and exit), _unix_stop.py (its clean
+stop), _unix_sockfile.py (everything that touches the socket file) and
 _unix_protocol.py (the lines exchanged). One :class:`Relay` exists per
 socket path and per process: the notifying threads queue lines to it, and
 its I/O thread, by election under the lock file, either
@@ -30,48 +33,35 @@ monkey-patched process, so that delivery never depends on the service
 yielding to the eventlet hub.
 """
 
-import atexit
+import functools
 import logging
-from multiprocessing import util as mp_util
 import os
 import signal
 import time
 
+from oslo_messaging_ext.notify import _unix_election as election
+from oslo_messaging_ext.notify import _unix_fork as unix_fork
 from oslo_messaging_ext.notify import _unix_hub as unix_hub
 from oslo_messaging_ext.notify import _unix_log as unix_log
+from oslo_messaging_ext.notify import _unix_outbox as outbox
 from oslo_messaging_ext.notify import _unix_protocol as proto
 from oslo_messaging_ext.notify import _unix_sockfile as sockfile
+from oslo_messaging_ext.notify import _unix_stop as unix_stop
+from oslo_messaging_ext.notify import _unix_upstream as upstream
 
 LOG = logging.getLogger(__name__)
+_log = functools.partial(unix_log.log, LOG)
 
 # Milliseconds the I/O thread waits for more lines after sending a batch:
 # the latency bound traded for batching under load.
 _LINGER = 5
-_RETRY_MIN, _RETRY_MAX = 0.05, 5.0
-# A publisher binding holds the lock file for milliseconds: retry soon
-# (_LOCK_RETRIES times), then back off.
-_LOCK_RETRY = 0.005
-_LOCK_RETRIES = 6
-# An upstream connection that ends sooner than this was refused or broken
-# at once: the next attempt backs off instead of reconnecting in a loop.
-_UPSTREAM_SETTLED = 1.0
 # Drop counts are reported within this many seconds, even when no
 # notification follows to carry them.
 _DROP_REPORT_INTERVAL = 0.1
 # How long a clean shutdown may wait to hand queued lines over.
 _CLOSE_FLUSH_TIMEOUT = 5.0
-# How long it may wait for its subscribers to read what is queued for them.
-_CLOSE_SUBSCRIBERS_TIMEOUT = 1.0
-# After that, how long a subscriber has to read the rest of a line it got
-# a part of, so that it never sees a cut line.
-_CLOSE_LINE_END_TIMEOUT = 1.0
 
 _IDLE, _STARTING, _HUB, _PUBLISHER = 'idle', 'starting', 'hub', 'publisher'
-
-
-def _log(level, msg, *args, exc_info=False):
-    unix_log.log(LOG, level, msg, *args, exc_info=exc_info)
-
 
 # The service's side logs what the relay thread handed over.
 emit_deferred_records = unix_log.emit_deferred_records
@@ -99,17 +89,11 @@ class Relay:
         self.gid = gid
         self.max_subscribers = max_subscribers
         self.buffer_size = buffer_size
-        self._socket = proto.native('socket')
         self._select = proto.native('select')
         self._threading = proto.native('threading')
-        self._os = proto.native('os')
         self.users = 0
         self._reset()
-        # A multiprocessing child ends in os._exit, without atexit: flush
-        # at its finalizers instead. Its registry is emptied when it
-        # starts, so the finalizer is registered from an after-fork hook
-        # that multiprocessing runs after that.
-        mp_util.register_after_fork(self, _finalize_in_multiprocessing_child)
+        unix_fork.register_for_multiprocessing(self)
 
     def _reset(self):
         self.pid = os.getpid()
@@ -121,35 +105,23 @@ class Relay:
         # emitted after the hub accepted it.
         self.connecting = 0
         self.saturated = False
+        self.outbox = outbox.Outbox(self.buffer_size, self.pid)
         self._lock = self._threading.Lock()
         # Held while file descriptors exist that a forked child must not
         # inherit half-way (the lock file, a socket being bound): the
         # at-fork hook waits for it, so a child never holds the lock file.
         # Nothing under it ever waits.
         self.fork_lock = self._threading.Lock()
-        self._outbox = []
-        self._outbox_bytes = 0
-        self._outbox_dropped = 0
-        # Lines counted, not serialized, while every subscriber was full.
-        self._unsent = 0
-        self._wake_pending = False
-        self._stopping = False
-        self._final_read_done = False
-        self._lines_trimmed = False
+        self.parking = unix_fork.Parking()
+        # A CleanStop while the relay stops.
+        self._stopping = None
         self._thread = None
-        self._wake_r = self._wake_w = None
-        self._retry_at = 0.0
-        self._retry_delay = _RETRY_MIN
-        self._lock_retries = 0
+        self.retry = election.Retry(self.path, self.lock_path)
         self._drops_report_at = 0.0
         self._hub = None
         self._bound_id = None
         self._upstream = None
-        self._upstream_since = 0.0
-        self._upstream_pending = b''
-        self._upstream_inbuf = b''
         self._poller = None
-        self._join_failures = unix_log.Throttle()
         self._errors = unix_log.Throttle()
 
     # -- the notifying threads' side ---------------------------------------
@@ -157,114 +129,66 @@ class Relay:
     def wanted(self):
         """Whether a line would reach anyone, starting the relay if idle.
 
-        This is the hot path when nobody listens: no lock, no syscall. A
-        fork is handled by the at-fork hook (Python's os.fork,
-        multiprocessing, and uwsgi, which calls PyOS_AfterFork_Child).
+        This is the hot path when nobody listens: no lock, one getpid().
+        A fork is handled by the at-fork hooks (os.fork, multiprocessing,
+        uWSGI's post-fork hook); the pid tells of a fork none ran for.
         """
+        if self.pid != os.getpid():
+            unix_fork.adopt(self)
         if unix_log.pending():
             emit_deferred_records()
-        if self.state is _IDLE:
-            self.start()
+        if self.state is _IDLE and not self.start():
+            # uWSGI's master: nothing it emits can be relayed.
+            return False
         if self.saturated:
             # Every subscriber's buffer is full: the line would be dropped
             # by the hub. Count it here, without serializing it; the relay
             # thread reports the count within _DROP_REPORT_INTERVAL.
-            with self._lock:
-                self._unsent += 1
+            self.outbox.count_unsent()
             return False
         return self.subscribers != 0 or self.connecting != 0
 
     def publish(self, line):
-        """Queue one JSON line (str, no newline); never blocks.
-
-        The relay thread joins a batch with newlines and encodes it once:
-        the caller's path makes no copy of the line, which matters with
-        payloads beyond the small-object allocator's reach. A line larger
-        than the whole buffer still goes when nothing else is queued.
-        """
-        with self._lock:
-            size = len(line) + 1
-            if (self._outbox and
-                    self._outbox_bytes + size > self.buffer_size):
-                self._outbox_dropped += 1
-                return
-            self._queue_outbox_drops_locked()
-            self._outbox.append(line)
-            self._outbox_bytes += size
-            if self._wake_pending:
-                return
-            self._wake_pending = True
-        self._wake()
-
-    def _queue_notice_locked(self, count, where, first=False):
-        """Queue a drop notice for the hub; the caller holds self._lock."""
-        notice = proto.dropped_envelope(count, where)
-        line = notice[:-1].decode('ascii')
-        if first:
-            self._outbox.insert(0, line)
-        else:
-            self._outbox.append(line)
-        self._outbox_bytes += len(notice)
-
-    def _queue_outbox_drops_locked(self):
-        if self._outbox_dropped:
-            self._queue_notice_locked(self._outbox_dropped,
-                                      'publisher %d' % self.pid)
-            self._outbox_dropped = 0
-
-    def _wake(self):
-        try:
-            self._os.write(self._wake_w, b'!')
-        except (BlockingIOError, OSError, TypeError):
-            # A full pipe already wakes the thread; a closed one (TypeError
-            # on None) means the relay stopped.
-            pass
-
-    def _take_outbox(self):
-        with self._lock:
-            # Drops of a full outbox are reported even if nothing follows.
-            self._queue_outbox_drops_locked()
-            lines, self._outbox = self._outbox, []
-            self._outbox_bytes = 0
-            # While lines flow, the thread comes back by itself after
-            # _LINGER: notify() then needs no wake-up syscall, and the
-            # thread sends a batch per pass instead of a line.
-            self._wake_pending = bool(lines)
-        return lines
+        """Queue one JSON line (str, no newline); never blocks."""
+        if self.pid != os.getpid():
+            unix_fork.adopt(self)
+        self.outbox.publish(line)
 
     def start(self):
-        """Start the I/O thread, which joins or becomes the hub."""
+        """Start the I/O thread, which joins or becomes the hub.
+
+        :returns: False in uWSGI's master, where it never runs
+        """
+        if self.pid != os.getpid():
+            unix_fork.adopt(self)
+        if unix_fork.in_uwsgi_master():
+            return False
         with self._lock:
             if self.state is not _IDLE:
-                return
+                return True
             self.state = _STARTING
-            self._wake_r, self._wake_w = self._os.pipe2(
-                os.O_NONBLOCK | os.O_CLOEXEC)
+            wake_r = self.outbox.open_wake_pipe()
             self._poller = self._select.poll()
-            self._poller.register(self._wake_r, self._select.POLLIN)
+            self._poller.register(wake_r, self._select.POLLIN)
             self._thread = self._threading.Thread(
                 target=self._run_safely, daemon=True,
                 name='oslo.messaging-ext unix relay %s' % self.path)
             self._thread.start()
         unix_log.start_green_drainer()
+        return True
 
     def close(self, flush_timeout=_CLOSE_FLUSH_TIMEOUT):
         """Stop the relay, hand over queued lines, remove our socket."""
         if self.pid != os.getpid():
-            return
+            # Forked without hooks: what runs is the parent's, not ours.
+            unix_fork.adopt(self)
         thread = self._thread
         if thread is None:
             return
-        now = time.monotonic()
-        self._flush_deadline = now + flush_timeout
-        self._subscribers_deadline = now + min(flush_timeout,
-                                               _CLOSE_SUBSCRIBERS_TIMEOUT)
-        self._line_end_deadline = self._subscribers_deadline + min(
-            flush_timeout, _CLOSE_LINE_END_TIMEOUT)
-        self._stopping = True
-        self._wake()
+        self._stopping = unix_stop.CleanStop(self, flush_timeout)
+        self.outbox.wake()
         if thread is not self._threading.current_thread():
-            thread.join(flush_timeout + _CLOSE_LINE_END_TIMEOUT + 1.0)
+            thread.join(flush_timeout + unix_stop.LINE_END_TIMEOUT + 1.0)
         self._close_all()
         self._thread = None
         self.state = _IDLE
@@ -272,15 +196,24 @@ class Relay:
         self.connecting = 0
         emit_deferred_records()
 
+    def park(self):
+        """Before a fork: hold the relay thread at a safe point."""
+        thread = self._thread
+        if (thread is not None and thread.is_alive() and
+                thread is not self._threading.current_thread()):
+            self.parking.park(self.outbox.wake, self.path)
+
+    def unpark(self):
+        """After a fork, in the parent: let the relay thread go on."""
+        self.parking.unpark()
+
     def after_fork_in_child(self):
         """Forget what the parent owned; rejoin as a publisher."""
         if self._hub is not None:
             self._hub.close()
         if self._upstream is not None:
-            self._upstream.close()
-        for fd in (self._wake_r, self._wake_w):
-            if fd is not None:
-                self._os.close(fd)
+            self._upstream.sock.close()
+        self.outbox.close_wake_pipe()
         # The parent's socket file stays the parent's: never unlink it here.
         self._reset()
 
@@ -312,34 +245,32 @@ class Relay:
         self._lose_in_flight('relay error')
         self._close_connections()
         self._poller = self._select.poll()
-        self._poller.register(self._wake_r, self._select.POLLIN)
+        self._poller.register(self.outbox.wake_r, self._select.POLLIN)
         self.state = _STARTING
-        self._schedule_retry()
-
-    def _schedule_retry(self, delay=None):
-        if delay is None:
-            delay = self._retry_delay
-            self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX)
-        self._retry_at = time.monotonic() + delay
+        self.retry.later()
 
     def _run(self):
         while True:
-            now = time.monotonic()
-            if self.state is _STARTING and now >= self._retry_at:
+            # At the top of the loop: nothing is half-way here.
+            self.parking.here()
+            if self.state is _STARTING and self.retry.due(time.monotonic()):
                 self._try_to_join()
-            lines = self._take_outbox() if self._can_take() else None
+            lines = self.outbox.take() if self._can_take() else None
             if lines:
                 lines.append('')
                 self._deliver('\n'.join(lines).encode('utf-8'))
                 timeout = _LINGER
             else:
                 timeout = None
-            if self._stopping and self._stop_step():
+            if self._stopping and self._stopping.step(
+                    self._hub, self.handing_over()):
                 return
             if self.state is _STARTING:
-                timeout = max(0, self._retry_at - time.monotonic()) * 1000
+                timeout = self.retry.wait_ms()
             elif self._stopping:
                 timeout = 10
+            elif self._upstream is not None and not self._upstream.answered:
+                timeout = self._await_answer(timeout)
             if self._hub is not None:
                 timeout = self._hub.tick(timeout)
             timeout = self._report_drops(timeout)
@@ -348,82 +279,32 @@ class Relay:
 
     def _try_to_join(self):
         try:
-            self._elect()
+            # fork_lock: a child must never inherit the lock file held.
+            with self.fork_lock:
+                with sockfile.Lock(self.lock_path):
+                    elected = election.elect(self.path, self.mode, self.gid)
         except sockfile.LockBusy:
-            # A publisher binding right now, or someone else holding the
-            # lock: never wait for it (fork and close wait for fork_lock).
-            self._lock_retries += 1
-            if self._lock_retries <= _LOCK_RETRIES:
-                self._schedule_retry(_LOCK_RETRY)
-                return
-            self._say_join_failure('its lock file %s is held by another '
-                                   'process' % self.lock_path)
-            self._schedule_retry()
-        except (proto.RelayError, OSError) as exc:
-            self._say_join_failure(exc)
-            self._schedule_retry()
-        else:
-            self._lock_retries = 0
-            if self.state is _HUB:
-                self._retry_delay = _RETRY_MIN
-
-    def _say_join_failure(self, reason):
-        unsaid = self._join_failures.hit()
-        if unsaid:
-            _log(logging.WARNING, 'Unix notification socket %s: cannot join '
-                 '(%s; %d attempts since the last report); retrying with '
-                 'backoff, notifications meanwhile are queued, then '
-                 'dropped and counted', self.path, reason, unsaid)
-
-    def _stop_step(self):
-        """One step of a clean stop; return True when it is over."""
-        now = time.monotonic()
-        hub = self._hub
-        if not self._final_read_done:
-            self._final_read_done = True
-            if hub is not None:
-                hub.read_publishers_once_more()
-            self._report_counts_at_stop()
-        if self._outbox or self._upstream_pending:
-            if now < self._flush_deadline:
-                return False
-            _log(logging.WARNING, 'Unix notification socket %s: stopped '
-                 'before handing over %d queued bytes', self.path,
-                 self._queued_bytes())
-            return True
-        behind = hub.subscribers_behind() if hub is not None else []
-        if not behind:
-            return True
-        if now < self._subscribers_deadline:
-            return False
-        if not self._lines_trimmed:
-            self._lines_trimmed = True
-            unread = sum(hub.trim_to_line_end(p) for p in behind)
-            if unread:
-                _log(logging.WARNING, 'Unix notification socket %s: stopped '
-                     'with %d notifications its subscribers had not read',
-                     self.path, unread)
-            return not any(p.pending for p in behind)
-        if now < self._line_end_deadline:
-            return False
-        _log(logging.WARNING, 'Unix notification socket %s: %d subscribers '
-             'did not read the end of their last line; they see it cut',
-             self.path, len(behind))
-        return True
-
-    def _report_counts_at_stop(self):
-        """What was counted and not reported yet leaves with the last lines.
-
-        A process that exits while every subscriber's buffer is full would
-        otherwise take its count with it.
-        """
-        if self._hub is None:
-            self._queue_unsent_notice()
+            self.retry.lock_busy()
             return
-        with self._lock:
-            dropped, self._outbox_dropped = self._outbox_dropped, 0
-        self._hub.credit_dropped(self._take_unsent() + dropped)
-        self._hub.report_drops(at_stop=True)
+        except (proto.RelayError, OSError) as exc:
+            self.retry.failed(exc)
+            return
+        if isinstance(elected, election.Hub):
+            self._become_hub(elected)
+        else:
+            self._become_publisher(elected.sock)
+        self.retry.joined(self.state is _HUB)
+
+    def _await_answer(self, timeout):
+        """Let go of a listener that does not answer as a hub; timeout."""
+        wait = self._upstream.answer_wait_ms()
+        if wait:
+            return wait if timeout is None else min(timeout, wait)
+        self.retry.say('it is held by a live listener that has not answered '
+                       'as a hub of this service within %.0f s'
+                       % upstream.ANSWER_TIMEOUT)
+        self._lose_upstream(settled=False)
+        return self.retry.wait_ms()
 
     def _report_drops(self, timeout):
         """Report drop counts within _DROP_REPORT_INTERVAL; return timeout.
@@ -431,7 +312,7 @@ class Relay:
         A count otherwise rides in front of the next line, and a stream
         that ends with drops would never report them.
         """
-        counting = self.saturated or self._unsent or self._outbox_dropped
+        counting = self.saturated or self.outbox.counting()
         if not counting and not (self._hub is not None and
                                  self._hub.unreported_drops()):
             return timeout
@@ -441,14 +322,9 @@ class Relay:
             if self._hub is not None:
                 self._hub.report_drops()
             elif self.state is _PUBLISHER:
-                self._queue_unsent_notice()
+                self.outbox.queue_unsent_notice()
         wait = max(0, self._drops_report_at - now) * 1000 + 1
         return wait if timeout is None else min(timeout, wait)
-
-    def _take_unsent(self):
-        with self._lock:
-            count, self._unsent = self._unsent, 0
-        return count
 
     def _counts_changed(self, subscribers, connecting, saturated):
         self.subscribers = subscribers
@@ -458,24 +334,28 @@ class Relay:
     def _can_take(self):
         if self.state is _HUB:
             return True
-        return self.state is _PUBLISHER and not self._upstream_pending
+        return (self.state is _PUBLISHER and self._upstream.answered and
+                not self._upstream_pending())
 
-    def _queued_bytes(self):
-        return (sum(len(line) + 1 for line in self._outbox) +
-                len(self._upstream_pending) +
+    def _upstream_pending(self):
+        return self._upstream is not None and bool(self._upstream.pending)
+
+    def handing_over(self):
+        """Whether lines of this process wait to be handed to the hub."""
+        return bool(self.outbox) or self._upstream_pending()
+
+    def queued_bytes(self):
+        return (self.outbox.queued_bytes() +
+                (len(self._upstream.pending) if self._upstream else 0) +
                 (self._hub.queued_bytes() if self._hub is not None else 0))
 
     def _handle(self, fd, events):
         select = self._select
-        if fd == self._wake_r:
-            try:
-                while self._os.read(self._wake_r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
+        if fd == self.outbox.wake_r:
+            self.outbox.drain_wake_pipe()
         elif self._upstream is not None and fd == self._upstream.fileno():
-            if events & select.POLLOUT:
-                self._flush_upstream()
+            if events & select.POLLOUT and not self._upstream.flush():
+                self._lose_upstream()
             # The flush may have found the hub gone (POLLOUT and POLLHUP
             # come together when it exits).
             if self._upstream is not None and events & (
@@ -484,85 +364,62 @@ class Relay:
         elif self._hub is not None:
             self._hub.handle(fd, events)
 
-    # -- election -------------------------------------------------------------
+    # -- roles ----------------------------------------------------------------
 
-    def _elect(self):
-        """Join the hub of ``path``, or become it; under the lock file.
-
-        The lock serializes publishers, so that none unlinks the socket
-        another has just bound. Nothing here waits: the lock is tried, the
-        connection is non-blocking, and fork_lock is held meanwhile only.
-        """
-        with self.fork_lock:
-            with sockfile.Lock(self.lock_path):
-                self._elect_locked()
-
-    def _elect_locked(self):
-        sock = self._socket.socket(self._socket.AF_UNIX,
-                                   self._socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            sock.connect(self.path)
-        except (ConnectionRefusedError, FileNotFoundError) as exc:
-            sock.close()
-            if sockfile.remove_stale(
-                    self.path, isinstance(exc, ConnectionRefusedError)):
-                _log(logging.INFO, 'Removed stale unix notification socket '
-                     '%s', self.path)
-            listener, self._bound_id = sockfile.bind_listener(
-                self.path, self.mode, self.gid)
-            self._become_hub(listener)
-            return
-        except BaseException:
-            # BlockingIOError included: the hub's backlog is full.
-            sock.close()
-            raise
-        try:
-            uid = sockfile.peer_uid(sock)
-            if uid != os.geteuid():
-                raise sockfile.UnsafeSocketFile(
-                    'it is held by a process of uid %d, not of the service '
-                    'user (uid %d); nothing is sent to it' %
-                    (uid, os.geteuid()))
-        except BaseException:
-            sock.close()
-            raise
-        self._become_publisher(sock)
-
-    def _become_hub(self, listener):
+    def _become_hub(self, elected):
+        self._bound_id = elected.bound_id
         self._hub = unix_hub.Hub(
-            listener, self._poller, self.path, self.service,
+            elected.listener, self._poller, self.path, self.service,
             self.max_subscribers, self.buffer_size,
-            take_unsent=self._take_unsent,
+            take_unsent=self.outbox.take_unsent,
             counts_changed=self._counts_changed)
         self.state = _HUB
         self.subscribers = 0
         self.connecting = 0
-        _log(logging.DEBUG, 'Process %d serves unix notification socket %s',
-             self.pid, self.path)
 
     def _become_publisher(self, sock):
-        self._upstream = sock
-        self._upstream_since = time.monotonic()
-        self._upstream_inbuf = b''
-        self._upstream_pending = proto.control_line(
-            role=proto.ROLE_PUBLISHER, service=self.service, pid=self.pid)
-        self._poller.register(sock, self._select.POLLIN |
-                              self._select.POLLOUT)
+        self._upstream = upstream.Upstream(sock, self._poller, self.service,
+                                           self.pid)
         self.state = _PUBLISHER
         self.subscribers = None
+
+    def _deliver(self, data):
+        if self._hub is not None:
+            self._hub.fan_out(data)
+        elif not self._upstream.send(data):
+            self._lose_upstream()
+
+    def _read_upstream(self):
+        statuses = self._upstream.read_statuses()
+        if statuses is None:
+            self._lose_upstream()
+            return
+        for status in statuses:
+            if status.get('service') != self.service:
+                self.retry.say(
+                    'it is now held by the hub of another service (%r, pid '
+                    '%s)' % (status.get('service'), status.get('pid')))
+                self._lose_upstream(settled=False)
+                return
+            self._upstream.answered = True
+            self.subscribers = status.get('subscribers', 0)
+            self.connecting = status.get('connecting', 0)
+            self.saturated = bool(status.get('saturated'))
+            # Report what was counted to the subscribers it was counted
+            # for, before the hub's subscribers change any further.
+            self.outbox.queue_unsent_notice()
 
     def _lose_in_flight(self, why):
         """Count what the hub had not taken of the batch being sent.
 
         It is reported, as dropped, to the subscribers of the next hub.
         """
-        lost = proto.notifications_in(self._upstream_pending)
-        self._upstream_pending = b''
+        if self._upstream is None:
+            return
+        lost = self._upstream.take_in_flight()
         if lost:
-            with self._lock:
-                self._queue_notice_locked(
-                    lost, 'publisher %d (%s)' % (self.pid, why), first=True)
+            self.outbox.queue_notice(
+                lost, 'publisher %d (%s)' % (self.pid, why), first=True)
 
     def _lose_upstream(self, settled=None):
         """The hub went away: re-elect, keeping queued lines.
@@ -572,7 +429,8 @@ class Relay:
         (refused, or another service's hub), so as not to spin.
         """
         self._lose_in_flight('hub lost')
-        self._poller.unregister(self._upstream)
+        if settled is None:
+            settled = self._upstream.settled()
         self._upstream.close()
         self._upstream = None
         self.subscribers = None
@@ -581,129 +439,35 @@ class Relay:
         # _STARTING, not _IDLE: this thread re-elects; notify() must not
         # start another one.
         self.state = _STARTING
-        if settled is None:
-            settled = (time.monotonic() - self._upstream_since >=
-                       _UPSTREAM_SETTLED)
         if settled:
-            self._retry_delay = _RETRY_MIN
-            self._schedule_retry(0)
+            self.retry.at_once()
         else:
-            self._schedule_retry()
-
-    # -- publisher side -------------------------------------------------------
-
-    def _deliver(self, data):
-        if self._hub is not None:
-            self._hub.fan_out(data)
-        else:
-            self._upstream_pending = data
-            self._flush_upstream()
-
-    def _flush_upstream(self):
-        select = self._select
-        while self._upstream_pending:
-            try:
-                sent = self._upstream.send(self._upstream_pending)
-            except BlockingIOError:
-                self._poller.modify(self._upstream,
-                                    select.POLLIN | select.POLLOUT)
-                return
-            except OSError:
-                self._lose_upstream()
-                return
-            self._upstream_pending = memoryview(
-                self._upstream_pending)[sent:]
-        self._poller.modify(self._upstream, select.POLLIN)
-
-    def _read_upstream(self):
-        try:
-            data = self._upstream.recv(proto.READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b''
-        if not data:
-            self._lose_upstream()
-            return
-        lines = (self._upstream_inbuf + data).split(b'\n')
-        self._upstream_inbuf = lines.pop()[-proto.MAX_HANDSHAKE:]
-        for line in lines:
-            status = proto.parse_control(line)
-            if (status is None or
-                    status.get(proto.PROTOCOL_KEY) != proto.ROLE_HUB):
-                continue
-            if status.get('service') != self.service:
-                self._say_join_failure(
-                    'it is now held by the hub of another service (%r, pid '
-                    '%s)' % (status.get('service'), status.get('pid')))
-                self._lose_upstream(settled=False)
-                return
-            self.subscribers = status.get('subscribers', 0)
-            self.connecting = status.get('connecting', 0)
-            self.saturated = bool(status.get('saturated'))
-            # Report what was counted to the subscribers it was counted
-            # for, before the hub's subscribers change any further.
-            self._queue_unsent_notice()
-
-    def _queue_unsent_notice(self):
-        with self._lock:
-            count, self._unsent = self._unsent, 0
-            if not count:
-                return
-            self._queue_notice_locked(count, 'publisher %d' % self.pid)
+            self.retry.later()
 
     # -- shutdown -------------------------------------------------------------
 
     def _close_connections(self):
         if self._upstream is not None:
-            self._upstream.close()
+            self._upstream.sock.close()
             self._upstream = None
         if self._hub is not None:
             self._hub.close()
             self._hub = None
-            self._unlink_ours()
+            with self.fork_lock:
+                election.unlink_ours(self.path, self.lock_path,
+                                     self._bound_id)
 
     def _close_all(self):
         self._close_connections()
-        for fd in (self._wake_r, self._wake_w):
-            if fd is not None:
-                self._os.close(fd)
-        self._wake_r = self._wake_w = None
+        self.outbox.close_wake_pipe()
         self._poller = None
-
-    def _unlink_ours(self):
-        """Remove the socket file if it is still the one we bound.
-
-        Under the lock, so that a publisher's socket bound meanwhile is never
-        removed; if the lock cannot be had at once, the file is left (a
-        stale socket never blocks a start-up). A directory removed already
-        (a temporary one, /run at shutdown) took the socket with it.
-        """
-        with self.fork_lock:
-            try:
-                with sockfile.Lock(self.lock_path):
-                    sockfile.unlink_if_ours(self.path, self._bound_id)
-            except FileNotFoundError:
-                # The lock file is created if missing: the directory is.
-                pass
-            except sockfile.LockBusy:
-                _log(logging.WARNING, 'Unix notification socket %s: not '
-                     'removed, its lock file is held by another process',
-                     self.path)
-            except (OSError, proto.RelayError) as exc:
-                _log(logging.WARNING, 'Unix notification socket %s: not '
-                     'removed: %s', self.path, exc)
-
-
-# One relay per socket path in this process, shared by every driver
-# instance that names the path.
-_relays = {}
 
 
 def get(path, **kwargs):
-    relay = _relays.get(path)
+    """The relay of ``path`` in this process, shared by its drivers."""
+    relay = unix_fork.relays.get(path)
     if relay is None:
-        relay = _relays[path] = Relay(path, **kwargs)
+        relay = unix_fork.relays[path] = Relay(path, **kwargs)
     relay.users += 1
     return relay
 
@@ -711,42 +475,5 @@ def get(path, **kwargs):
 def release(relay):
     relay.users -= 1
     if relay.users <= 0:
-        _relays.pop(relay.path, None)
+        unix_fork.relays.pop(relay.path, None)
         relay.close()
-
-
-def _finalize_in_multiprocessing_child(relay):
-    mp_util.Finalize(relay, relay.close, exitpriority=100)
-
-
-def _before_fork():
-    for relay in list(_relays.values()):
-        relay.fork_lock.acquire()
-
-
-def _after_fork_in_parent():
-    for relay in list(_relays.values()):
-        relay.fork_lock.release()
-
-
-def _after_fork_in_child():
-    for relay in list(_relays.values()):
-        relay.after_fork_in_child()
-        # A forked worker joins at once, so that the socket exists (and
-        # its subscribers are counted) before its first notification.
-        relay.start()
-
-
-def _close_all_at_exit():
-    for relay in list(_relays.values()):
-        try:
-            relay.close()
-        except Exception:
-            LOG.exception('Unix notification socket %s: failed to close',
-                          relay.path)
-
-
-os.register_at_fork(before=_before_fork,
-                    after_in_parent=_after_fork_in_parent,
-                    after_in_child=_after_fork_in_child)
-atexit.register(_close_all_at_exit)

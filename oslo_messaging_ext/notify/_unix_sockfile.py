@@ -74,6 +74,43 @@ def directory_problem(directory):
     return None
 
 
+def _lock_file_problem(lock_path, st):
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        return ('its lock file %s is not a regular file of the service user '
+                '(uid %d, owner %d): another user may have created it to '
+                'keep the service from serving'
+                % (lock_path, os.geteuid(), st.st_uid))
+    return None
+
+
+def squatted(path, lock_path):
+    """Why another user holds ``path`` or its lock file for good, or None.
+
+    At driver load: what is certain now and would keep the service from
+    ever serving (the lock file, or a socket file it may not replace, of
+    another user). A live listener is checked by :func:`check_listener`.
+    """
+    try:
+        problem = _lock_file_problem(lock_path, os.lstat(lock_path))
+    except FileNotFoundError:
+        problem = None
+    if problem:
+        return problem
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    euid = os.geteuid()
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid == euid or euid == 0:
+        return None
+    parent = os.stat(os.path.dirname(path))
+    if parent.st_mode & stat.S_ISVTX and parent.st_uid != euid:
+        return ('it is a socket of uid %d in a sticky directory: the service '
+                'user (uid %d) can neither serve nor replace it'
+                % (st.st_uid, euid))
+    return None
+
+
 class Lock:
     """The lock file beside the socket, taken without ever waiting.
 
@@ -91,12 +128,9 @@ class Lock:
             self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
             os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                raise UnsafeSocketFile(
-                    'its lock file %s is not a regular file of the service '
-                    'user (uid %d, owner %d)'
-                    % (self.path, os.geteuid(), st.st_uid))
+            problem = _lock_file_problem(self.path, os.fstat(fd))
+            if problem:
+                raise UnsafeSocketFile(problem)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -195,51 +229,37 @@ def unlink_if_ours(path, bound_id):
     return False
 
 
-def probe(path, service, timeout):
-    """Tell who listens on ``path``, at driver load.
+def check_listener(path, service):
+    """Refuse a live listener on ``path`` that another user runs.
 
-    :returns: None when nobody does (no file, or a stale socket), else the
-        hub's status dict
-    :raises RelayError: when a live listener is not a hub of ``service``
-        run by the service user
+    At driver load, without ever waiting: the connection is non-blocking
+    and nothing is read. A publisher's handshake (marked as a probe) is
+    sent only to a process of the service user, so that a hub does not
+    take the connection for a subscriber. Anything transient (nobody
+    listening, a full backlog, a hub exiting or paused) is left to the
+    relay, which retries with backoff.
+
+    :raises UnsafeSocketFile: when another user listens on ``path``
     """
     sock = _new_socket()
     try:
-        sock.settimeout(timeout)
+        sock.setblocking(False)
         try:
             sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            return None
+            uid = peer_uid(sock)
+        except OSError:
+            return
         # Before anything is sent: the hello names the service and pid.
-        uid = peer_uid(sock)
         if uid != os.geteuid():
             raise UnsafeSocketFile(
                 'it is held by a process of uid %d, not of the service user '
                 '(uid %d): another user may have bound it to read the '
                 'notifications' % (uid, os.geteuid()))
-        sock.sendall(proto.control_line(role=proto.ROLE_PUBLISHER,
-                                        service=service, pid=os.getpid(),
-                                        probe=True))
-        data = b''
         try:
-            while len(data) <= proto.MAX_HANDSHAKE * 16:
-                chunk = sock.recv(proto.MAX_HANDSHAKE)
-                if not chunk:
-                    break
-                data += chunk
-                for line in data.split(b'\n')[:-1]:
-                    status = proto.parse_control(line)
-                    if (status and status.get(proto.PROTOCOL_KEY) ==
-                            proto.ROLE_HUB):
-                        if status.get('service') != service:
-                            raise proto.RelayError(
-                                'it is held by the unix notification hub of '
-                                'another service (%r, pid %s)'
-                                % (status.get('service'), status.get('pid')))
-                        return status
-        except TimeoutError:
+            sock.send(proto.control_line(role=proto.ROLE_PUBLISHER,
+                                         service=service, pid=os.getpid(),
+                                         probe=True))
+        except OSError:
             pass
-        raise proto.RelayError('it is held by a live listener that does not '
-                               'speak the unix notification driver protocol')
     finally:
         sock.close()

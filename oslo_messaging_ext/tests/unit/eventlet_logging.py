@@ -22,6 +22,7 @@ eventlet.monkey_patch()
 import io  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import socket  # noqa: E402
 import tempfile  # noqa: E402
 
 from oslo_messaging_ext.notify import _unix_relay  # noqa: E402
@@ -42,8 +43,13 @@ def main():
         eventlet.spawn_n(chatter)
     directory = tempfile.mkdtemp()
     for i in range(100):
+        path = os.path.join(directory, 's%d' % i)
+        # A stale socket: the relay thread logs that it removed it.
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(path)
+        stale.close()
         relay = _unix_relay.Relay(
-            os.path.join(directory, 's%d' % i), service='eventlet-logging',
+            path, service='eventlet-logging',
             mode=0o660, gid=os.getegid(), max_subscribers=4,
             buffer_size=1 << 20)
         relay.start()
@@ -51,7 +57,7 @@ def main():
             eventlet.sleep(0.001)
         relay.close()
     running[0] = False
-    served = stream.getvalue().count('serves unix notification socket')
+    served = stream.getvalue().count('Removed stale unix notification socket')
     print('%d relay records logged' % served)
     return 0 if served == 100 else 1
 

@@ -13,12 +13,14 @@
 import datetime
 import fcntl
 import functools
+import grp
 import json
 import os
 import socket
 import stat
 import sys
 import threading
+import time
 from unittest import mock
 
 import fixtures
@@ -113,6 +115,18 @@ class UnixDriverTestCase(base.BaseTestCase):
         self.assertTrue(wait_until(lambda: publisher.subscribers == 1))
         return publisher
 
+    def status_as_a_publisher(self):
+        """Join the hub as another process of the service; its status."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with sock:
+            sock.settimeout(TIMEOUT)
+            sock.connect(self.sock_path)
+            sock.sendall(_unix_protocol.control_line(
+                role=_unix_protocol.ROLE_PUBLISHER, service='unix-unit',
+                pid=os.getpid()))
+            return _unix_protocol.parse_control(
+                sock.makefile('rb').readline())
+
     def read_lines(self, sock, count):
         reader = sock.makefile('rb')
         self.addCleanup(reader.close)
@@ -160,15 +174,33 @@ class UnixDriverTestCase(base.BaseTestCase):
                                sock_group='no-such-group-xyz')
 
     def test_bounds_too_small(self):
-        for option, value in [('sock_max_subscribers', 0),
-                              ('sock_max_subscribers', -1),
-                              ('sock_buffer_size', 0),
-                              ('sock_buffer_size', 10),
-                              ('sock_buffer_size', 65535)]:
-            self.conf.config(group=GROUP, sock_max_subscribers=64,
-                             sock_buffer_size=65536)
-            self.assertConfigError(option, value, 'at least',
-                                   **{option: value})
+        # From a configuration file, as a service reads them: the option's
+        # own minimum refuses the value, and the load error names it.
+        conf_file = os.path.join(self.tmpdir, 'service.conf')
+        for option, value in [('sock_max_subscribers', '0'),
+                              ('sock_max_subscribers', '-1'),
+                              ('sock_buffer_size', '0'),
+                              ('sock_buffer_size', '10'),
+                              ('sock_buffer_size', '65535')]:
+            with open(conf_file, 'w') as f:
+                f.write('[%s]\nsock_path = %s\n%s = %s\n'
+                        % (GROUP, self.sock_path, option, value))
+            self.conf.conf(['--config-file', conf_file], project='unix-unit')
+            self.assertConfigError(option, value, 'at least')
+        with open(conf_file, 'w') as f:
+            f.write('[%s]\nsock_path = %s\nsock_buffer_size = 65536\n'
+                    % (GROUP, self.sock_path))
+        self.conf.conf(['--config-file', conf_file], project='unix-unit')
+        self.driver()
+
+    def test_option_minimums_are_in_the_options(self):
+        # So that the configuration reference and oslo-config-validator
+        # show them.
+        listed = {o.name: o for o in dict(opts.list_opts())[GROUP]}
+        self.assertEqual(65536, listed['sock_buffer_size'].type.min)
+        self.assertEqual(1, listed['sock_max_subscribers'].type.min)
+        self.assertRaises(ValueError, self.conf.config,
+                          sock_buffer_size=1024, group=GROUP)
 
     def test_mode_without_owner_read_write(self):
         for mode in ('0440', '0260', '0060'):
@@ -242,22 +274,119 @@ class UnixDriverTestCase(base.BaseTestCase):
                          stat.S_IMODE(os.lstat(target).st_mode))
 
     def test_path_held_by_a_live_foreign_listener(self):
+        # Of the service user, but no hub (or a hub paused): not certain
+        # enough to refuse the driver for the process's life. It loads at
+        # once, and the relay sends nothing to a listener that does not
+        # answer as a hub; it lets it go and retries with backoff.
         listener = socket.socket(socket.AF_UNIX)
         self.addCleanup(listener.close)
         listener.bind(self.sock_path)
         listener.listen(1)
-        with mock.patch.object(_impl_unix, '_PROBE_TIMEOUT', 0.2):
-            self.assertConfigError('sock_path', self.sock_path,
-                                   'does not speak')
+        self.useFixture(fixtures.MockPatch(
+            'oslo_messaging_ext.notify._unix_upstream.ANSWER_TIMEOUT', 0.3))
+        # The records of the relay thread name the file that logged them.
+        logger = self.useFixture(test_utils.FakeLogger(
+            'oslo_messaging_ext.notify._unix_election',
+            format='%(filename)s: %(message)s'))
+        started = time.monotonic()
+        notifier, driver = self.notifier()
+        self.assertLess(time.monotonic() - started, 1.0)
+        notifier.info({}, 'image.upload', {'id': 1})
+        self.assertTrue(wait_until(lambda: 'has not answered' in
+                                   logger.output))
+        self.assertIn('_unix_election.py: Unix notification socket',
+                      logger.output)
+        # The driver's load and its relay connected; each said who it is,
+        # and nothing more.
+        listener.settimeout(TIMEOUT)
+        for _ in range(2):
+            conn, _ = listener.accept()
+            self.addCleanup(conn.close)
+            conn.settimeout(TIMEOUT)
+            received = b''.join(iter(lambda: conn.recv(65536), b''))
+            self.assertEqual(
+                _unix_protocol.ROLE_PUBLISHER,
+                _unix_protocol.parse_control(received)[
+                    _unix_protocol.PROTOCOL_KEY])
+        self.assertIsNone(driver.subscribers())
         self.assertTrue(os.path.exists(self.sock_path))
 
+    def test_path_held_by_a_hub_exiting_does_not_fail_the_load(self):
+        # A connection reset, as by a hub that exits while it is probed,
+        # is transient: the relay joins the next hub.
+        with mock.patch.object(_unix_sockfile, 'peer_uid',
+                               side_effect=ConnectionResetError(104, 'x')):
+            listener = socket.socket(socket.AF_UNIX)
+            self.addCleanup(listener.close)
+            listener.bind(self.sock_path)
+            listener.listen(1)
+            driver = _impl_unix.UnixSocketDriver(self.conf.conf, ['n'],
+                                                 self.transport)
+            self.addCleanup(driver.close)
+        listener.close()
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
+
     def test_path_held_by_the_hub_of_another_service(self):
-        self.driver()
-        self.assertTrue(wait_until(lambda: os.path.exists(self.sock_path)))
+        # Not certain to last (the other service may be stopping): its
+        # processes load, and their relays retry with backoff, sending
+        # nothing to the other service's hub.
+        driver = self.driver()
+        self.subscribe(driver)
+        logger = self.useFixture(test_utils.FakeLogger(
+            'oslo_messaging_ext.notify._unix_election'))
         with mock.patch.object(_impl_unix, 'service_identity',
                                return_value='nova'):
-            self.assertConfigError('sock_path', self.sock_path,
-                                   'another service')
+            self.driver(sock_path=self.sock_path)
+        other = _unix_relay.Relay(
+            self.sock_path, service='nova', mode=0o660, gid=os.getegid(),
+            max_subscribers=64, buffer_size=65536)
+        other.start()
+        self.addCleanup(other.close)
+        self.assertTrue(wait_until(lambda: 'hub of another service' in
+                                   logger.output))
+        self.assertIsNone(other.subscribers)
+
+    def test_lock_file_of_another_user_is_refused_at_load(self):
+        if os.geteuid() != 0:
+            self.skipTest('creating a file of another user needs root')
+        os.chmod(self.tmpdir, 0o1777)
+        lock_path = self.sock_path + '.lock'
+        open(lock_path, 'w').close()
+        os.chown(lock_path, 65534, -1)
+        self.assertConfigError('sock_path', self.sock_path,
+                               'lock file %s is not a regular file of the '
+                               'service user' % lock_path)
+
+    def test_lock_file_symlink_is_refused_at_load(self):
+        os.symlink('/nonexistent', self.sock_path + '.lock')
+        self.assertConfigError('sock_path', self.sock_path, 'lock file')
+
+    def test_stale_socket_of_another_user_in_a_sticky_directory(self):
+        if os.geteuid() != 0:
+            self.skipTest('creating a file of another user needs root')
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(self.sock_path)
+        stale.close()
+        os.chown(self.sock_path, 65534, -1)
+        os.chown(self.tmpdir, 65534, -1)
+        self.addCleanup(os.chown, self.tmpdir, 0, -1)
+        os.chmod(self.tmpdir, 0o1777)
+        with mock.patch.object(_unix_sockfile.os, 'geteuid',
+                               return_value=1000):
+            problem = _unix_sockfile.squatted(self.sock_path,
+                                              self.sock_path + '.lock')
+        self.assertIn('socket of uid 65534 in a sticky directory', problem)
+
+    def test_one_info_line_per_configuration(self):
+        logger = self.useFixture(test_utils.FakeLogger(_impl_unix.__name__))
+        for _ in range(3):
+            self.driver(sock_mode='0640')
+        loaded = [line for line in logger.output.splitlines()
+                  if 'unix notification driver loaded' in line]
+        self.assertEqual(1, len(loaded), logger.output)
+        self.assertIn('socket %s, mode 0640, group %s' % (
+            self.sock_path, grp.getgrgid(os.getegid()).gr_name), loaded[0])
+        self.assertIn('ignores topics', loaded[0])
 
     def test_options_listed(self):
         # The group is shared: upstream lists its own notification options
@@ -303,16 +432,37 @@ class UnixDriverTestCase(base.BaseTestCase):
                 lambda: os.path.exists(self.sock_path)))
         self.assertEqual([(True, 0o700)], seen)
 
-    def test_uwsgi_master_does_not_become_the_hub(self):
-        uwsgi = mock.Mock()
-        uwsgi.worker_id.return_value = 0
+    def fake_uwsgi(self, worker_id):
+        uwsgi = mock.Mock(spec=['worker_id', 'mule_id', 'i_am_the_spooler'])
+        uwsgi.worker_id.return_value = worker_id
+        uwsgi.mule_id.return_value = 0
+        uwsgi.i_am_the_spooler.return_value = False
         self.useFixture(fixtures.MonkeyPatch('sys.modules',
                                              dict(sys.modules, uwsgi=uwsgi)))
+        return uwsgi
+
+    def test_uwsgi_master_never_starts_a_relay_thread(self):
+        # uWSGI forks its workers from the master without Python's at-fork
+        # hooks: a relay thread running there at fork time left every
+        # worker hanging on the GIL. A notification emitted while the
+        # application loads used to start it.
+        uwsgi = self.fake_uwsgi(worker_id=0)
         notifier, driver = self.notifier()
+        serialized = mock.Mock(wraps=driver._encode)
+        driver._encode = serialized
+        notifier.info({}, 'image.upload', {'id': 1})
+        self.assertIsNone(driver._relay._thread)
+        self.assertEqual(0, serialized.call_count)
         self.assertIsNone(driver.subscribers())
         self.assertFalse(os.path.lexists(self.sock_path))
-        # A worker (or the master, should it notify after all) joins at
-        # its first notification.
+        # A mule, forked from the master, relays.
+        uwsgi.mule_id.return_value = 1
+        notifier.info({}, 'image.upload', {'id': 2})
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
+
+    def test_uwsgi_worker_joins_at_its_first_notification(self):
+        uwsgi = self.fake_uwsgi(worker_id=0)
+        notifier, driver = self.notifier()
         uwsgi.worker_id.return_value = 1
         notifier.info({}, 'image.upload', {'id': 1})
         self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
@@ -531,8 +681,7 @@ class UnixDriverTestCase(base.BaseTestCase):
         self.subscribe(driver)
         # A worker of the same service joins whatever the subscribers.
         for _ in range(3):
-            status = _unix_sockfile.probe(self.sock_path, 'unix-unit', 2.0)
-            self.assertEqual(1, status['subscribers'])
+            self.assertEqual(1, self.status_as_a_publisher()['subscribers'])
         self.assertEqual(1, driver.subscribers())
 
     def test_non_finite_floats_are_null_with_either_encoder(self):
