@@ -10,7 +10,7 @@
 #    License for the specific language governing permissions and limitations
 #    under the License.
 
-"""The plugin where devstack and Zuul put it.
+"""The plugin where devstack and Zuul put it, and its commands on PATH.
 
 A devstack job of Zuul checks the repository out at
 ``/opt/stack/oslo.messaging-ext`` and forbids cloning; devstack looks for
@@ -23,6 +23,7 @@ unstack.sh's and clean.sh's plugin machinery (stand-ins, see
 import configparser
 import os
 import re
+import subprocess
 
 import fixtures
 from oslotest import base
@@ -31,6 +32,7 @@ from oslo_messaging_ext.tests import devstack
 
 DOCUMENTS = ('devstack/README.rst', 'doc/source/admin/devstack.rst')
 ENABLE_PLUGIN_RE = re.compile(r'^\s*enable_plugin\s.*$', re.M)
+COMMAND = 'oslo-notify-tail'
 
 
 def documented_enable_plugin_lines():
@@ -135,3 +137,64 @@ class TestPluginName(LayoutTestCase):
             self.assertEqual(['define_plugin %s' % devstack.PLUGIN_NAME],
                              [c for c in result.calls
                               if c.startswith('define_plugin')], script)
+
+
+class TestCommandOnPath(LayoutTestCase):
+    """oslo-notify-tail is found on the PATH of a devstack user."""
+
+    def user_path(self):
+        # A login's PATH: /usr/local/bin and the system's, never the
+        # virtualenv's bin.
+        return os.pathsep.join([self.layout.system_bin, '/usr/bin', '/bin'])
+
+    def run_command(self, *args):
+        return subprocess.run([COMMAND] + list(args), capture_output=True,
+                              text=True, timeout=60,
+                              env={'PATH': self.user_path(),
+                                   'LANG': 'C.UTF-8'})
+
+    def test_global_venv_command_is_linked_onto_path(self):
+        self.assert_ok(self.stack())
+        link = os.path.join(self.layout.system_bin, COMMAND)
+        self.assertEqual(os.path.join(self.layout.venv, 'bin', COMMAND),
+                         os.readlink(link))
+        proc = self.run_command('--help')
+        self.assertEqual(0, proc.returncode, proc.stderr)
+        self.assertIn('usage: %s' % COMMAND, proc.stdout)
+
+    def test_without_global_venv_pip_puts_it_on_path_itself(self):
+        result = self.stack(env={'GLOBAL_VENV': 'False'})
+        self.assert_ok(result)
+        path = os.path.join(self.layout.system_bin, COMMAND)
+        self.assertFalse(os.path.islink(path))
+        self.assertEqual([], [c for c in result.calls if ' ln ' in c])
+        self.assertEqual(0, self.run_command('--help').returncode)
+
+    def test_second_stack_keeps_one_working_link(self):
+        self.assert_ok(self.stack())
+        self.assert_ok(self.stack('install'))
+        self.assertEqual([COMMAND], os.listdir(self.layout.system_bin))
+        self.assertEqual(0, self.run_command('--help').returncode)
+
+    def test_unstack_keeps_the_command_clean_removes_it(self):
+        self.assert_ok(self.stack())
+        link = os.path.join(self.layout.system_bin, COMMAND)
+        self.assert_ok(devstack.run_plugin(['unstack'], {}, self.root))
+        self.assertTrue(os.path.islink(link))
+        self.assert_ok(devstack.run_plugin(['clean'], {}, self.root))
+        self.assertFalse(os.path.lexists(link))
+
+    def test_clean_leaves_a_command_that_is_not_its_link(self):
+        self.assert_ok(self.stack())
+        other = os.path.join(self.layout.system_bin, COMMAND)
+        os.unlink(other)
+        with open(other, 'w') as f:
+            f.write('#!/bin/sh\n')
+        self.assert_ok(devstack.run_plugin(['clean'], {}, self.root))
+        self.assertTrue(os.path.exists(other))
+
+    def test_link_dir_default_is_on_every_users_path(self):
+        with open(devstack.SETTINGS) as f:
+            self.assertIn('OSLO_MESSAGING_EXT_BIN_LINK_DIR='
+                          '${OSLO_MESSAGING_EXT_BIN_LINK_DIR:-/usr/local/bin}',
+                          f.read())
