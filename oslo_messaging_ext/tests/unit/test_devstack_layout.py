@@ -27,6 +27,7 @@ import subprocess
 
 import fixtures
 from oslotest import base
+import yaml
 
 from oslo_messaging_ext.tests import devstack
 
@@ -96,6 +97,32 @@ class TestPluginName(LayoutTestCase):
             self.assertEqual(0, result.returncode,
                              '%s: %s\n%s' % (document, line,
                                              result.stdout + result.stderr))
+
+    def test_devstack_job_of_zuul_enables_the_plugin_as_documented(self):
+        with open(os.path.join(devstack.SOURCE_TREE, '.zuul.yaml')) as f:
+            jobs = [item['job'] for item in yaml.safe_load(f)
+                    if 'job' in item]
+        variables = [job['vars'] for job in jobs
+                     if 'devstack_plugins' in job.get('vars', {})]
+        self.assertEqual(1, len(variables), jobs)
+        plugins = variables[0]['devstack_plugins']
+        self.assertEqual({devstack.PLUGIN_NAME: devstack.PROJECT_URL},
+                         plugins)
+        # The line devstack's local.conf writer makes of it.
+        line = 'enable_plugin %s %s' % next(iter(plugins.items()))
+        self.assertEqual(devstack.ZUUL_ENABLE_PLUGIN, line)
+        with open(devstack.SETTINGS) as f:
+            settings = f.read()
+        # The socket the job records is the one the plugin configures.
+        self.assertIn('OSLO_MESSAGING_EXT_RUN_DIR:-/run/oslo-messaging-ext}',
+                      settings)
+        self.assertIn('OSLO_MESSAGING_EXT_SOCK_PATH:-'
+                      '$OSLO_MESSAGING_EXT_RUN_DIR/glance-api.sock}',
+                      settings)
+        self.assertEqual('/run/oslo-messaging-ext/glance-api.sock',
+                         variables[0]['glance_notifications_sock_path'])
+        for name in variables[0].get('devstack_localrc', {}):
+            self.assertIn('\n%s=${%s:-' % (name, name), settings)
 
     def test_another_name_is_refused_by_devstack_itself(self):
         # What the plugin's former name did in a Zuul job: devstack looks
