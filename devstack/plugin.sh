@@ -3,10 +3,12 @@
 # into the environment glance runs from and enables them in glance-api.conf.
 #
 # Phases:
-#   stack install      install this package (setup_develop)
+#   stack install      install this package (setup_develop) and put its
+#                      commands on PATH
 #   stack post-config  enable the drivers in $GLANCE_API_CONF (g-api only)
 #   unstack, clean     remove the socket, the runtime directory and its
 #                      systemd-tmpfiles entry
+#   clean              also remove the links to the commands
 
 # Save trace setting
 _XTRACE_OSLO_MESSAGING_EXT=$(set +o | grep xtrace)
@@ -14,6 +16,8 @@ set -o xtrace
 
 OSLO_MESSAGING_EXT_KNOWN_DRIVERS="messaging-multicast unix"
 OSLO_MESSAGING_EXT_NOTIFY_SECTION=oslo_messaging_notifications
+# Commands of the package that devstack users run.
+OSLO_MESSAGING_EXT_COMMANDS="oslo-notify-tail"
 
 
 # True if the operator asked for our driver $1.
@@ -68,6 +72,34 @@ function install_oslo_messaging_ext {
         extras=orjson
     fi
     setup_develop "$OSLO_MESSAGING_EXT_DIR" $extras
+}
+
+# Link our commands into $OSLO_MESSAGING_EXT_BIN_LINK_DIR when pip put them
+# elsewhere, as stack.sh does for its own commands of the global virtualenv.
+function link_oslo_messaging_ext_commands {
+    local bin_dir command
+    bin_dir=$(get_python_exec_prefix)
+    if [[ "$bin_dir" == "$OSLO_MESSAGING_EXT_BIN_LINK_DIR" ]]; then
+        return
+    fi
+    for command in $OSLO_MESSAGING_EXT_COMMANDS; do
+        if [[ ! -x "$bin_dir/$command" ]]; then
+            die $LINENO "$command is not in $bin_dir after the install of $OSLO_MESSAGING_EXT_DIR"
+        fi
+        sudo ln -sf "$bin_dir/$command" "$OSLO_MESSAGING_EXT_BIN_LINK_DIR/$command"
+    done
+}
+
+# Remove the links made at install, and only those.
+function unlink_oslo_messaging_ext_commands {
+    local bin_dir command link
+    bin_dir=$(get_python_exec_prefix)
+    for command in $OSLO_MESSAGING_EXT_COMMANDS; do
+        link=$OSLO_MESSAGING_EXT_BIN_LINK_DIR/$command
+        if [[ -L "$link" && "$(readlink "$link")" == "$bin_dir/$command" ]]; then
+            sudo rm -f "$link"
+        fi
+    done
 }
 
 function configure_oslo_messaging_ext_unix {
@@ -148,6 +180,7 @@ function cleanup_oslo_messaging_ext {
 if [[ "$1" == "stack" && "$2" == "install" ]]; then
     echo_summary "Installing oslo.messaging-ext"
     install_oslo_messaging_ext
+    link_oslo_messaging_ext_commands
 elif [[ "$1" == "stack" && "$2" == "post-config" ]]; then
     if is_service_enabled g-api && [[ -f "$GLANCE_API_CONF" ]]; then
         echo_summary "Enabling oslo.messaging-ext notification drivers in glance-api"
@@ -157,6 +190,9 @@ fi
 
 if [[ "$1" == "unstack" || "$1" == "clean" ]]; then
     cleanup_oslo_messaging_ext
+fi
+if [[ "$1" == "clean" ]]; then
+    unlink_oslo_messaging_ext_commands
 fi
 
 # Restore xtrace

@@ -8,7 +8,11 @@
 #   STANDIN_INI     path of ini.py, the INI function stand-ins
 #   STANDIN_LOG     file where calls with side effects outside the
 #                   configuration file are recorded, one line each
+#   STANDIN_PIP     path of pip.py, which installs a project's commands
+#   STANDIN_SYSTEM_BIN  where pip puts commands without GLOBAL_VENV
+#                   (/usr/local/bin on a real system)
 #   ENABLED_SERVICES  comma separated, as in devstack
+#   GLOBAL_VENV, DEVSTACK_VENV  as in devstack's stackrc
 
 function _standin_record {
     echo "$*" >> "$STANDIN_LOG"
@@ -61,8 +65,25 @@ function define_plugin {
     _standin_record define_plugin "$@"
 }
 
+# Where pip puts commands: devstack's global virtualenv by default.
+function get_python_exec_prefix {
+    if [[ "$GLOBAL_VENV" == "True" ]]; then
+        echo "$DEVSTACK_VENV/bin"
+    else
+        echo "$STANDIN_SYSTEM_BIN"
+    fi
+}
+
+# pip install -e PROJECT_DIR[EXTRAS]: fails as pip would on a directory that
+# is not a project; installs the project's commands, which run the code of
+# the tree under test.
 function setup_develop {
+    local project_dir=$1
     _standin_record setup_develop "$@"
+    if [[ ! -f "$project_dir/setup.cfg" ]]; then
+        die $LINENO "setup_develop: $project_dir is not a Python project (no setup.cfg)"
+    fi
+    "$STANDIN_PYTHON" "$STANDIN_PIP" "$project_dir" "$(get_python_exec_prefix)"
 }
 
 function echo_summary {

@@ -14,23 +14,28 @@
 
 glance-api runs under uwsgi with two single-threaded workers, configured by
 the devstack plugin's post-config step. The test drives the images v2 API
-and checks what three kinds of consumers receive: a subscriber of the unix
-socket (our subscriber library), oslo.messaging listeners on the replica
-topics of the default multicast rule, and an oslo.messaging listener on
-glance's standard notification topic.
+and checks what three kinds of consumers receive: ``oslo-notify-tail``
+recording the unix socket, the replica queues of the default multicast
+rule, and an oslo.messaging listener on glance's standard notification
+topic. The recording and the replica queues are judged by
+``notification_check``, the check the devstack job of ``.zuul.yaml`` runs
+after tempest.
 """
 
 import collections
 import importlib.metadata
 import os
 import re
-import threading
+import signal
+import subprocess
+import sys
 
 import fixtures
 from testtools import content
 
 from oslo_messaging_ext.tests.functional import base
 from oslo_messaging_ext.tests.functional_glance import glance
+from oslo_messaging_ext.tests.functional_glance import notification_check
 from oslo_messaging_ext.tests import utils as test_utils
 
 # glance sets its control exchange to "glance"; replicas of a rule target
@@ -48,6 +53,8 @@ PATCH = ['image.update']
 DELETE = ['image.delete']
 
 DRIVERS = ('messaging-multicast', 'unix')
+# oslo-notify-tail's documented exit status when interrupted.
+RECORDER_INTERRUPTED = 130
 DRIVER_ENTRY_POINTS = 'oslo.messaging.notify.drivers'
 
 # ERROR or CRITICAL records of our drivers, or of oslo.messaging's notifier
@@ -70,6 +77,40 @@ def expected(image_id, *steps):
         (image_id, event) for step in steps for event in step)
 
 
+class Recorder:
+    """``oslo-notify-tail --follow --format json``, as the gate job runs it.
+
+    :param sock_path: the socket to record
+    :param path: the NDJSON file it writes
+    """
+
+    def __init__(self, sock_path, path):
+        self.path = path
+        command = os.path.join(sys.prefix, 'bin', 'oslo-notify-tail')
+        with open(path, 'wb') as out, open(path + '.stderr', 'wb') as err:
+            self.process = subprocess.Popen(
+                [command, '--follow', '--format', 'json', sock_path],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+
+    @property
+    def received(self):
+        """The notifications recorded so far (a partial line is not)."""
+        return notification_check.read_recording(self.path)[0]
+
+    def stop(self):
+        """Interrupt it as a job's post-run does; its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def stderr(self):
+        return glance.tail(self.path + '.stderr')
+
+
 class TestGlanceNotifications(base.BrokerTestCase):
 
     def setUp(self):
@@ -84,10 +125,11 @@ class TestGlanceNotifications(base.BrokerTestCase):
         # Listening before glance starts: the queues exist before the first
         # notification, and are deleted after glance stops.
         self.standard = self.start_listener(self.topic, exchange=EXCHANGE)
-        self.replicas = {
-            host: self.start_listener(self.replica_prefix + host,
-                                      exchange=EXCHANGE)
-            for host in REPLICA_HOSTS}
+        # Nobody consumes the replica topics: the check drains their
+        # queues at the end, as in the gate.
+        self.addCleanup(self.delete_queues, self.url, [
+            '%s%s.%s' % (self.replica_prefix, host, priority)
+            for host in REPLICA_HOSTS for priority in base.PRIORITIES])
         self.useFixture(self.glance)
 
     def require_drivers(self):
@@ -111,26 +153,14 @@ class TestGlanceNotifications(base.BrokerTestCase):
         self.addDetail('glance', content.text_content(
             self.glance.diagnostics()))
 
-    def subscribe(self, path):
-        """Connect our subscriber library to the unix socket.
-
-        :returns: the collecting endpoint and the subscription
-        """
-        from oslo_messaging_ext import unix_subscriber
-
-        subscription = unix_subscriber.Subscription(
-            path, reconnect=True, min_backoff=0.05, max_backoff=0.5)
-        collector = base.NotificationCollector()
-        dispatcher = unix_subscriber.EndpointDispatcher([collector])
-        thread = threading.Thread(target=dispatcher.run, args=(subscription,),
-                                  name='unix-subscriber', daemon=True)
-        thread.start()
-        self.addCleanup(thread.join, 10)
-        self.addCleanup(subscription.close)
-        if not subscription.connected.wait(base.DELIVERY_TIMEOUT):
-            self.fail('No unix socket to subscribe to at %s after glance '
-                      'emitted its first notification' % path)
-        return collector, subscription
+    def record(self, path):
+        """Record the unix socket with oslo-notify-tail."""
+        recorder = Recorder(path, os.path.join(self.dir, 'unix.ndjson'))
+        self.addCleanup(recorder.stop)
+        self.addOnException(lambda exc_info: self.addDetail(
+            'oslo-notify-tail stderr', content.text_content(
+                recorder.stderr())))
+        return recorder
 
     def wait_for_events(self, collector, wanted, what):
         def arrived():
@@ -143,7 +173,7 @@ class TestGlanceNotifications(base.BrokerTestCase):
                          base.DELIVERY_TIMEOUT, dict(arrived())))
 
     def sync_subscriber(self, api, image_id, collector, attempts=10):
-        """Update ``image_id`` until ``collector`` receives an update.
+        """Update ``image_id`` until ``collector`` records an update.
 
         :returns: how many updates were made
         """
@@ -170,7 +200,7 @@ class TestGlanceNotifications(base.BrokerTestCase):
         # it, which connect() returning does not prove. From then on,
         # nothing may be missed.
         warm_up = api.create_image('warm-up')
-        unix, subscription = self.subscribe(sock_path)
+        unix = self.record(sock_path)
         updates = self.sync_subscriber(api, warm_up, unix)
 
         # While a worker is held by the upload of the first image, the
@@ -215,25 +245,39 @@ class TestGlanceNotifications(base.BrokerTestCase):
         # among them), exactly once, whichever worker emitted it.
         self.wait_for_events(unix, unix_expected + expected(warm_up, DELETE),
                              'unix subscriber')
-        self.assertEqual(unix_expected,
-                         events_of(unix.received, {first, second}))
-        self.assertEqual(0, subscription.dropped)
+        # Still running when interrupted: it never lost the socket.
+        self.assertEqual(RECORDER_INTERRUPTED, unix.stop(), unix.stderr())
+        recording = unix.received
+        self.assertEqual(unix_expected, events_of(recording, {first, second}))
         self.assertTrue(all(n['publisher_id'].startswith('image.')
-                            for n in unix.received))
+                            for n in recording
+                            if n['event_type'] != notification_check.
+                            DROPPED_EVENT_TYPE))
 
-        # The replica topics: the configured events only, re-published.
-        for host, collector in self.replicas.items():
-            self.wait_for_events(collector, replica_expected,
-                                 'replica topic of %s' % host)
-            self.assertEqual(replica_expected,
-                             events_of(collector.received, images))
-            self.assertEqual(
-                sum(replica_expected.values()), len(collector.received),
-                'unexpected notifications on the replica topic of %s: %s'
-                % (host, collector.event_types()))
-            self.assertEqual({(REPLICA_PUBLISHER_ID, 'info')},
-                             {(n['publisher_id'], n['priority'])
-                              for n in collector.received})
+        # The gate's check, on this run: no drop, the expected events, and
+        # on each replica queue exactly the configured events of every
+        # image recorded from its creation (the first and second ones).
+        transport_url, rules = notification_check.load_config(api.conf_path)
+        self.assertEqual(
+            [(self.replica_prefix + host + '.info') for host in REPLICA_HOSTS],
+            [queue for rule in rules for _, queue in rule.queues])
+        replicas = notification_check.collect_replicas(
+            transport_url, rules, recording, base.DELIVERY_TIMEOUT)
+        self.addDetail('notification check', content.text_content(
+            notification_check.summary(recording, replicas)))
+        self.assertEqual([], notification_check.check(recording, rules,
+                                                      replicas))
+
+        # The replica queues, warm-up image included: the configured
+        # events only, re-published, and nothing else.
+        for (exchange, queue), got in replicas.items():
+            self.assertEqual(EXCHANGE, exchange)
+            self.assertEqual(replica_expected, events_of(got, images), queue)
+            self.assertEqual(sum(replica_expected.values()), len(got),
+                             'unexpected notifications on %s: %s'
+                             % (queue, [n['event_type'] for n in got]))
+            self.assertEqual({REPLICA_PUBLISHER_ID},
+                             {n['publisher_id'] for n in got})
 
         # The standard topic: every event exactly once, as messagingv2
         # alone would send it. The warm-up image's deletion was emitted

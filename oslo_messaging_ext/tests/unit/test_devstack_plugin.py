@@ -23,6 +23,7 @@ from oslotest import base
 from oslo_messaging_ext.tests import devstack
 
 NOTIFY = 'oslo_messaging_notifications'
+DEFINE_PLUGIN = 'define_plugin %s' % devstack.PLUGIN_NAME
 RULE = 'multicast_rule_glance_replication'
 
 # What devstack's configure_glance leaves in glance-api.conf before the
@@ -83,7 +84,7 @@ class TestPluginFiles(base.BaseTestCase):
         with open(devstack.SETTINGS) as f:
             lines = [line.strip() for line in f
                      if line.strip() and not line.startswith('#')]
-        self.assertIn('define_plugin oslo-messaging-ext', lines)
+        self.assertIn(DEFINE_PLUGIN, lines)
         assignment = re.compile(
             r'^(OSLO_MESSAGING_EXT_\w+)=\$\{(OSLO_MESSAGING_EXT_\w+):-.*\}$')
         for line in lines:
@@ -110,7 +111,7 @@ class TestSourceTime(PluginTestCase):
         # No phase argument: devstack's "source" of settings alone.
         result = devstack.run_plugin(['source'], self.env, self.dir)
         self.assertEqual(0, result.returncode, result.stderr)
-        self.assertEqual(['define_plugin oslo-messaging-ext'], result.calls)
+        self.assertEqual([DEFINE_PLUGIN], result.calls)
         self.assertEqual(before, self.read_conf_text())
         self.assertFalse(os.path.exists(self.run_dir))
 
@@ -119,25 +120,26 @@ class TestInstall(PluginTestCase):
 
     def test_install_uses_setup_develop_on_the_plugin_dir(self):
         self.write_conf()
-        result = self.run_phase('stack', 'install',
-                                OSLO_MESSAGING_EXT_DIR='/opt/stack/omx')
-        self.assertIn('setup_develop /opt/stack/omx orjson', result.calls)
+        result = self.run_phase('stack', 'install')
+        checkout = os.path.join(devstack.Layout(self.dir).dest,
+                                devstack.PLUGIN_NAME)
+        self.assertIn('setup_develop %s orjson' % checkout, result.calls)
         self.assertEqual(DEVSTACK_GLANCE_API_CONF, self.read_conf_text())
 
     def test_install_without_orjson(self):
         self.write_conf()
         result = self.run_phase('stack', 'install',
-                                OSLO_MESSAGING_EXT_DIR='/opt/stack/omx',
                                 OSLO_MESSAGING_EXT_ORJSON='False')
-        self.assertIn('setup_develop /opt/stack/omx', result.calls)
-        self.assertNotIn('setup_develop /opt/stack/omx orjson', result.calls)
+        checkout = os.path.join(devstack.Layout(self.dir).dest,
+                                devstack.PLUGIN_NAME)
+        self.assertIn('setup_develop %s' % checkout, result.calls)
+        self.assertNotIn('setup_develop %s orjson' % checkout, result.calls)
 
     def test_other_stack_phases_do_nothing(self):
         self.write_conf()
         for phase in ('pre-install', 'extra', 'test-config'):
             result = self.run_phase('stack', phase)
-            self.assertEqual(['define_plugin oslo-messaging-ext'],
-                             result.calls, phase)
+            self.assertEqual([DEFINE_PLUGIN], result.calls, phase)
         self.assertEqual(DEVSTACK_GLANCE_API_CONF, self.read_conf_text())
         self.assertFalse(os.path.exists(self.run_dir))
 
@@ -305,7 +307,7 @@ class TestPostConfigSkipped(PluginTestCase):
                                 ENABLED_SERVICES='key,rabbit,n-api,g-reg')
         self.assertEqual(DEVSTACK_GLANCE_API_CONF, self.read_conf_text())
         self.assertEqual(before.st_mtime_ns, os.stat(self.conf).st_mtime_ns)
-        self.assertEqual(['define_plugin oslo-messaging-ext'], result.calls)
+        self.assertEqual([DEFINE_PLUGIN], result.calls)
         self.assertFalse(os.path.exists(self.run_dir))
         self.assertFalse(os.path.exists(self.tmpfiles))
 
