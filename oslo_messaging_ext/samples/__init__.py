@@ -10,7 +10,7 @@
 #    License for the specific language governing permissions and limitations
 #    under the License.
 
-"""Real glance notifications, used by the demo, the tests and benchmarks.
+"""Real glance notifications, recorded to be replayed as sample data.
 
 glance-image-notifications.jsonl holds the envelopes a real glance-api
 emitted for one image's life cycle (create, update, prepare, upload,

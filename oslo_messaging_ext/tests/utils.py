@@ -10,7 +10,7 @@
 #    License for the specific language governing permissions and limitations
 #    under the License.
 
-"""Helpers shared by the unit and functional tests and the benchmarks."""
+"""Helpers shared by the tests."""
 
 import json
 import logging
