@@ -384,7 +384,7 @@ class UnixDriverTestCase(base.BaseTestCase):
         loaded = [line for line in logger.output.splitlines()
                   if 'unix notification driver loaded' in line]
         self.assertEqual(1, len(loaded), logger.output)
-        self.assertIn('socket %s, mode 0640, group %s' % (
+        self.assertIn('socket {}, mode 0640, group {}'.format(
             self.sock_path, grp.getgrgid(os.getegid()).gr_name), loaded[0])
         self.assertIn('ignores topics', loaded[0])
 
