@@ -173,14 +173,30 @@ def _identity(path):
     return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
-#: The subscription waits for its socket (``reason``: the
-#: :class:`SubscriberError` of the last attempt). Reported once per wait.
-Waiting = collections.namedtuple('Waiting', 'path reason')
-#: Connected; ``connection`` counts from 1, ``downtime`` is the seconds
-#: since the previous connection ended (None for the first one).
-Connected = collections.namedtuple('Connected', 'path connection downtime')
-#: The service closed the connection (it stopped, or its hub changed).
-Disconnected = collections.namedtuple('Disconnected', 'path connection')
+class Waiting(collections.namedtuple('Waiting', 'path reason')):
+    """The subscription waits for its socket; reported once per wait.
+
+    ``reason`` is the :class:`SubscriberError` of the first attempt.
+    """
+
+    __slots__ = ()
+
+
+class Connected(collections.namedtuple('Connected',
+                                       'path connection downtime')):
+    """Connected; ``connection`` counts from 1.
+
+    ``downtime`` is the seconds since the previous connection ended (None
+    for the first one).
+    """
+
+    __slots__ = ()
+
+
+class Disconnected(collections.namedtuple('Disconnected', 'path connection')):
+    """The service closed the connection (it stopped, or its hub changed)."""
+
+    __slots__ = ()
 
 
 class Gap(collections.namedtuple(
