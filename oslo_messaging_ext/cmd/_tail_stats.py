@@ -62,7 +62,7 @@ class Stats:
     def note(self, text):
         """Keep a line about the connection, shown under the table."""
         with self._lock:
-            self.notes.append('%s %s' % (_clock(), text))
+            self.notes.append(text)
 
     def set_status(self, text):
         with self._lock:
@@ -142,5 +142,7 @@ class AppendingDrawer:
 
 
 def max_rows(height):
-    """How many event rows fit a terminal of ``height`` lines."""
+    """How many event rows fit a terminal of ``height`` lines (0: any)."""
+    if not height:
+        return 0
     return max(height - _FOOTER_ROWS - 3, 1)

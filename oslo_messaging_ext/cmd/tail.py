@@ -203,32 +203,35 @@ class _Reporter:
         except (AttributeError, OSError, ValueError):
             pass  # stderr closed: nobody to tell
 
+    def tell(self, text):
+        """Say what just happened, with the time, as a log line."""
+        self.say('%s %s' % (_now(), text))
+
     def __call__(self, event):
         if isinstance(event, unix_subscriber.Waiting):
             if not self._away:
                 self._away = True
-                self.say('waiting for %s (%s)' % (self.path,
-                                                  event.reason.reason))
+                self.tell('waiting for %s (%s)' % (self.path,
+                                                   event.reason.reason))
             self._status('waiting for %s' % self.path)
         elif isinstance(event, unix_subscriber.Connected):
             if event.downtime is not None:
-                self.say('%s reconnected to %s after %.1f s (connection %d)'
-                         % (_now(), self.path, event.downtime,
-                            event.connection))
+                self.tell('reconnected to %s after %.1f s (connection %d)'
+                          % (self.path, event.downtime, event.connection))
             elif self._away:
-                self.say('%s connected to %s' % (_now(), self.path))
+                self.tell('connected to %s' % self.path)
             self._away = False
             self._status('connected to %s since %s (connection %d)'
                          % (self.path, _now(), event.connection))
         elif isinstance(event, unix_subscriber.Disconnected):
             if self.follow:
                 self._away = True
-                self.say('%s the service closed the stream; waiting for it '
-                         'to come back' % _now())
+                self.tell('the service closed the stream; waiting for it '
+                          'to come back')
                 self._status('disconnected from %s since %s'
                              % (self.path, _now()))
         elif isinstance(event, unix_subscriber.Gap):
-            self.say(_describe_gap(event))
+            self.tell(_describe_gap(event))
 
     def _status(self, text):
         if self.stats is not None:
@@ -349,11 +352,12 @@ def _stats(args, subscription, stats, out):
             finished = done.wait(args.interval)
             if finished and 'error' in outcome:
                 break
-            size = _terminal_size(out) if tty else None
+            # A terminal without a size (0x0, some ptys) is not limited.
+            size = _terminal_size(out) if tty else os.terminal_size((0, 0))
             drawer.draw(stats.table(
                 args.interval,
-                max_rows=_tail_stats.max_rows(size.lines) if tty else None,
-                width=size.columns if tty else None))
+                max_rows=_tail_stats.max_rows(size.lines) or None,
+                width=size.columns or None))
             if finished:
                 break
     finally:

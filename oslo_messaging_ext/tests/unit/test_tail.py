@@ -313,6 +313,15 @@ class StatsTestCase(base.BaseTestCase):
         self.assertIn('(26 more)', lines[6])
         self.assertTrue(all(len(line) <= 30 for line in lines))
 
+    def test_a_terminal_without_a_size_is_not_limited(self):
+        # Some ptys report 0x0: the table is then drawn whole.
+        self.assertEqual(0, _tail_stats.max_rows(0))
+        self.assertEqual(41, _tail_stats.max_rows(50))
+        for number in range(30):
+            self.stats.add({'event_type': 'e%02d' % number})
+        self.assertEqual(2 + 30 + 3, len(self.stats.table(
+            1.0, max_rows=_tail_stats.max_rows(0) or None)))
+
     def test_in_place_redraw(self):
         out = io.StringIO()
         drawer = _tail_stats.InPlaceDrawer(out)
