@@ -297,13 +297,18 @@ class Subscription:
         another of its processes took over) is connected to at once
     :param on_event: called, in the iterating thread, with a
         :class:`Waiting`, :class:`Connected`, :class:`Disconnected` or
-        :class:`Gap` as they happen
+        :class:`Gap` as they happen. A connection is reported (and counted
+        in :attr:`connections`) once it has sent a line or stayed open for
+        :attr:`SETTLE` seconds: a stopping hub accepts and closes at once.
 
     Iterating yields decoded notification dicts; :meth:`records` yields
     ``(line, notification)`` pairs, :meth:`lines` the raw lines (without
     counting drops or gaps). :meth:`close`, from any thread, ends the
     iteration.
     """
+
+    #: Seconds a silent new connection must stay open to count as served.
+    SETTLE = 0.25
 
     def __init__(self, path, reconnect=False, min_backoff=0.1,
                  max_backoff=5.0, poll_interval=0.1, on_event=None):
@@ -322,6 +327,7 @@ class Subscription:
         self._closed = threading.Event()
         self._sock = None
         self._disconnected_at = None
+        self._connected_to = None
         self._backoff = min_backoff
 
     @property
@@ -360,9 +366,8 @@ class Subscription:
     def _connect(self, eager):
         """Connect, waiting as long as ``reconnect`` says; None if closed.
 
-        ``eager``: try at once. Otherwise (the last connection ended
-        without a line, e.g. refused for too many subscribers), wait for a
-        new socket file or the backoff first, so as never to spin.
+        ``eager``: try at once. Otherwise wait for a new socket file at the
+        path, or the backoff, first, so as never to spin.
         """
         told = False
         identity = _identity(self.path)
@@ -382,17 +387,21 @@ class Subscription:
                     self._emit(Waiting(self.path, exc))
                 continue
             self._sock = sock
-            self.connections += 1
+            self._connected_to = _identity(self.path)
             self.connected.set()
             if self._closed.is_set():
                 self._disconnect()
                 return None
-            downtime = None
-            if self._disconnected_at is not None:
-                downtime = time.monotonic() - self._disconnected_at
-            self._emit(Connected(self.path, self.connections, downtime))
             return sock
         return None
+
+    def _serving(self):
+        """Count and report a connection that proved to be served."""
+        self.connections += 1
+        downtime = None
+        if self._disconnected_at is not None:
+            downtime = time.monotonic() - self._disconnected_at
+        self._emit(Connected(self.path, self.connections, downtime))
 
     def _wait_for_new_socket(self, identity, delay):
         """Wait ``delay`` (with jitter), less if a new socket file appears.
@@ -425,21 +434,33 @@ class Subscription:
             sock = self._connect(eager)
             if sock is None:
                 return
+            served = False
             pending = b''
-            eager = False
+            # A hub that is stopping may still accept, and close at once:
+            # a connection counts (and is reported) once it has sent a
+            # line or stayed open for SETTLE seconds.
+            sock.settimeout(self.SETTLE)
             try:
                 while True:
                     try:
                         data = sock.recv(_unix_protocol.READ_SIZE)
+                    except socket.timeout:
+                        served = True
+                        self._serving()
+                        sock.settimeout(None)
+                        continue
                     except OSError:
                         data = b''
                     if not data:
                         break
+                    if not served:
+                        served = True
+                        self._serving()
+                        sock.settimeout(None)
                     chunks = (pending + data).split(b'\n')
                     pending = chunks.pop()
-                    if not eager and any(chunks):
+                    if any(chunks):
                         # A connection that serves resets the backoff.
-                        eager = True
                         self._backoff = self.min_backoff
                     for line in chunks:
                         if line:
@@ -453,12 +474,17 @@ class Subscription:
                                 self.path, len(pending))
             finally:
                 self._disconnect()
-                self._disconnected_at = time.monotonic()
+                if served:
+                    self._disconnected_at = time.monotonic()
             if self._closed.is_set():
                 return
-            self._emit(Disconnected(self.path, self.connections))
+            if served:
+                self._emit(Disconnected(self.path, self.connections))
             if not self.reconnect:
                 return
+            # At once only if the path names another socket already (a new
+            # hub); the one that closed may be stopping, still accepting.
+            eager = _identity(self.path) not in (None, self._connected_to)
 
     def records(self):
         """Yield ``(line, notification)``, counting drops and gaps.

@@ -229,6 +229,63 @@ class SubscriberTestCase(base.BaseTestCase):
         self.assertEqual(2, events[-1].connection)
         self.assertGreaterEqual(events[-1].downtime, 0)
 
+    def test_a_stopping_hub_that_still_accepts_is_no_reconnection(self):
+        # A hub that stops closes its subscribers, yet accepts (and closes)
+        # for a moment: reconnecting to it is no reconnection to report.
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(self.path)
+        listener.listen(64)
+        accepted = []
+
+        def stopping_hub():
+            conn, _ = listener.accept()
+            conn.sendall(encoded(NOTIFICATIONS[:1])[0])
+            conn.close()
+            listener.settimeout(0.05)
+            deadline = time.monotonic() + 0.6
+            while time.monotonic() < deadline:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    continue
+                accepted.append(conn)
+                conn.close()
+            listener.close()
+            os.unlink(self.path)
+
+        hub = threading.Thread(target=stopping_hub, daemon=True)
+        hub.start()
+        events = []
+        subscription = unix_subscriber.Subscription(
+            self.path, reconnect=True, min_backoff=0.01, max_backoff=0.02,
+            poll_interval=0.01, on_event=events.append)
+        reader, received = self.follow(subscription,
+                                       lambda r: len(r) == 2)
+        hub.join(10)
+        self.serve(NOTIFICATIONS[1:2])
+        reader.join(10)
+        self.assertGreater(len(accepted), 0)
+        self.assertEqual([(unix_subscriber.Connected, 1),
+                          (unix_subscriber.Disconnected, 1),
+                          (unix_subscriber.Connected, 2)],
+                         [(type(e), e.connection) for e in events
+                          if not isinstance(e, unix_subscriber.Waiting)])
+        self.assertGreaterEqual(events[-1].downtime, 0.5)
+
+    def test_a_silent_service_counts_as_connected(self):
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(self.path)
+        listener.listen(1)
+        self.addCleanup(listener.close)
+        events = []
+        subscription = unix_subscriber.Subscription(
+            self.path, on_event=events.append)
+        self.follow(subscription, lambda r: True)
+        self.assertTrue(test_utils.wait_until(lambda: events, 5))
+        self.assertEqual([(unix_subscriber.Connected, 1, None)],
+                         [(type(e), e.connection, e.downtime)
+                          for e in events])
+
     def test_a_connection_closed_at_once_is_retried_with_backoff(self):
         # As a hub with sock_max_subscribers reached does: never spin.
         listener = socket.socket(socket.AF_UNIX)
