@@ -26,11 +26,19 @@ or hand them to existing oslo.messaging notification endpoints, unchanged::
     dispatcher = unix_subscriber.EndpointDispatcher([MyEndpoint()])
     dispatcher.run(subscription)
 
-A gap (notifications the service dropped because this subscriber did not
-keep up) arrives in-band as a notification of event_type
-:data:`DROPPED_EVENT_TYPE`; :attr:`Subscription.dropped` sums them.
+What a subscriber did not receive is counted two ways, which overlap (see
+:class:`GapCounter` for the exact rule): the service reports what it dropped
+in-band, as notifications of event_type :data:`DROPPED_EVENT_TYPE`
+(:attr:`Subscription.dropped`), and each line carries its emitting
+process's sequence number, so that a subscriber counts the gaps itself
+(:attr:`Subscription.gaps`), across reconnections too.
+:attr:`Subscription.missed` combines both without counting a loss twice.
+
+This module imports oslo.messaging only when :class:`EndpointDispatcher` is
+used, so that a reader that does not need it starts fast and quietly.
 """
 
+import collections
 import errno
 import json
 import logging
@@ -39,22 +47,47 @@ import random
 import socket
 import stat
 import threading
+import time
 
 try:
     import orjson
 except ImportError:  # the stdlib decoder is as correct, only slower
     orjson = None
 
-from oslo_messaging.notify import dispatcher as notify_dispatcher
-
 from oslo_messaging_ext.notify import _unix_protocol
+
+# EndpointDispatcher is defined by __getattr__ below.
+__all__ = [  # noqa: F822
+    'DROPPED_EVENT_TYPE', 'PRIORITIES', 'SubscriberError', 'SocketMissing',
+    'SocketPermissionDenied', 'ServiceNotListening', 'NotASocket',
+    'connect', 'Subscription', 'GapCounter', 'Gap', 'Waiting', 'Connected',
+    'Disconnected', 'EndpointDispatcher',
+]
 
 LOG = logging.getLogger(__name__)
 
 #: The event_type of the in-band notice of notifications the service
 #: dropped for this subscriber; its payload's ``dropped`` says how many.
 DROPPED_EVENT_TYPE = _unix_protocol.DROPPED_EVENT_TYPE
-PRIORITIES = tuple(notify_dispatcher.PRIORITIES)
+#: The priorities of oslo.messaging, in its order (lower case, as its
+#: endpoints' method names; notifications carry them upper case).
+PRIORITIES = ('audit', 'debug', 'info', 'warn', 'error', 'critical',
+              'sample')
+#: The key of the per-process sequence number of each notification line.
+SEQUENCE_KEY = 'sequence'
+
+
+def __getattr__(name):
+    # EndpointDispatcher subclasses oslo.messaging's dispatcher: load it
+    # (and oslo.messaging) only for the programs that use it.
+    if name == 'EndpointDispatcher':
+        from oslo_messaging_ext import _endpoint_dispatcher
+        return _endpoint_dispatcher.EndpointDispatcher
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+    return sorted(set(globals()) | {'EndpointDispatcher'})
 
 
 class SubscriberError(Exception):
@@ -129,31 +162,187 @@ def connect(path, timeout=10.0):
     return sock
 
 
+def _identity(path):
+    """What tells one socket file at ``path`` from the next, or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    # A service binds a new socket (a new inode, a new ctime) each time it
+    # starts, and each time another of its processes takes over as hub.
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
+class Waiting(collections.namedtuple('Waiting', 'path reason')):
+    """The subscription waits for its socket; reported once per wait.
+
+    ``reason`` is the :class:`SubscriberError` of the first attempt.
+    """
+
+    __slots__ = ()
+
+
+class Connected(collections.namedtuple('Connected',
+                                       'path connection downtime')):
+    """Connected; ``connection`` counts from 1.
+
+    ``downtime`` is the seconds since the previous connection ended (None
+    for the first one).
+    """
+
+    __slots__ = ()
+
+
+class Disconnected(collections.namedtuple('Disconnected', 'path connection')):
+    """The service closed the connection (it stopped, or its hub changed)."""
+
+    __slots__ = ()
+
+
+class Gap(collections.namedtuple(
+        'Gap', 'source first last publisher_id reconnected before_first')):
+    """Notifications ``first`` to ``last`` of ``source`` never received.
+
+    ``publisher_id`` is that of the line that revealed the gap;
+    ``reconnected`` says that the subscriber reconnected in between. With
+    ``before_first``, the line is the first one received from its source,
+    on a connection after the first: the process sent ``count``
+    notifications before it, of which some may predate the subscription
+    (so they are not in :attr:`GapCounter.gaps`).
+    """
+
+    __slots__ = ()
+
+    @property
+    def count(self):
+        return self.last - self.first + 1
+
+
+class GapCounter:
+    """Counts, from the sequence numbers of the lines, what was missed.
+
+    Each notification line of the unix driver carries ``"sequence":
+    {"source": S, "number": N}``: ``S`` is unique to the emitting process
+    (a new one after fork or restart) and ``N`` counts from 1 every
+    notification that process was asked to send, delivered or not. Drop
+    notices carry no sequence. The rule:
+
+    * Two lines of one source numbered ``a`` then ``b`` mean that ``b - a -
+      1`` of its notifications never reached this subscriber, whether the
+      service dropped them (and said so in a drop notice) or lost them
+      without notice, while connected or across a reconnection. These are
+      :attr:`gaps`.
+    * Nothing is known of a source before its first line: no gap is
+      counted. On a connection after the first, :meth:`observe` still
+      reports such a line's predecessors as a :class:`Gap` with
+      ``before_first`` set (the process may have started while the
+      subscriber was away), but they are not added to :attr:`gaps`.
+    * A line whose number is not above the last one of its source is not
+      a gap (it cannot happen with one service; it is ignored).
+
+    A loss the service reported in a drop notice is also a gap as soon as
+    its process sends another line that arrives; a loss nobody could report
+    (while the subscriber was away, at a hub switch-over) is only a gap; a
+    loss of a process that never sends again is only in a drop notice. So
+    the two counts overlap and must not be added: at least ``max(dropped,
+    gaps)`` notifications were missed (:attr:`Subscription.missed`).
+    """
+
+    def __init__(self):
+        self.gaps = 0
+        self._last = {}
+
+    def observe(self, notification, connection=1):
+        """Account for one received notification.
+
+        :param connection: the number of the connection it arrived on
+        :returns: a :class:`Gap` if notifications are missing before it,
+            else None
+        """
+        sequence = notification.get(SEQUENCE_KEY)
+        if not isinstance(sequence, dict):
+            return None
+        source, number = sequence.get('source'), sequence.get('number')
+        if (not isinstance(source, str) or isinstance(number, bool) or
+                not isinstance(number, int) or number < 1):
+            return None
+        seen = self._last.get(source)
+        if seen is not None and number <= seen[0]:
+            return None
+        self._last[source] = (number, connection)
+        publisher_id = notification.get('publisher_id')
+        if seen is None:
+            if connection > 1 and number > 1:
+                return Gap(source, 1, number - 1, publisher_id, True, True)
+            return None
+        last, last_connection = seen
+        if number == last + 1:
+            return None
+        self.gaps += number - last - 1
+        return Gap(source, last + 1, number - 1, publisher_id,
+                   last_connection != connection, False)
+
+
 class Subscription:
     """Notifications read from the socket of a service, in order.
 
     :param path: the service's ``sock_path``
     :param reconnect: when the service closes the connection (restart,
-        crash) or is not there yet, connect again with exponential backoff
-        instead of ending the iteration
+        crash) or is not there yet, connect again instead of ending the
+        iteration
     :param min_backoff: first delay between attempts, in seconds
     :param max_backoff: longest delay between attempts, in seconds
+    :param poll_interval: while waiting, how often to look at ``path``,
+        in seconds: a new socket file there (the service started, or
+        another of its processes took over) is connected to at once
+    :param on_event: called, in the iterating thread, with a
+        :class:`Waiting`, :class:`Connected`, :class:`Disconnected` or
+        :class:`Gap` as they happen. A connection is reported (and counted
+        in :attr:`connections`) once it has sent a line or stayed open for
+        :attr:`SETTLE` seconds: a stopping hub accepts and closes at once.
 
-    Iterating yields decoded notification dicts; :meth:`lines` yields the
-    raw lines. :meth:`close`, from any thread, ends the iteration.
+    Iterating yields decoded notification dicts; :meth:`records` yields
+    ``(line, notification)`` pairs, :meth:`lines` the raw lines (without
+    counting drops or gaps). :meth:`close`, from any thread, ends the
+    iteration.
     """
 
+    #: Seconds a silent new connection must stay open to count as served.
+    SETTLE = 0.25
+
     def __init__(self, path, reconnect=False, min_backoff=0.1,
-                 max_backoff=5.0):
+                 max_backoff=5.0, poll_interval=0.1, on_event=None):
         self.path = path
         self.reconnect = reconnect
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
+        self.poll_interval = poll_interval
+        self.on_event = on_event
+        #: Notifications the service reported as dropped for this
+        #: subscriber, plus a line cut by a connection's end.
         self.dropped = 0
         self.connections = 0
         self.connected = threading.Event()
+        self.gap_counter = GapCounter()
         self._closed = threading.Event()
         self._sock = None
+        self._disconnected_at = None
+        self._connected_to = None
+        self._backoff = min_backoff
+
+    @property
+    def gaps(self):
+        """Notifications missing between lines of one process."""
+        return self.gap_counter.gaps
+
+    @property
+    def missed(self):
+        """At least this many notifications never reached this subscriber.
+
+        Drop notices and sequence gaps may count the same loss: see
+        :class:`GapCounter`.
+        """
+        return max(self.dropped, self.gaps)
 
     def __enter__(self):
         return self
@@ -170,28 +359,67 @@ class Subscription:
             except OSError:
                 pass
 
-    def _connect(self):
-        delay = self.min_backoff
+    def _emit(self, event):
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _connect(self, eager):
+        """Connect, waiting as long as ``reconnect`` says; None if closed.
+
+        ``eager``: try at once. Otherwise wait for a new socket file at the
+        path, or the backoff, first, so as never to spin.
+        """
+        told = False
+        identity = _identity(self.path)
         while not self._closed.is_set():
+            if not eager:
+                identity = self._wait_for_new_socket(identity,
+                                                     self._backoff)
+                self._backoff = min(self._backoff * 2, self.max_backoff)
+            eager = False
             try:
                 sock = connect(self.path)
-            except _TRANSIENT:
+            except _TRANSIENT as exc:
                 if not self.reconnect:
                     raise
-            else:
-                self._sock = sock
-                self.connections += 1
-                self.connected.set()
-                if self._closed.is_set():
-                    self._disconnect()
-                    return None
-                return sock
-            # Jitter spreads the subscribers of a restarted service; it is
-            # no secret, so bandit's B311 does not apply.
-            self._closed.wait(
-                delay * random.uniform(0.5, 1.0))  # nosec B311
-            delay = min(delay * 2, self.max_backoff)
+                if not told:
+                    told = True
+                    self._emit(Waiting(self.path, exc))
+                continue
+            self._sock = sock
+            self._connected_to = _identity(self.path)
+            self.connected.set()
+            if self._closed.is_set():
+                self._disconnect()
+                return None
+            return sock
         return None
+
+    def _serving(self):
+        """Count and report a connection that proved to be served."""
+        self.connections += 1
+        downtime = None
+        if self._disconnected_at is not None:
+            downtime = time.monotonic() - self._disconnected_at
+        self._emit(Connected(self.path, self.connections, downtime))
+
+    def _wait_for_new_socket(self, identity, delay):
+        """Wait ``delay`` (with jitter), less if a new socket file appears.
+
+        :returns: the identity of the socket file at the end of the wait
+        """
+        # Jitter spreads the subscribers of a restarted service; it is
+        # no secret, so bandit's B311 does not apply.
+        deadline = time.monotonic() + delay * random.uniform(  # nosec B311
+            0.5, 1.0)
+        while True:
+            current = _identity(self.path)
+            if current is not None and current != identity:
+                return current
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closed.wait(
+                    min(self.poll_interval, remaining)):
+                return current
 
     def _disconnect(self):
         self.connected.clear()
@@ -201,21 +429,39 @@ class Subscription:
 
     def lines(self):
         """Yield each line as bytes, without its newline."""
+        eager = True
         while not self._closed.is_set():
-            sock = self._connect()
+            sock = self._connect(eager)
             if sock is None:
                 return
+            served = False
             pending = b''
+            # A hub that is stopping may still accept, and close at once:
+            # a connection counts (and is reported) once it has sent a
+            # line or stayed open for SETTLE seconds.
+            sock.settimeout(self.SETTLE)
             try:
                 while True:
                     try:
                         data = sock.recv(_unix_protocol.READ_SIZE)
+                    except socket.timeout:
+                        served = True
+                        self._serving()
+                        sock.settimeout(None)
+                        continue
                     except OSError:
                         data = b''
                     if not data:
                         break
+                    if not served:
+                        served = True
+                        self._serving()
+                        sock.settimeout(None)
                     chunks = (pending + data).split(b'\n')
                     pending = chunks.pop()
+                    if any(chunks):
+                        # A connection that serves resets the backoff.
+                        self._backoff = self.min_backoff
                     for line in chunks:
                         if line:
                             yield line
@@ -228,21 +474,54 @@ class Subscription:
                                 self.path, len(pending))
             finally:
                 self._disconnect()
+                if served:
+                    self._disconnected_at = time.monotonic()
+            if self._closed.is_set():
+                return
+            if served:
+                self._emit(Disconnected(self.path, self.connections))
             if not self.reconnect:
                 return
+            # At once only if the path names another socket already (a new
+            # hub); the one that closed may be stopping, still accepting.
+            eager = _identity(self.path) not in (None, self._connected_to)
 
-    def __iter__(self):
+    def records(self):
+        """Yield ``(line, notification)``, counting drops and gaps.
+
+        A line that is not a JSON object is logged and skipped.
+        """
         for line in self.lines():
             try:
                 notification = _decode(line)
             except ValueError:
-                LOG.warning('Skipping a line of %s that is not JSON: %.80r',
-                            self.path, line)
+                notification = None
+            if not isinstance(notification, dict):
+                LOG.warning('Skipping a line of %s that is not a JSON '
+                            'object: %.80r', self.path, line)
                 continue
             if notification.get('event_type') == DROPPED_EVENT_TYPE:
-                self.dropped += (notification.get('payload') or {}).get(
-                    'dropped', 0)
+                self.dropped += _dropped_count(notification)
+            else:
+                gap = self.gap_counter.observe(notification,
+                                               self.connections)
+                if gap is not None:
+                    self._emit(gap)
+            yield line, notification
+
+    def __iter__(self):
+        for _line, notification in self.records():
             yield notification
+
+
+def _dropped_count(notice):
+    payload = notice.get('payload')
+    count = payload.get('dropped') if isinstance(payload, dict) else None
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        LOG.warning('Ignoring a drop notice without a valid count: %.200r',
+                    notice)
+        return 0
+    return count
 
 
 def _decode(line):
@@ -257,63 +536,3 @@ def _decode(line):
         except ValueError:
             pass
     return json.loads(line)
-
-
-class _Incoming:
-    """A decoded notification, as NotificationDispatcher reads a message."""
-
-    __slots__ = ('ctxt', 'message')
-
-    def __init__(self, notification):
-        self.ctxt = notification.get('context') or {}
-        self.message = notification
-
-
-class EndpointDispatcher(notify_dispatcher.NotificationDispatcher):
-    """Call oslo.messaging notification endpoints, as a listener would.
-
-    An endpoint has a method per priority it handles (``info``, ``warn``,
-    ``error``...) taking ``(ctxt, publisher_id, event_type, payload,
-    metadata)``, and optionally a ``filter_rule``
-    (:class:`oslo_messaging.NotificationFilter`): this is oslo.messaging's
-    own NotificationDispatcher, the one its notification listeners use, so
-    endpoint code works unchanged. ``ctxt`` is the context sent with the
-    notification (with ``sock_include_context``) or an empty dict;
-    ``metadata`` holds ``message_id`` and ``timestamp``.
-
-    There is no requeue on a local socket: an endpoint that raises is
-    logged and the next one is called, and an endpoint's return value
-    (``NotificationResult.REQUEUE`` included) is ignored.
-    """
-
-    def __init__(self, endpoints):
-        super().__init__(endpoints, None)
-        self._called = threading.local()
-
-    def dispatch(self, notification):
-        """Hand one decoded notification to the matching endpoints.
-
-        :returns: how many endpoint methods were called
-        """
-        if not isinstance(notification.get('priority', ''), str):
-            return 0
-        self._called.count = 0
-        super().dispatch(_Incoming(notification))
-        return self._called.count
-
-    def _exec_callback(self, callback, message):
-        self._called.count += 1
-        try:
-            callback(message['ctxt'], message['publisher_id'],
-                     message['event_type'], message['payload'],
-                     message['metadata'])
-        except Exception:
-            LOG.exception('Notification endpoint %s raised on %s',
-                          callback, message['event_type'])
-        # Never NotificationResult.REQUEUE, which would stop the dispatch.
-        return None
-
-    def run(self, subscription):
-        """Dispatch every notification of ``subscription`` until it ends."""
-        for notification in subscription:
-            self.dispatch(notification)

@@ -14,6 +14,7 @@ extensions = [
     'sphinx.ext.autodoc',
     'oslo_config.sphinxext',
     'openstackdocstheme',
+    'reno.sphinxext',
 ]
 
 openstackdocs_repo_name = 'openstack/oslo.messaging-ext'

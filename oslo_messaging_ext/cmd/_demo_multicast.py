@@ -14,14 +14,17 @@
 
 A notifier configured with the glance replication rules emits the recorded
 glance image life cycle; an oslo.messaging notification listener per topic
-(the standard one and each replica target) prints what arrives. It runs on
-the in-process fake transport unless --transport-url names a broker.
+(the standard one and each replica target) receives what arrives. Each
+notification is printed with the copies it produced, in emission order. It
+runs on the in-process fake transport unless --transport-url names a
+broker.
 """
 
 import os
+import queue
+import sys
 import tempfile
 import textwrap
-import threading
 import time
 import urllib.parse
 import uuid
@@ -48,10 +51,20 @@ publisher_id = GLANCE:MASTER
 [multicast_rule_active_images]
 selector = event_type glob image.*
 selector = payload.status exact active
-targets = audit/{active}
+targets = {audit}/{active}
 """
 
-WAIT = 30.0
+CONTROL_EXCHANGE = """\
+[DEFAULT]
+control_exchange = {control}
+
+"""
+
+# Seconds to wait for the copies of one notification; on a broker that is
+# up they take milliseconds.
+WAIT = 10.0
+# How long the broker may take to answer before the demo gives up.
+CONNECT_TIMEOUT = 5
 
 
 def add_arguments(parser):
@@ -61,33 +74,66 @@ def add_arguments(parser):
                              '(default: the in-process fake transport)')
 
 
-class _Printer:
-    """A notification endpoint printing what its topic receives."""
+class _Collector:
+    """A notification endpoint queueing what its topic receives."""
 
-    lock = threading.Lock()
-
-    def __init__(self, label):
+    def __init__(self, label, arrivals):
         self.label = label
-        self.count = 0
+        self.arrivals = arrivals
 
     def info(self, ctxt, publisher_id, event_type, payload, metadata):
-        with self.lock:
-            self.count += 1
-            print('  %-34s %-15s from %-16s status=%s'
-                  % (self.label, event_type, publisher_id,
-                     payload.get('status')), flush=True)
+        self.arrivals.put((self.label, event_type, publisher_id))
+
+
+def _names(on_broker):
+    # On a broker, queues and exchanges outlive the demo and are shared
+    # by every user of the vhost: names of this run only, deleted at the
+    # end.
+    suffix = '-' + uuid.uuid4().hex[:6] if on_broker else ''
+    return suffix, {'standard': 'notifications' + suffix,
+                    'host1': 'glance.repl.host1' + suffix,
+                    'host2': 'glance.repl.host2' + suffix,
+                    'audit': 'audit' + suffix,
+                    'active': 'images.active' + suffix,
+                    'control': 'oslo-messaging-ext-demo' + suffix}
+
+
+def _legend(names, suffix):
+    rows = [
+        (names['standard'], 'the standard topic: every notification, as '
+                            'messagingv2 sends it'),
+        (names['host1'], 'rule glance_replication: image.upload and '
+                         'image.delete, sent as GLANCE:MASTER'),
+        (names['host2'], 'rule glance_replication, its second target'),
+        ('%s/%s' % (names['audit'], names['active']),
+         'rule active_images: image.* whose payload.status is active, '
+         'on exchange ' + names['audit']),
+    ]
+    width = max(len(name) for name, _ in rows)
+    text = 'Topics, one listener each:\n' + ''.join(
+        '  %-*s  %s\n' % (width, name, what) for name, what in rows)
+    if suffix:
+        text += ('The suffix %s is this run\'s: queues and exchanges on a '
+                 'broker are shared,\nso each run uses names of its own '
+                 '(control_exchange too), and deletes them at the end.\n'
+                 % suffix)
+    return text
 
 
 def run(args):
     on_broker = bool(args.transport_url)
-    # On a broker, queues outlive the demo: unique names keep runs apart.
-    suffix = '-' + uuid.uuid4().hex[:6] if on_broker else ''
-    names = {'standard': 'notifications' + suffix,
-             'host1': 'glance.repl.host1' + suffix,
-             'host2': 'glance.repl.host2' + suffix,
-             'active': 'images.active' + suffix}
+    if on_broker:
+        problem = _broker_problem(args.transport_url)
+        if problem:
+            sys.stderr.write(problem + '\n')
+            return 1
+    suffix, names = _names(on_broker)
     config = CONFIG.format(**names)
+    if on_broker:
+        # The exchange of the standard topic, too, is this run's only.
+        config = CONTROL_EXCHANGE.format(**names) + config
     print('Service configuration:\n\n%s' % textwrap.indent(config, '    '))
+    print(_legend(names, suffix))
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, 'service.conf')
@@ -97,51 +143,29 @@ def run(args):
         conf(['--config-file', path], project='oslo-messaging-ext-demo')
     transport = oslo_messaging.get_notification_transport(
         conf, url=args.transport_url or 'fake:/')
+    arrivals = queue.Queue()
     listeners = []
-    printers = {}
-    expected = {}
+    labels = {}
     try:
         for label, topic, exchange in [
-                ('standard ' + names['standard'], names['standard'], None),
+                (names['standard'], names['standard'], None),
                 (names['host1'], names['host1'], None),
                 (names['host2'], names['host2'], None),
-                ('audit/' + names['active'], names['active'], 'audit')]:
-            printers[topic] = _Printer(label)
+                ('%s/%s' % (names['audit'], names['active']),
+                 names['active'], names['audit'])]:
+            labels[topic] = label
             listener = oslo_messaging.get_notification_listener(
                 transport,
                 [oslo_messaging.Target(topic=topic, exchange=exchange)],
-                [printers[topic]], executor='threading')
+                [_Collector(label, arrivals)], executor='threading')
             listener.start()
             listeners.append(listener)
-
-        notifier = oslo_messaging.Notifier(transport,
-                                           publisher_id='image.localhost')
-        life_cycle = samples.glance_life_cycle()
-        expected.update(dict.fromkeys(printers, 0))
-        expected[names['standard']] = len(life_cycle)
-        # The Notifier keeps its drivers to itself: a driver of the same
-        # configuration tells where each notification is replicated.
-        driver = _impl_multicast.MulticastDriver(
-            conf, conf.oslo_messaging_notifications.topics, transport)
-        try:
-            for envelope in life_cycle:
-                for rule in driver.matching_rules(envelope, {}):
-                    for destination in rule.destinations:
-                        expected[destination.topic] += 1
-        finally:
-            driver.cleanup()
         where = (_masked(args.transport_url) if on_broker
                  else 'the fake transport')
-        print('Emitting the glance image life cycle on %s:\n' % where)
-        for envelope in life_cycle:
-            notifier.info({}, envelope['event_type'], envelope['payload'])
-
-        deadline = time.monotonic() + WAIT
-        while (any(printers[t].count < n for t, n in expected.items()) and
-               time.monotonic() < deadline):
-            time.sleep(0.05)
-        missing = {t: n - printers[t].count for t, n in expected.items()
-                   if printers[t].count < n}
+        print('Emitting the glance image life cycle on %s, one '
+              'notification at a time,\nwith the copies each listener '
+              'received:\n' % where)
+        missing = _emit(conf, transport, names, labels, arrivals)
         print('\n%s' % ('Every notification and replica arrived.'
                         if not missing else 'MISSING: %s' % missing))
         return 1 if missing else 0
@@ -149,9 +173,55 @@ def run(args):
         for listener in listeners:
             listener.stop()
             listener.wait()
-        if on_broker:
-            _delete_queues(args.transport_url, expected)
         transport.cleanup()
+        if on_broker:
+            _delete(args.transport_url, labels, names)
+
+
+def _emit(conf, transport, names, labels, arrivals):
+    """Emit each notification, print its copies; return what is missing."""
+    notifier = oslo_messaging.Notifier(transport,
+                                       publisher_id='image.localhost')
+    # The Notifier keeps its drivers to itself: a driver of the same
+    # configuration tells where each notification is replicated.
+    driver = _impl_multicast.MulticastDriver(
+        conf, conf.oslo_messaging_notifications.topics, transport)
+    order = list(labels.values())
+    missing = []
+    try:
+        for envelope in samples.glance_life_cycle():
+            expected = [labels[names['standard']]] + [
+                labels[destination.topic]
+                for rule in driver.matching_rules(envelope, {})
+                for destination in rule.destinations]
+            notifier.info({}, envelope['event_type'], envelope['payload'])
+            print('notifier emits %-15s status=%s'
+                  % (envelope['event_type'],
+                     envelope['payload'].get('status')))
+            received = _collect(arrivals, len(expected))
+            for label, event_type, publisher_id in sorted(
+                    received, key=lambda r: order.index(r[0])):
+                print('  -> %-*s %-15s from %s'
+                      % (max(len(x) for x in order), label, event_type,
+                         publisher_id))
+            got = [r[0] for r in received]
+            missing += [(envelope['event_type'], label) for label in expected
+                        if label not in got]
+    finally:
+        driver.cleanup()
+    return missing
+
+
+def _collect(arrivals, count):
+    received = []
+    deadline = time.monotonic() + WAIT
+    while len(received) < count:
+        try:
+            received.append(arrivals.get(
+                timeout=max(deadline - time.monotonic(), 0)))
+        except queue.Empty:
+            break
+    return received
 
 
 def _masked(url):
@@ -162,17 +232,38 @@ def _masked(url):
     return parsed.geturl()
 
 
-def _delete_queues(url, topics):
-    """Delete the queues the demo's listeners and publishers declared.
-
-    oslo.messaging has no public means of deleting a queue, so this speaks
-    to the broker with kombu, which oslo.messaging requires for its rabbit
-    driver: imported here, as only a demo run on a broker needs it.
-    """
+def _amqp(url):
+    # kombu, which oslo.messaging's rabbit driver is built on, speaks to
+    # the broker directly for what oslo.messaging has no API for.
     import kombu
 
     amqp_url = urllib.parse.urlsplit(url)._replace(scheme='amqp').geturl()
-    with kombu.Connection(amqp_url, connect_timeout=5) as conn:
+    return kombu.Connection(amqp_url, connect_timeout=CONNECT_TIMEOUT)
+
+
+def _broker_problem(url):
+    """Why the broker of ``url`` cannot be used, with a hint; or None.
+
+    oslo.messaging retries an unreachable broker forever: the demo asks
+    first, once, and gives up within seconds.
+    """
+    try:
+        with _amqp(url) as conn:
+            conn.connect()
+    except Exception as exc:
+        return ('oslo-messaging-ext-demo: cannot use the broker at %s: %s\n'
+                'Is RabbitMQ running there, and are the user and password '
+                'right? Without --transport-url the demo runs on the '
+                'in-process fake transport.'
+                % (_masked(url), str(exc) or type(exc).__name__))
+    return None
+
+
+def _delete(url, labels, names):
+    """Delete the queues and exchanges the demo declared on the broker."""
+    with _amqp(url) as conn:
         channel = conn.channel()
-        for topic in topics:
+        for topic in labels:
             channel.queue_delete('%s.info' % topic)
+        for exchange in (names['audit'], names['control']):
+            channel.exchange_delete(exchange)

@@ -18,6 +18,7 @@ prints each one as it arrives, through oslo.messaging endpoint code. No
 broker is involved.
 """
 
+import datetime
 import os
 import shutil
 import sys
@@ -28,12 +29,14 @@ import time
 from oslo_config import cfg
 import oslo_messaging
 
-from oslo_messaging_ext.cmd import tail
+from oslo_messaging_ext.cmd import _tail_format
 from oslo_messaging_ext.notify import _impl_unix
 from oslo_messaging_ext import samples
 from oslo_messaging_ext import unix_subscriber
 
 _TIMEOUT = 10.0
+# The demo's lines fit this many columns.
+WIDTH = 120
 
 
 class _PrintingEndpoint:
@@ -48,11 +51,14 @@ class _PrintingEndpoint:
     def _print(self, ctxt, publisher_id, event_type, payload, metadata,
                priority):
         self.received.append(event_type)
-        self.out.write('  subscriber got %s\n' % tail.format_line({
-            'timestamp': metadata['timestamp'], 'priority': priority,
-            'publisher_id': publisher_id, 'event_type': event_type,
-            'payload': {k: payload.get(k) for k in ('id', 'name', 'status')
-                        if k in payload}}))
+        # The time of day only (the date is in the header): the line keeps
+        # what identifies the image within WIDTH.
+        when = _tail_format.format_time(metadata['timestamp'])[11:]
+        line = '  subscriber got %s %-5s %s %s' % (
+            when, priority, event_type, _tail_format.format_payload(
+                {k: payload.get(k) for k in ('id', 'name', 'status')
+                 if k in payload}))
+        self.out.write(line[:WIDTH] + '\n')
         self.out.flush()
         if len(self.received) >= self.expected:
             self.done.set()
@@ -100,6 +106,8 @@ def run(args):
     try:
         out.write('unix driver on %s (mode 0660); subscriber connecting\n'
                   % sock_path)
+        out.write('the notifier publishes as image.demo-host; times are '
+                  'local, of %s\n' % datetime.date.today().isoformat())
         if not subscription.connected.wait(_TIMEOUT):
             out.write('the subscriber could not connect\n')
             return 1
