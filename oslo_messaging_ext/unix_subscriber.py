@@ -444,7 +444,7 @@ class Subscription:
                 while True:
                     try:
                         data = sock.recv(_unix_protocol.READ_SIZE)
-                    except socket.timeout:
+                    except TimeoutError:
                         served = True
                         self._serving()
                         sock.settimeout(None)

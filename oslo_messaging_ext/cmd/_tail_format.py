@@ -57,7 +57,7 @@ def priority_spellings():
     extra = {}
     for alias, name in _ALIASES.items():
         extra.setdefault(name, []).append(alias)
-    return ', '.join('%s (%s)' % (p, ', '.join(extra[p])) if p in extra
+    return ', '.join('{} ({})'.format(p, ', '.join(extra[p])) if p in extra
                      else p for p in unix_subscriber.PRIORITIES)
 
 
@@ -107,7 +107,7 @@ def format_payload(payload):
     fields = _object_fields(payload)
     keys = [k for k in IDENTIFYING_KEYS if k in fields]
     keys += [k for k in fields if k not in IDENTIFYING_KEYS]
-    return ' '.join('%s=%s' % (k, _value(fields[k])) for k in keys)
+    return ' '.join(f'{k}={_value(fields[k])}' for k in keys)
 
 
 class LineFormatter:
@@ -131,17 +131,18 @@ class LineFormatter:
         label = (priority or str(raw_priority or '-')).upper()
         time_text = format_time(notification.get('timestamp'), self.utc)
         head = '%s %-5s' % (time_text, label)
-        line = '%s %s %s %s' % (head, notification.get('event_type', '-'),
-                                notification.get('publisher_id', '-'),
-                                format_payload(notification.get('payload')))
+        line = '{} {} {} {}'.format(
+            head, notification.get('event_type', '-'),
+            notification.get('publisher_id', '-'),
+            format_payload(notification.get('payload')))
         if self.width and len(line) > self.width:
             line = line[:max(self.width - len(self.ellipsis), 0)]
             line += self.ellipsis
         code = _COLOURS.get(priority)
         start = len(time_text) + 1
         if self.colour and code and len(line) >= start + len(label):
-            line = '%s\x1b[%sm%s%s%s' % (line[:start], code, label, _RESET,
-                                         line[start + len(label):])
+            line = '{}\x1b[{}m{}{}{}'.format(
+                line[:start], code, label, _RESET, line[start + len(label):])
         return line
 
 

@@ -84,7 +84,7 @@ class Stats:
         name_width = max([len(label) for label in _LABELS] +
                          [len(k[0]) for k in keys])
         row = '%%-%ds  %%-8s  %%9s  %%9s' % name_width
-        lines = ['%s  %s' % (_clock(), status),
+        lines = [f'{_clock()}  {status}',
                  row % ('EVENT TYPE', 'PRIORITY', 'TOTAL', 'PER SEC')]
         if max_rows is not None and len(keys) > max_rows:
             shown, rest = keys[:max(max_rows - 1, 0)], keys[max_rows - 1:]

@@ -159,7 +159,7 @@ def _selector(value):
     try:
         return _multicast_rules.Selector.parse(value)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError('%r: %s' % (value, exc))
+        raise argparse.ArgumentTypeError(f'{value!r}: {exc}')
 
 
 def _matches(args, notification):
@@ -198,21 +198,20 @@ class _Reporter:
             self.stats.note(text)
             return
         try:
-            self.stream.write('%s: %s\n' % (PROG, text))
+            self.stream.write(f'{PROG}: {text}\n')
             self.stream.flush()
         except (AttributeError, OSError, ValueError):
             pass  # stderr closed: nobody to tell
 
     def tell(self, text):
         """Say what just happened, with the time, as a log line."""
-        self.say('%s %s' % (_now(), text))
+        self.say(f'{_now()} {text}')
 
     def __call__(self, event):
         if isinstance(event, unix_subscriber.Waiting):
             if not self._away:
                 self._away = True
-                self.tell('waiting for %s (%s)' % (self.path,
-                                                   event.reason.reason))
+                self.tell(f'waiting for {self.path} ({event.reason.reason})')
             self._status('waiting for %s' % self.path)
         elif isinstance(event, unix_subscriber.Connected):
             if event.downtime is not None:
@@ -246,7 +245,7 @@ class _Reporter:
 
 
 def _describe_gap(gap):
-    who = '%s (process %s)' % (gap.publisher_id, gap.source)
+    who = f'{gap.publisher_id} (process {gap.source})'
     if gap.before_first:
         return ('%s: first heard of after reconnecting, at #%d; its %d '
                 'notifications before were not received'

@@ -363,6 +363,7 @@ class CommandLineTestCase(base.BaseTestCase):
         return subprocess.run(command + list(args), capture_output=True,
                               text=True, timeout=60, env=_env())
 
+    @subscriber.skip_inside_oslo_messaging
     def test_help_and_a_normal_run_say_nothing_on_stderr(self):
         result = self.run_cli('--help')
         self.assertEqual((0, ''), (result.returncode, result.stderr))
@@ -375,6 +376,7 @@ class CommandLineTestCase(base.BaseTestCase):
                          [json.loads(line)['message_id']
                           for line in result.stdout.splitlines()])
 
+    @subscriber.skip_inside_oslo_messaging
     def test_oslo_messaging_is_not_imported(self):
         code = ('import sys; from oslo_messaging_ext.cmd import tail;'
                 'tail.main(["--help"])')
@@ -390,6 +392,7 @@ class CommandLineTestCase(base.BaseTestCase):
                               if m.split('.')[0] in ('oslo_messaging',
                                                      'eventlet')])
 
+    @subscriber.skip_inside_oslo_messaging
     def test_closed_stdout_is_no_traceback(self):
         service = FakeService(self.path, encoded(NOTIFICATIONS))
         self.addCleanup(service.close)
@@ -398,6 +401,7 @@ class CommandLineTestCase(base.BaseTestCase):
         self.assertEqual('oslo-notify-tail: standard output is closed\n',
                          result.stderr)
 
+    @subscriber.skip_inside_oslo_messaging
     def test_closed_pipe_is_no_traceback(self):
         many = NOTIFICATIONS[:1] * 20000
         service = FakeService(self.path, encoded(many))

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import unittest
 
 import fixtures
 from oslo_config import cfg
@@ -43,6 +44,15 @@ NOTIFICATIONS = [
      'event_type': 'image.delete', 'priority': 'ERROR',
      'payload': {'id': 'i1'}, 'timestamp': 't4'},
 ]
+
+
+# Upstream these modules live inside oslo.messaging itself, so importing
+# them imports oslo_messaging (and its eventlet deprecation warning): the
+# promise that a reader does not pay for oslo.messaging is this project's.
+skip_inside_oslo_messaging = unittest.skipIf(
+    __name__.split('.')[0] == 'oslo_messaging',
+    'the subscriber is part of oslo.messaging here, so importing it '
+    'imports oslo_messaging')
 
 
 class FakeService:
@@ -315,6 +325,7 @@ class SubscriberTestCase(base.BaseTestCase):
         self.assertLessEqual(len(accepted), 8)
         self.assertGreaterEqual(len(accepted), 2)
 
+    @skip_inside_oslo_messaging
     def test_lazy_dispatcher_import(self):
         # The tail and any reader that needs no endpoint stay light.
         code = ('import sys; from oslo_messaging_ext import unix_subscriber;'
@@ -450,7 +461,7 @@ class MissedTestCase(SubscriberTestCase):
         os.unlink(self.path)
         self.serve([drop_notice(2)] + sequenced('a', [7]))
         reader.join(10)
-        gap, = [e for e in events if isinstance(e, unix_subscriber.Gap)]
+        gap, = (e for e in events if isinstance(e, unix_subscriber.Gap))
         self.assertTrue(gap.reconnected)
         self.assertEqual((3, 6), (gap.first, gap.last))
         self.assertEqual((2, 4, 4), (subscription.dropped,
