@@ -74,10 +74,20 @@ class Job:
         self.priority = priority
 
     def drop(self, cause, now=False):
-        destination = self.destination
+        drop_all([self], cause, now=now)
+
+
+def drop_all(jobs, cause, now=False):
+    """Count ``jobs`` as dropped: one report per target, not per job."""
+    by_target = {}
+    for job in jobs:
+        entry = by_target.setdefault(id(job.destination.state),
+                                     [job.destination, 0])
+        entry[1] += 1
+    for destination, count in by_target.values():
         destination.failures.report(
             {'rule': destination.rule, 'target': destination.label,
-             'cause': cause}, now=now)
+             'cause': cause}, count=count, now=now)
 
 
 class Breaker:
@@ -238,8 +248,7 @@ class Lane:
                 cause = ('skipped: the broker did not answer within '
                          'replica_timeout lately (circuit breaker open)')
         if cause is not None:
-            for job in jobs:
-                job.drop(cause)
+            drop_all(jobs, cause)
             return None
         batch = _Batch(jobs)
         self._inbox.put(batch)
@@ -248,12 +257,12 @@ class Lane:
     def finish(self, batch, deadline):
         """Wait for ``batch`` until ``deadline``; abandon it then."""
         if not batch.done.wait(max(0.0, deadline - time.monotonic())):
-            self.abandon(batch, 'not published within replica_timeout = '
-                                '%s s (the broker is skipped for a while)'
-                         % batch.timeout)
+            drop_all(self.abandon(batch),
+                     'not published within replica_timeout = %s s (the '
+                     'broker is skipped for a while)' % batch.timeout)
 
-    def abandon(self, batch, cause, now=False):
-        """Count what ``batch`` did not publish yet as dropped.
+    def abandon(self, batch):
+        """Give up ``batch``; return its jobs not published, to drop.
 
         The publish in flight runs on in the background; until it ends,
         the lane's replicas are dropped without an attempt, and the broker
@@ -262,13 +271,12 @@ class Lane:
         with self._lock:
             if (batch.abandoned or batch.done.is_set() or
                     batch.resolved == len(batch.jobs)):
-                return
+                return []
             batch.abandoned = True
             left = batch.jobs[batch.resolved:]
             self._stuck = batch
             self.breaker.trip(left[0].destination.backoff, time.monotonic())
-        for job in left:
-            job.drop(cause, now=now)
+        return left
 
     def run(self, jobs):
         """Publish ``jobs``, waiting at most their largest timeout."""
@@ -279,8 +287,7 @@ class Lane:
     def enqueue(self, jobs, settings):
         """Queue ``jobs`` for the async feeder of this lane."""
         if not self._ensure_started():
-            for job in jobs:
-                job.drop('the driver was cleaned up')
+            drop_all(jobs, 'the driver was cleaned up')
             return
         feed = self._feed
         if feed is None:
@@ -341,8 +348,9 @@ class _Feed:
                 self._queue.append((moment, job))
             self.pending += len(accepted)
             self._cond.notify_all()
-        for job in jobs[len(accepted):]:
-            job.drop('the async_fanout queue of its broker is full '
+        if len(accepted) < len(jobs):
+            drop_all(jobs[len(accepted):],
+                     'the async_fanout queue of its broker is full '
                      '(async_queue_size = %d)' % self.maxsize)
 
     def _feed_loop(self):
@@ -407,9 +415,8 @@ class _Feed:
             current = self._current
             self._cond.notify_all()
         if current is not None:
-            self.lane.abandon(current, cause, now=now)
-        for job in left:
-            job.drop(cause, now=now)
+            left = self.lane.abandon(current) + left
+        drop_all(left, cause, now=now)
 
     def stop(self):
         with self._cond:

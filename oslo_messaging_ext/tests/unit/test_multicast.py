@@ -915,49 +915,64 @@ class AsyncFanoutTestCase(DriverFixtureMixin, base.BaseTestCase):
                       self.log.output)
 
     def test_flushed_at_exit_with_threads_and_under_eventlet(self):
-        script = textwrap.dedent("""
-            import sys
-            if sys.argv[2] == 'eventlet':
-                import eventlet
-                eventlet.monkey_patch()
-            import atexit
-            import threading
-            from oslo_config import cfg
-            import oslo_messaging
-            from oslo_messaging_ext.notify import _impl_multicast
-
-            conf = cfg.ConfigOpts()
-            conf(['--config-file', sys.argv[1]])
-            transport = oslo_messaging.get_notification_transport(
-                conf, url='fake:/')
-            seen = []
-            def record(target, ctxt, message, version, retry=None):
-                seen.append((target.topic, threading.current_thread().name))
-            transport._send_notification = record
-            # atexit runs handlers last in, first out: this one runs after
-            # the driver's, which must publish what is still queued.
-            atexit.register(lambda: print(len(seen), sorted(set(
-                name for topic, name in seen if topic != 'notifications.info'
-            ))))
-            driver = _impl_multicast.MulticastDriver(
-                conf, ['notifications'], transport)
-            for _ in range(50):
-                driver.notify({}, {'event_type': 'image.upload',
-                                   'priority': 'INFO', 'payload': {},
-                                   'publisher_id': 'p', 'message_id': 'm',
-                                   'timestamp': 't'}, 'INFO', -1)
-            """)
-        path = os.path.join(self.useFixture(fixtures.TempDir()).path,
-                            'service.conf')
-        with open(path, 'w') as f:
-            f.write(textwrap.dedent(self.ASYNC))
         for mode in ('threads', 'eventlet'):
-            result = subprocess.run(
-                [sys.executable, '-c', script, path, mode],
-                capture_output=True, text=True, timeout=60)
+            result = run_service(self, self.ASYNC, mode)
             self.assertEqual(0, result.returncode, result.stderr)
             self.assertEqual("150 ['messaging-multicast-publish']",
                              result.stdout.strip(), mode)
+
+
+# A service process that sends 50 notifications through the driver and
+# exits: argv is its configuration file, "threads" or "eventlet", and
+# "record" or "block" (replicas never published).
+SERVICE_SCRIPT = textwrap.dedent("""
+    import sys
+    if sys.argv[2] == 'eventlet':
+        import eventlet
+        eventlet.monkey_patch()
+    import atexit
+    import logging
+    import threading
+    from oslo_config import cfg
+    import oslo_messaging
+    from oslo_messaging_ext.notify import _impl_multicast
+
+    logging.basicConfig(level=logging.WARNING)
+    conf = cfg.ConfigOpts()
+    conf(['--config-file', sys.argv[1]])
+    transport = oslo_messaging.get_notification_transport(
+        conf, url='fake:/')
+    seen = []
+    never = threading.Event()
+    def record(target, ctxt, message, version, retry=None):
+        if sys.argv[3] == 'block' and target.topic != 'notifications.info':
+            never.wait()
+        seen.append((target.topic, threading.current_thread().name))
+    transport._send_notification = record
+    # atexit runs handlers last in, first out: this one runs after
+    # the driver's, which must publish what is still queued.
+    atexit.register(lambda: print(len(seen), sorted(set(
+        name for topic, name in seen if topic != 'notifications.info'
+    ))))
+    driver = _impl_multicast.MulticastDriver(
+        conf, ['notifications'], transport)
+    for _ in range(50):
+        driver.notify({}, {'event_type': 'image.upload',
+                           'priority': 'INFO', 'payload': {},
+                           'publisher_id': 'p', 'message_id': 'm',
+                           'timestamp': 't'}, 'INFO', -1)
+    """)
+
+
+def run_service(test, config, mode='threads', sends='record'):
+    """Run SERVICE_SCRIPT with ``config``; return the CompletedProcess."""
+    path = os.path.join(test.useFixture(fixtures.TempDir()).path,
+                        'service.conf')
+    with open(path, 'w') as f:
+        f.write(textwrap.dedent(config))
+    return subprocess.run(
+        [sys.executable, '-c', SERVICE_SCRIPT, path, mode, sends],
+        capture_output=True, text=True, timeout=60)
 
 
 class OptsTestCase(base.BaseTestCase):
