@@ -236,6 +236,8 @@ class Lane:
         still busy with an abandoned publish, are dropped at once, without
         any network attempt. Returns None when no job is left.
         """
+        if not jobs:
+            return None
         started = self._ensure_started()
         with self._lock:
             cause = None

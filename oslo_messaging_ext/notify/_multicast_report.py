@@ -59,7 +59,8 @@ class Reporter:
             moment = time.monotonic()
             if (not now and self._last is not None and
                     moment - self._last < REPORT_INTERVAL):
-                if self._timer is None:
+                # A forked child inherits the timer but not its thread.
+                if self._timer is None or not self._timer.is_alive():
                     self._timer = threading.Timer(
                         self._last + REPORT_INTERVAL - moment,
                         self._report_deferred)
