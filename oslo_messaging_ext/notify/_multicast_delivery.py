@@ -204,6 +204,8 @@ class Fanout:
         # Drivers a service drops without cleanup() give their lanes back
         # when collected.
         self._release = weakref.finalize(self, _release_lanes, self._lanes)
+        # At exit, the lanes' own handler flushes and reports the queues.
+        self._release.atexit = False
 
     def publish(self, jobs):
         if len(self._lanes) == 1:
