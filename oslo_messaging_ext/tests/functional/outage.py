@@ -57,6 +57,7 @@ class _Acceptor(fixtures.Fixture):
 
     def _setUp(self):
         self._stopped = threading.Event()
+        self._ended = threading.Event()
         self._sockets = []
         self._lock = threading.Lock()
         self._listener = _listener()
@@ -69,15 +70,23 @@ class _Acceptor(fixtures.Fixture):
         return f'rabbit://{credentials}@127.0.0.1:{self.port}/'
 
     def _accept_loop(self):
-        while not self._stopped.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self._track(conn)
-            self.accepted(conn)
+        # Under eventlet, a socket closed while another green thread waits
+        # on it leaves that wait registered on its descriptor, which the
+        # next file to get the number then trips on: each socket is closed
+        # by the thread that waits on it, after a shutdown woke it.
+        try:
+            while not self._stopped.is_set():
+                try:
+                    conn, _ = self._listener.accept()
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+                self._track(conn)
+                self.accepted(conn)
+        finally:
+            self._listener.close()
+            self._ended.set()
 
     def _track(self, sock):
         with self._lock:
@@ -94,13 +103,23 @@ class _Acceptor(fixtures.Fixture):
         with self._lock:
             self._stopped.set()
             sockets, self._sockets = self._sockets, []
-        self._listener.close()
+        _shutdown(self._listener)
+        self._ended.wait(10 * POLL)
         for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shutdown(sock)
+        self.closed(sockets)
+
+    def closed(self, sockets):
+        """Close ``sockets``, which no thread of this fixture reads."""
+        for sock in sockets:
             sock.close()
+
+
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class Tarpit(_Acceptor):
@@ -137,11 +156,12 @@ class TcpProxy(_Acceptor):
                 sink.sendall(data)
         except OSError:
             pass
-        for sock in (source, sink):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        # The other pump reads the sink: wake it, it closes the sink.
+        _shutdown(sink)
+        source.close()
+
+    def closed(self, sockets):
+        """The pumps close their sockets once the shutdown woke them."""
 
 
 class RabbitNode(fixtures.Fixture):
