@@ -21,33 +21,40 @@ Delivery semantics:
   ``messagingv2`` driver (or ``messaging``, for the 1.0 format) sends it,
   on the notifier's transport and topics, at most once.
 * Then every replica is published, at most once, to each distinct target
-  of the rules the notification matches. A target that fails (broker down,
-  unreachable host, refused publish) is logged with its rule and target and
-  never raises into the service nor keeps the other targets from being
-  published. ``retry`` applies to replicas as it does to the original.
-* With ``async_fanout``, replicas are published by a background worker from
-  a bounded queue: the service's call returns once the original is sent.
-  Replicas that do not fit in the queue are counted and reported in the
-  log, and the queue is flushed, within ``async_flush_timeout``, on driver
-  cleanup and at interpreter exit.
+  of the rules the notification matches, by the publisher thread of its
+  broker (one per broker and process, shared by the driver instances).
+  notify() waits for them at most the largest ``replica_timeout`` of the
+  matched rules; a publish still running then is abandoned to the
+  background and counted as dropped. A target that fails (broker down,
+  hung, refused publish) is skipped without any network attempt for
+  ``failure_backoff``, its skipped replicas counted as dropped; it never
+  raises into the service nor delays the other brokers' replicas.
+  Replicas use their rule's ``replica_retry``; the standard notification
+  keeps the notifier's ``retry``.
+* With ``async_fanout``, replicas join a bounded queue per broker: the
+  service's call returns once the original is sent, and a dead or slow
+  broker only fills its own queue. Replicas that do not fit are dropped.
+  The queues are flushed, within ``async_flush_timeout``, on driver
+  cleanup and at interpreter exit (not when a signal kills the process).
+* Every drop is counted per target and logged at ERROR with the true
+  count since the previous line, at most once a minute per target and at
+  most a minute after it happened.
 
 Configuration is validated completely when the driver is loaded; an error
 names the group, the option and the value, and no half-configured driver
 is ever returned.
 """
 
-import atexit
 import collections
-import functools
 import logging
 import os
-import weakref
 
 from oslo_messaging.notify import messaging
 from oslo_messaging.notify import notifier
 
 from oslo_messaging_ext.notify import _multicast_config
 from oslo_messaging_ext.notify import _multicast_delivery
+from oslo_messaging_ext.notify import _multicast_lanes
 from oslo_messaging_ext.notify import _multicast_opts
 
 LOG = logging.getLogger(__name__)
@@ -80,13 +87,18 @@ class MulticastDriver(notifier.Driver):
         else:
             self._standard = messaging.MessagingV2Driver(
                 conf, topics=topics, transport=transport)
-        self._worker = None
-        if group.async_fanout:
-            self._worker = _multicast_delivery.FanoutWorker(
-                group.async_queue_size, group.async_flush_timeout)
-            self._at_exit = functools.partial(_flush_at_exit,
-                                              weakref.ref(self))
-            atexit.register(self._at_exit)
+        try:
+            delivery = _multicast_opts.read_delivery_opts(conf)
+        except ValueError as exc:
+            self._transports.release()
+            raise _multicast_config.MulticastConfigError([str(exc)])
+        async_settings = None
+        if delivery['async_fanout']:
+            async_settings = (delivery['async_queue_size'],
+                              delivery['async_flush_timeout'])
+        self._fanout = _multicast_delivery.Fanout(
+            [d for rule in self._rules for d in rule.destinations],
+            async_settings)
         summary = {'rules': len(self._rules),
                    'targets': len({d.key for r in self._rules
                                    for d in r.destinations}),
@@ -170,41 +182,27 @@ class MulticastDriver(notifier.Driver):
                 if destination.key in seen:
                     continue
                 seen.add(destination.key)
-                jobs.append((destination, ctxt, original, rule.event_key,
-                             priority, retry))
-        if self._worker is not None:
-            self._worker.submit(jobs)
-            return
-        for job in jobs:
-            job[0].publish(*job[1:])
+                jobs.append(_multicast_lanes.Job(
+                    destination, ctxt, original, rule.event_key, priority))
+        self._fanout.publish(jobs)
 
     @property
     def dropped(self):
-        """Replicas dropped by the async_fanout queue since load."""
-        return self._worker.dropped if self._worker else 0
+        """Replicas of this driver's targets dropped in the process."""
+        return self._fanout.dropped
 
     def flush(self):
         """Wait, within async_flush_timeout, for queued replicas.
 
         :returns: how many replicas are still waiting or in flight
         """
-        if self._worker is not None:
-            return self._worker.flush()
-        return 0
+        return self._fanout.flush()
 
     def cleanup(self):
         """Flush queued replicas, then release the rules' transports.
 
-        A transport shared with other instances of this driver in the
-        process is cleaned up with the last of them.
+        The brokers' publisher threads and transports shared with other
+        instances of this driver in the process end with the last of them.
         """
-        if self._worker is not None:
-            atexit.unregister(self._at_exit)
-            self._worker.flush(stop=True)
+        self._fanout.close()
         self._transports.release()
-
-
-def _flush_at_exit(driver_ref):
-    driver = driver_ref()
-    if driver is not None:
-        driver.cleanup()

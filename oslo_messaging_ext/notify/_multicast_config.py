@@ -150,6 +150,12 @@ class _RuleLoader:
                 group_name, 'transport_url', '****',
                 'invalid transport URL: %s' % exc))
             return None
+        try:
+            delivery = _multicast_opts.read_rule_delivery_opts(self.conf,
+                                                               group_name)
+        except ValueError as exc:
+            self.problems.append(str(exc))
+            return None
         destinations = []
         targets = ','.join(rule_conf.targets)
         for target in rule_conf.targets:
@@ -169,7 +175,7 @@ class _RuleLoader:
                 transport=transport, exchange=exchange or None, topic=topic,
                 version=2.0, shape='clean',
                 publisher_id=rule_conf.publisher_id, rule=name,
-                label=target))
+                label=target, **delivery))
         if len(self.problems) > before:
             return None
         if not selectors:

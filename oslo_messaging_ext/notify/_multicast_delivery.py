@@ -12,41 +12,26 @@
 
 """How the ``messaging-multicast`` driver publishes replicas.
 
-A Destination publishes the replicas of one target and reports its
-failures; a FanoutWorker publishes them from a background thread when
-``async_fanout`` is set; RuleTransports hands the rules the transports of
-their brokers, shared by the drivers of a process.
+A Destination publishes the replicas of one target; a Fanout hands a
+driver's replicas to the per-broker lanes of the process (see
+_multicast_lanes), synchronously within the rules' replica_timeout or
+through the lanes' async queues; RuleTransports hands the rules the
+transports of their brokers, shared by the drivers of a process.
 """
 
-import logging
-import os
-import queue
 import threading
 import time
 import uuid
+import weakref
 
 import oslo_messaging
 from oslo_utils import timeutils
 
-# Logged under the driver's name, so that the level a service sets for the
-# driver's logger covers all the driver logs, wherever its code lives.
-LOG = logging.getLogger('oslo_messaging_ext.notify._impl_multicast')
+from oslo_messaging_ext.notify import _multicast_lanes
+from oslo_messaging_ext.notify import _multicast_opts
+from oslo_messaging_ext.notify import _multicast_report
 
-# Failures and overflow are logged at most once per interval per cause, with
-# the count since the previous report: a broker outage must not flood the
-# service's log with one line per notification.
-REPORT_INTERVAL = 60.0
-
-# The fan-out worker shares the interpreter lock with the service: while
-# the service has submitted replicas within BUSY_WINDOW seconds, the worker
-# sleeps (at least BACKOFF seconds at a time) instead of competing with it,
-# so that a burst of the service's calls is not slowed by the fan-out it
-# caused. The deferral is bounded: a replica waits at most MAX_DEFER seconds
-# for a lull, and none waits once the queue is half full, so under sustained
-# load replicas are late by MAX_DEFER at most rather than indefinitely.
-BUSY_WINDOW = 0.005
-BACKOFF = 0.001
-MAX_DEFER = 0.5
+LOG = _multicast_report.LOG
 
 
 class _SharedTransport:
@@ -140,8 +125,14 @@ class RuleTransports:
 class Destination:
     """Where and how a replica is published."""
 
+    # Defaults of the rule delivery options, for onmcast's targets.
+    _defaults = {opt.name: opt.default for opt in _multicast_opts.rule_opts}
+
     def __init__(self, key, transport, exchange, topic, version, shape,
-                 publisher_id, rule, label):
+                 publisher_id, rule, label,
+                 timeout=_defaults['replica_timeout'],
+                 retry=_defaults['replica_retry'],
+                 backoff=_defaults['failure_backoff']):
         self.key = key
         self.transport = transport
         self.exchange = exchange
@@ -151,7 +142,21 @@ class Destination:
         self.publisher_id = publisher_id
         self.rule = rule
         self.label = label
-        self.failures = _Reporter()
+        self.timeout = timeout
+        self.retry = retry
+        self.backoff = backoff
+        # Set by bind(): the breaker and drop count of this target, shared
+        # with the other drivers of the process.
+        self.state = None
+        self.lane = None
+
+    def bind(self, lane):
+        self.state = lane.target_state(self.exchange, self.topic)
+
+    @property
+    def failures(self):
+        """The Reporter counting the replicas of this target dropped."""
+        return self.state.failures
 
     def replica(self, original, event_key):
         if self.shape == 'onmcast':
@@ -166,158 +171,85 @@ class Destination:
             replica['publisher_id'] = self.publisher_id
         return replica
 
-    def publish(self, ctxt, original, event_key, priority, retry):
+    def send(self, job):
+        """Publish the replica of ``job``; raise if the transport fails."""
         target = oslo_messaging.Target(
-            topic=f'{self.topic}.{priority.lower()}',
+            topic=f'{self.topic}.{job.priority.lower()}',
             exchange=self.exchange)
-        try:
-            self.transport._send_notification(
-                target, ctxt, self.replica(original, event_key),
-                version=self.version, retry=retry)
-        except Exception as exc:
-            self.failures.report(
-                'messaging-multicast could not publish replicas of rule '
-                '%(rule)s to target %(target)s (%(count)d since the last '
-                'report): %(error)s',
-                {'rule': self.rule, 'target': self.label,
-                 'error': f'{type(exc).__name__}: {exc}'})
+        self.transport._send_notification(
+            target, job.ctxt, self.replica(job.original, job.event_key),
+            version=self.version, retry=self.retry)
 
 
-class _Reporter:
-    """Counts an event and logs it at most once per REPORT_INTERVAL."""
+class Fanout:
+    """A driver's replicas, handed to the lanes of their brokers.
 
-    def __init__(self):
-        self.total = 0
-        self._unreported = 0
-        self._last = None
-        self._lock = threading.Lock()
+    Synchronously, the brokers are published to in parallel and the call
+    waits at most the largest replica_timeout of the replicas; with
+    async_fanout, each broker's replicas join that broker's queue.
+    """
 
-    def report(self, message, params, count=1):
-        with self._lock:
-            self.total += count
-            self._unreported += count
-            now = time.monotonic()
-            if self._last is not None and now - self._last < REPORT_INTERVAL:
-                LOG.debug(message, dict(params, count=self._unreported))
-                return
-            self._last = now
-            params = dict(params, count=self._unreported)
-            self._unreported = 0
-        LOG.error(message, params)
+    def __init__(self, destinations, async_settings=None):
+        self._async = async_settings
+        lanes = {}
+        for destination in destinations:
+            lane = lanes.get(id(destination.transport))
+            if lane is None:
+                lane = lanes[id(destination.transport)] = (
+                    _multicast_lanes.acquire(destination.transport))
+            destination.bind(lane)
+            destination.lane = lane
+        self._lanes = list(lanes.values())
+        self._destinations = list(destinations)
+        # Drivers a service drops without cleanup() give their lanes back
+        # when collected.
+        self._release = weakref.finalize(self, _release_lanes, self._lanes)
+        # At exit, the lanes' own handler flushes and reports the queues.
+        self._release.atexit = False
 
-
-class FanoutWorker:
-    """A bounded queue of replicas and the daemon thread publishing them."""
-
-    def __init__(self, maxsize, flush_timeout):
-        self._maxsize = maxsize
-        self._flush_timeout = flush_timeout
-        self._lock = threading.Lock()
-        self._queue = None
-        self._thread = None
-        self._pid = None
-        # Replicas submitted and not yet published (or failed): what a
-        # stop would lose.
-        self._pending = 0
-        self._last_submit = 0.0
-        self.overflow = _Reporter()
-        self.abandoned = _Reporter()
-
-    def _ensure_started(self):
-        # A forked child inherits the queue but not the thread: start anew.
-        if self._thread is not None and self._pid == os.getpid():
+    def publish(self, jobs):
+        if len(self._lanes) == 1:
+            if self._async is not None:
+                self._lanes[0].enqueue(jobs, self._async)
+            else:
+                self._lanes[0].run(jobs)
             return
-        with self._lock:
-            if self._thread is not None and self._pid == os.getpid():
-                return
-            self._queue = queue.Queue(self._maxsize)
-            self._pending = 0
-            self._thread = threading.Thread(
-                target=self._run, args=(self._queue,),
-                name='messaging-multicast-fanout', daemon=True)
-            self._pid = os.getpid()
-            self._thread.start()
-
-    def submit(self, jobs):
-        self._ensure_started()
-        now = self._last_submit = time.monotonic()
-        for index, job in enumerate(jobs):
-            with self._lock:
-                self._pending += 1
-            try:
-                self._queue.put_nowait((now,) + job)
-            except queue.Full:
-                with self._lock:
-                    self._pending -= 1
-                self.overflow.report(
-                    'messaging-multicast dropped %(count)d replicas since '
-                    'the last report: the async_fanout queue is full '
-                    '(async_queue_size = %(size)d)',
-                    {'size': self._maxsize}, count=len(jobs) - index)
-                return
-
-    def _run(self, jobs):
-        while True:
-            job = jobs.get()
-            if job is None:
-                return
-            if isinstance(job, threading.Event):
-                job.set()
-                continue
-            (queued_at, destination, ctxt, original, event_key, priority,
-             retry) = job
-            self._yield_to_service(jobs, queued_at)
-            try:
-                destination.publish(ctxt, original, event_key, priority,
-                                    retry)
-            except Exception:
-                LOG.exception('messaging-multicast fan-out worker error')
-            finally:
-                with self._lock:
-                    self._pending -= 1
-
-    def _yield_to_service(self, jobs, queued_at):
-        while jobs.qsize() < self._maxsize // 2:
-            now = time.monotonic()
-            idle = now - self._last_submit
-            waited = now - queued_at
-            if idle >= BUSY_WINDOW or waited >= MAX_DEFER:
-                return
-            time.sleep(min(MAX_DEFER - waited,
-                           max(BACKOFF, BUSY_WINDOW - idle)))
-
-    def flush(self, stop=False):
-        """Wait for queued replicas; return how many are still pending.
-
-        With ``stop``, the worker ends and what it did not publish within
-        the timeout is counted as dropped.
-        """
-        with self._lock:
-            thread, jobs = self._thread, self._queue
-            if thread is None or self._pid != os.getpid():
-                return 0
-            if stop:
-                self._thread = None
-        deadline = time.monotonic() + self._flush_timeout
-        done = threading.Event()
-        try:
-            jobs.put(None if stop else done, timeout=self._flush_timeout)
-        except queue.Full:
-            pass
-        remaining = max(0.0, deadline - time.monotonic())
-        if stop:
-            thread.join(remaining)
-        else:
-            done.wait(remaining)
-        with self._lock:
-            left = self._pending
-        if stop and left:
-            self.abandoned.report(
-                'messaging-multicast dropped %(count)d queued replicas: '
-                'not published within async_flush_timeout = %(timeout)s s',
-                {'timeout': self._flush_timeout}, count=left)
-        return left
+        by_lane = {}
+        for job in jobs:
+            by_lane.setdefault(job.destination.lane, []).append(job)
+        if self._async is not None:
+            for lane, lane_jobs in by_lane.items():
+                lane.enqueue(lane_jobs, self._async)
+            return
+        started = time.monotonic()
+        batches = [(lane, lane.start(lane_jobs))
+                   for lane, lane_jobs in by_lane.items()]
+        for lane, batch in batches:
+            if batch is not None:
+                lane.finish(batch, started + batch.timeout)
 
     @property
     def dropped(self):
-        return self.overflow.total + self.abandoned.total
+        """Replicas of this driver's targets dropped in the process."""
+        states = {id(d.state): d.state for d in self._destinations}
+        return sum(state.failures.total for state in states.values())
+
+    @property
+    def pending(self):
+        """Replicas waiting in, or in flight from, the async queues."""
+        return sum(lane.feed.pending for lane in self._lanes
+                   if lane.feed is not None)
+
+    def flush(self):
+        return _multicast_lanes.flush_feeds(self._lanes)
+
+    def close(self):
+        if not self._release.alive:
+            return
+        _multicast_lanes.flush_feeds(self._lanes)
+        self._release()
+
+
+def _release_lanes(lanes):
+    for lane in lanes:
+        _multicast_lanes.release(lane)

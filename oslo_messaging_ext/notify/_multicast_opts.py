@@ -18,10 +18,33 @@ The driver registers them when it loads: [oslo_messaging_multicast], one
 the docs.
 """
 
+import math
+import threading
+
 from oslo_config import cfg
+from oslo_config import types
 
 GROUP = 'oslo_messaging_multicast'
 RULE_GROUP_PREFIX = 'multicast_rule_'
+
+
+class Seconds(types.Float):
+    """A duration in seconds: finite, and one threading can wait for.
+
+    nan passes every min/max comparison and inf (or anything beyond
+    threading.TIMEOUT_MAX) makes a wait raise OverflowError: both are
+    refused when the value is read.
+    """
+
+    def __init__(self, min=0, max=threading.TIMEOUT_MAX, **kwargs):
+        super().__init__(min=min, max=max, **kwargs)
+
+    def __call__(self, value):
+        seconds = super().__call__(value)
+        if not math.isfinite(seconds):
+            raise ValueError('should be a finite number of seconds')
+        return seconds
+
 
 multicast_opts = [
     cfg.ListOpt('rules',
@@ -46,14 +69,17 @@ multicast_opts = [
     cfg.IntOpt('async_queue_size',
                default=10000,
                min=1,
-               help='Maximum number of replicas waiting for the background '
-                    'worker when async_fanout is enabled.'),
-    cfg.FloatOpt('async_flush_timeout',
-                 default=10.0,
-                 min=0,
-                 help='Seconds to wait, on driver cleanup and at interpreter '
-                      'exit, for queued replicas to be published. What is '
-                      'still queued then is counted as dropped.'),
+               help='Maximum number of replicas waiting, per broker, for '
+                    'the background workers when async_fanout is enabled.'),
+    cfg.Opt('async_flush_timeout',
+            type=Seconds(),
+            default=10.0,
+            help='Seconds to wait, on driver cleanup and at interpreter '
+                 'exit, for queued replicas to be published. What is '
+                 'still queued then is counted as dropped and logged. A '
+                 'process killed by a signal it does not handle (SIGTERM '
+                 'with the default handler, SIGKILL) loses its queue '
+                 'without a line.'),
     cfg.StrOpt('onmcast_replica_shape',
                default='onmcast',
                choices=[('onmcast', 'what the onmcast driver sent: topic '
@@ -97,6 +123,36 @@ rule_opts = [
     cfg.StrOpt('publisher_id',
                help='publisher_id of the replicas. Default: the original '
                     'notification\'s.'),
+] + [
+    # Delivery options: how long the replicas of this rule may take and
+    # how a failing target is handled.
+    cfg.Opt('replica_timeout',
+            type=Seconds(min=0.001, max=300),
+            default=0.5,
+            help='Longest time, in seconds, the replicas of this rule may '
+                 'hold the service\'s notify() call (or, with async_fanout, '
+                 'the worker of their broker). A publish still running then '
+                 'is abandoned to the background, counted as dropped, and '
+                 'its broker is skipped for failure_backoff. A notification '
+                 'matching several rules waits at most their largest '
+                 'replica_timeout, the brokers being published to in '
+                 'parallel.'),
+    cfg.IntOpt('replica_retry',
+               default=1,
+               min=0,
+               help='How many times a replica publish is retried after a '
+                    'connection failure (oslo.messaging\'s retry, for the '
+                    'replicas only: the standard notification keeps the '
+                    'notifier\'s retry). Bounded by replica_timeout '
+                    'whatever its value.'),
+    cfg.Opt('failure_backoff',
+            type=Seconds(min=0.001, max=3600),
+            default=10.0,
+            help='Seconds during which a target that failed (or a broker '
+                 'that did not answer within replica_timeout) is skipped '
+                 'without any network attempt, its replicas counted as '
+                 'dropped. Doubles at each consecutive failure, up to 16 '
+                 'times this value; a successful publish resets it.'),
 ]
 
 # onmcast's options, kept in [DEFAULT] unchanged so that its configuration
@@ -133,6 +189,50 @@ def register_opts(conf):
     """Register the [oslo_messaging_multicast] options; return the group."""
     conf.register_opts(multicast_opts, group=GROUP)
     return conf[GROUP]
+
+
+DELIVERY_OPTS = ('async_fanout', 'async_queue_size', 'async_flush_timeout')
+RULE_DELIVERY_OPTS = {'replica_timeout': 'timeout',
+                      'replica_retry': 'retry',
+                      'failure_backoff': 'backoff'}
+
+
+def _read(conf, group_name, names):
+    """Read the options ``names`` of ``group_name``, all of them.
+
+    :raises ValueError: naming the group, option and value of every
+        invalid one, whether or not the feature it belongs to is on
+    """
+    values, problems = {}, []
+    for name in names:
+        try:
+            values[name] = conf[group_name][name]
+        except (cfg.ConfigFileValueError, ValueError) as exc:
+            raw = _raw_value(conf, group_name, name)
+            reason = str(exc).rpartition(' is not valid: ')[2]
+            problems.append(f'[{group_name}] {name} = {raw}: {reason}')
+    if problems:
+        raise ValueError('; '.join(problems))
+    return values
+
+
+def _raw_value(conf, group_name, name):
+    for section in (conf._namespace._parsed if conf._namespace else ()):
+        values = section.get(group_name, {}).get(name)
+        if values:
+            return values[-1]
+    return '?'
+
+
+def read_delivery_opts(conf):
+    """The async options of [oslo_messaging_multicast], validated."""
+    return _read(conf, GROUP, DELIVERY_OPTS)
+
+
+def read_rule_delivery_opts(conf, group_name):
+    """The delivery options of a rule group, as Destination arguments."""
+    values = _read(conf, group_name, RULE_DELIVERY_OPTS)
+    return {RULE_DELIVERY_OPTS[name]: value for name, value in values.items()}
 
 
 def register_rule_opts(conf, name):

@@ -285,6 +285,8 @@ class AsyncFanoutTestCase(MulticastBrokerTestCase):
         async_flush_timeout = %(timeout)s
         [multicast_rule_all]
         targets = %(targets)s
+        # Generous: these tests hold the publisher on purpose.
+        replica_timeout = %(timeout)s
         """
 
     def async_config(self, targets):
@@ -305,20 +307,20 @@ class AsyncFanoutTestCase(MulticastBrokerTestCase):
         # still queued when the driver is shut down.
         gate = threading.Event()
         self.addCleanup(gate.set)
-        publish = multicast_delivery.Destination.publish
+        send = multicast_delivery.Destination.send
 
         def gated(destination, *args, **kwargs):
             gate.wait()
-            return publish(destination, *args, **kwargs)
+            return send(destination, *args, **kwargs)
 
         self.useFixture(fixtures.MockPatchObject(
-            multicast_delivery.Destination, 'publish', autospec=True,
+            multicast_delivery.Destination, 'send', autospec=True,
             side_effect=gated))
         count = 100
         payload = samples.glance_upload_payload()
         for _ in range(count):
             notifier.info({}, 'image.upload', payload)
-        self.assertEqual(2 * count, driver._worker._pending)
+        self.assertEqual(2 * count, driver._fanout.pending)
 
         gate.set()
         driver.cleanup()

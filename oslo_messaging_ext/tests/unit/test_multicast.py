@@ -33,7 +33,7 @@ from oslotest import base
 
 from oslo_messaging_ext.notify import _impl_multicast as multicast
 from oslo_messaging_ext.notify import _multicast_config as multicast_config
-from oslo_messaging_ext.notify import _multicast_delivery as multicast_delivery
+from oslo_messaging_ext.notify import _multicast_lanes as multicast_lanes
 from oslo_messaging_ext.notify import _multicast_rules as multicast_rules
 from oslo_messaging_ext import opts as oslo_messaging_ext_opts
 from oslo_messaging_ext import samples
@@ -333,12 +333,16 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
             rules = keep
             [multicast_rule_keep]
             targets = audit/copies
+            replica_retry = 4
             """)
         driver.notify({}, envelope(priority='WARN'), 'WARN', 3)
         replica = self.published[1]
         self.assertEqual('image.localhost',
                          replica['message']['publisher_id'])
-        self.assertEqual(('audit', 'copies.warn', 3),
+        # The standard notification keeps the notifier's retry; replicas
+        # use their rule's.
+        self.assertEqual(3, self.published[0]['retry'])
+        self.assertEqual(('audit', 'copies.warn', 4),
                          (replica['exchange'], replica['topic'],
                           replica['retry']))
 
@@ -428,10 +432,17 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
             driver.notify({}, envelope(), 'INFO', 0)
         self.assertEqual(['notifications.info', 'fine.info'] * 3,
                          self.topics())
+        # Tried once, then skipped while its circuit breaker is open.
+        attempts = [call for call in
+                    self.transport._send_notification.call_args_list
+                    if call.args[0].topic == 'broken.info']
+        self.assertEqual(1, len(attempts))
+        self.assertEqual(3, driver.dropped)
         errors = [line for line in self.log.output.splitlines()
-                  if 'could not publish' in line]
-        self.assertEqual(3, len(errors))
-        self.assertIn('rule r to target broken', errors[0])
+                  if 'dropped' in line]
+        self.assertEqual(1, len(errors))
+        self.assertIn('dropped 1 replicas of rule r to target broken',
+                      errors[0])
         self.assertIn('MessageDeliveryFailure: broker down', errors[0])
 
     def test_failures_logged_at_error_once_per_interval(self):
@@ -809,13 +820,14 @@ class AsyncFanoutTestCase(DriverFixtureMixin, base.BaseTestCase):
                           'glance.repl.host2.info'], self.topics())
         self.assertIs(threading.current_thread(), threads[0])
         worker = threads[1]
-        self.assertEqual('messaging-multicast-fanout', worker.name)
+        self.assertEqual('messaging-multicast-publish', worker.name)
         self.assertTrue(worker.daemon)
         self.assertIs(worker, threads[2])
 
     def test_overflow_counted_and_queued_flushed_on_cleanup(self):
         driver = self.driver(glance_rule(async_fanout='true',
-                                         async_queue_size=3))
+                                         async_queue_size=3) +
+                             'replica_timeout = 60\n')
         release = threading.Event()
         blocked = threading.Event()
         record = self._record
@@ -830,14 +842,14 @@ class AsyncFanoutTestCase(DriverFixtureMixin, base.BaseTestCase):
         self.addCleanup(release.set)
         driver.notify({}, envelope(), 'INFO', -1)
         self.assertTrue(blocked.wait(10))
-        # One replica is in flight, one queued: room for two more.
+        # Both replicas were handed to the publisher: the queue is empty.
         for _ in range(3):
             driver.notify({}, envelope(), 'INFO', -1)
-        self.assertEqual(4, driver.dropped)
+        self.assertEqual(3, driver.dropped)
         release.set()
         driver.cleanup()
         self.assertEqual(4, self.topics().count('notifications.info'))
-        self.assertEqual(4, len(self.published) - 4)
+        self.assertEqual(5, len(self.published) - 4)
         self.assertEqual(0, driver.flush())
 
     def test_overflow_logged_once_per_interval(self):
@@ -851,8 +863,10 @@ class AsyncFanoutTestCase(DriverFixtureMixin, base.BaseTestCase):
         with self.assertLogs(multicast.__name__, logging.ERROR) as logs:
             for _ in range(20):
                 driver.notify({}, envelope(), 'INFO', -1)
-        self.assertEqual(1, len(logs.records))
-        self.assertIn('dropped', logs.output[0])
+        # One line per target.
+        self.assertEqual(2, len(logs.records))
+        self.assertIn('async_fanout queue of its broker is full',
+                      logs.output[0])
         self.assertGreaterEqual(driver.dropped, 36)
 
     def test_replicas_not_deferred_indefinitely_by_a_busy_service(self):
@@ -869,17 +883,18 @@ class AsyncFanoutTestCase(DriverFixtureMixin, base.BaseTestCase):
         driver.notify({}, envelope(), 'INFO', -1)
         # A service that never pauses for BUSY_WINDOW: its submissions keep
         # the worker deferring, until the replica has waited MAX_DEFER.
-        deadline = time.monotonic() + multicast_delivery.MAX_DEFER + 5
+        deadline = time.monotonic() + multicast_lanes.MAX_DEFER + 5
         while not published.is_set() and time.monotonic() < deadline:
-            driver._worker.submit([])
-            published.wait(multicast_delivery.BUSY_WINDOW / 5)
+            driver._fanout.publish([])
+            published.wait(multicast_lanes.BUSY_WINDOW / 5)
         self.assertTrue(published.is_set(),
                         'replica still deferred after %.1f s'
-                        % (multicast_delivery.MAX_DEFER + 5))
+                        % (multicast_lanes.MAX_DEFER + 5))
 
     def test_flush_timeout_counts_what_is_left(self):
         driver = self.driver(glance_rule(async_fanout='true',
-                                         async_flush_timeout=0.2))
+                                         async_flush_timeout=0.2) +
+                             'replica_timeout = 60\n')
         release = threading.Event()
         self.addCleanup(release.set)
         record = self._record
@@ -896,53 +911,68 @@ class AsyncFanoutTestCase(DriverFixtureMixin, base.BaseTestCase):
         self.assertEqual(0, driver.dropped)
         driver.cleanup()
         self.assertEqual(2, driver.dropped)
-        self.assertIn('dropped 2 queued replicas: not published within '
-                      'async_flush_timeout = 0.2 s', self.log.output)
+        self.assertIn('not published within async_flush_timeout = 0.2 s',
+                      self.log.output)
 
     def test_flushed_at_exit_with_threads_and_under_eventlet(self):
-        script = textwrap.dedent("""
-            import sys
-            if sys.argv[2] == 'eventlet':
-                import eventlet
-                eventlet.monkey_patch()
-            import atexit
-            import threading
-            from oslo_config import cfg
-            import oslo_messaging
-            from oslo_messaging_ext.notify import _impl_multicast
-
-            conf = cfg.ConfigOpts()
-            conf(['--config-file', sys.argv[1]])
-            transport = oslo_messaging.get_notification_transport(
-                conf, url='fake:/')
-            seen = []
-            def record(target, ctxt, message, version, retry=None):
-                seen.append((target.topic, threading.current_thread().name))
-            transport._send_notification = record
-            # atexit runs handlers last in, first out: this one runs after
-            # the driver's, which must publish what is still queued.
-            atexit.register(lambda: print(len(seen), sorted(set(
-                name for topic, name in seen if topic != 'notifications.info'
-            ))))
-            driver = _impl_multicast.MulticastDriver(
-                conf, ['notifications'], transport)
-            for _ in range(50):
-                driver.notify({}, {'event_type': 'image.upload',
-                                   'priority': 'INFO', 'payload': {},
-                                   'publisher_id': 'p', 'message_id': 'm',
-                                   'timestamp': 't'}, 'INFO', -1)
-            """)
-        path = os.path.join(self.useFixture(fixtures.TempDir()).path,
-                            'service.conf')
-        with open(path, 'w') as f:
-            f.write(textwrap.dedent(self.ASYNC))
         for mode in ('threads', 'eventlet'):
-            result = subprocess.run(
-                [sys.executable, '-c', script, path, mode],
-                capture_output=True, text=True, timeout=60)
+            result = run_service(self, self.ASYNC, mode)
             self.assertEqual(0, result.returncode, result.stderr)
-            self.assertEqual("150 ['messaging-multicast-fanout']",
+            self.assertEqual("150 ['messaging-multicast-publish']",
                              result.stdout.strip(), mode)
+
+
+# A service process that sends 50 notifications through the driver and
+# exits: argv is its configuration file, "threads" or "eventlet", and
+# "record" or "block" (replicas never published).
+SERVICE_SCRIPT = textwrap.dedent("""
+    import sys
+    if sys.argv[2] == 'eventlet':
+        import eventlet
+        eventlet.monkey_patch()
+    import atexit
+    import logging
+    import threading
+    from oslo_config import cfg
+    import oslo_messaging
+    from oslo_messaging_ext.notify import _impl_multicast
+
+    logging.basicConfig(level=logging.WARNING)
+    conf = cfg.ConfigOpts()
+    conf(['--config-file', sys.argv[1]])
+    transport = oslo_messaging.get_notification_transport(
+        conf, url='fake:/')
+    seen = []
+    never = threading.Event()
+    def record(target, ctxt, message, version, retry=None):
+        if sys.argv[3] == 'block' and target.topic != 'notifications.info':
+            never.wait()
+        seen.append((target.topic, threading.current_thread().name))
+    transport._send_notification = record
+    # atexit runs handlers last in, first out: this one runs after
+    # the driver's, which must publish what is still queued.
+    atexit.register(lambda: print(len(seen), sorted(set(
+        name for topic, name in seen if topic != 'notifications.info'
+    ))))
+    driver = _impl_multicast.MulticastDriver(
+        conf, ['notifications'], transport)
+    for _ in range(50):
+        driver.notify({}, {'event_type': 'image.upload',
+                           'priority': 'INFO', 'payload': {},
+                           'publisher_id': 'p', 'message_id': 'm',
+                           'timestamp': 't'}, 'INFO', -1)
+    """)
+
+
+def run_service(test, config, mode='threads', sends='record'):
+    """Run SERVICE_SCRIPT with ``config``; return the CompletedProcess."""
+    path = os.path.join(test.useFixture(fixtures.TempDir()).path,
+                        'service.conf')
+    with open(path, 'w') as f:
+        f.write(textwrap.dedent(config))
+    return subprocess.run(
+        [sys.executable, '-c', SERVICE_SCRIPT, path, mode, sends],
+        capture_output=True, text=True, timeout=60)
 
 
 class OptsTestCase(base.BaseTestCase):
@@ -953,7 +983,8 @@ class OptsTestCase(base.BaseTestCase):
         group, opts = listed['multicast_rule_example']
         self.assertEqual('rules', group.dynamic_group_owner)
         self.assertEqual(['selector', 'targets', 'transport_url',
-                          'publisher_id'], [o.name for o in opts])
+                          'publisher_id', 'replica_timeout', 'replica_retry',
+                          'failure_backoff'], [o.name for o in opts])
         self.assertTrue(opts[2].secret)
         self.assertEqual(
             {'rules', 'async_fanout', 'async_queue_size',
