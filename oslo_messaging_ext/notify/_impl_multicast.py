@@ -33,7 +33,10 @@ Delivery semantics:
 
 Configuration is validated completely when the driver is loaded; an error
 names the group, the option and the value, and no half-configured driver
-is ever returned.
+is ever returned. An invalid replication configuration turns replication
+off, never the standard notifications: they keep flowing as messagingv2
+sends them, and the driver logs the error at ERROR at load and again at
+most once a minute while it stays off.
 """
 
 import atexit
@@ -67,13 +70,22 @@ class MulticastDriver(notifier.Driver):
         super().__init__(conf, topics, transport)
         group = _multicast_opts.register_opts(conf)
         self._transports = _multicast_delivery.RuleTransports(conf, transport)
+        self.config_error = self._replication_off = None
         try:
-            self._rules = _multicast_config.load_rules(
-                conf, group, self.topics, self._transports)
-            self._index_rules()
+            loaded = _multicast_config.load(conf, group, self.topics,
+                                            self._transports)
+            self._rules, warnings = loaded
+        except _multicast_config.MulticastConfigError as exc:
+            # A typo in a replication rule must not cost the service its
+            # standard notifications (billing, search indexers).
+            self._transports.release()
+            self._rules, warnings = [], exc.warnings
+            self.config_error = exc
+            self._replication_off = _multicast_config.ReplicationOff(exc)
         except BaseException:
             self._transports.release()
             raise
+        self._index_rules()
         if group.standard_message_format == '1.0':
             self._standard = messaging.MessagingDriver(
                 conf, topics=topics, transport=transport, version=1.0)
@@ -92,11 +104,24 @@ class MulticastDriver(notifier.Driver):
                                    for d in r.destinations}),
                    'async': group.async_fanout}
         # Services build many Notifiers (glance about 14 a process), each
-        # loading its own driver: say it at INFO once per configuration.
-        key = (os.getpid(), tuple(sorted(summary.items())))
-        log = LOG.debug if key in _LOADED else LOG.info
+        # loading its own driver: say it once per configuration.
+        key = (os.getpid(), tuple(sorted(summary.items())),
+               tuple(warnings), str(self.config_error))
+        first = key not in _LOADED
         _LOADED.add(key)
-        log('messaging-multicast loaded: %(rules)d rules, '
+        for warning in warnings:
+            (LOG.warning if first else LOG.debug)(
+                'messaging-multicast: %s', warning)
+        if self.config_error is not None:
+            (LOG.error if first else LOG.debug)(
+                '%s. The standard notifications are sent as %s sends them; '
+                'no replica is sent until the configuration is fixed.',
+                self.config_error,
+                'messaging' if group.standard_message_format == '1.0'
+                else 'messagingv2')
+            return
+        (LOG.info if first else LOG.debug)(
+            'messaging-multicast loaded: %(rules)d rules, '
             '%(targets)d distinct targets, async_fanout=%(async)s', summary)
 
     def _index_rules(self):
@@ -147,6 +172,9 @@ class MulticastDriver(notifier.Driver):
 
     def notify(self, ctxt, message, priority, retry):
         self._standard.notify(ctxt, message, priority, retry)
+        if self._replication_off is not None:
+            self._replication_off.skip()
+            return
         # Selectors only address the notification's fields, never the
         # underscore keys transports add, so the message is matched as is.
         try:
