@@ -353,7 +353,7 @@ def _close(name, candidates):
     return ' (did you mean %r?)' % match[0] if match else ''
 
 
-def _raw_sections(conf):
+def raw_sections(conf):
     """{section: keys} of the configuration files ``conf`` parsed.
 
     oslo.config only answers for the options registered: what the files
@@ -377,7 +377,7 @@ def unknown_keys(conf, rule_names):
     warnings = []
     rule_groups = {_multicast_opts.RULE_GROUP_PREFIX + name
                    for name in rule_names if _RULE_NAME.match(name)}
-    for section, keys in sorted(_raw_sections(conf).items()):
+    for section, keys in sorted(raw_sections(conf).items()):
         if section == _multicast_opts.GROUP or section in rule_groups:
             known = set(conf[section].keys())
             for key in sorted(keys - known):
