@@ -81,7 +81,7 @@ class MulticastDriver(notifier.Driver):
             self._transports.release()
             self._rules, warnings = [], exc.warnings
             self.config_error = exc
-            self._replication_off = _multicast_config.ReplicationOff(exc)
+            self._replication_off = _multicast_config.replication_off(exc)
         except BaseException:
             self._transports.release()
             raise

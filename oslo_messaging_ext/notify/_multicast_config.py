@@ -26,6 +26,7 @@ driver.
 import collections
 import difflib
 import logging
+import os
 import re
 import socket
 import threading
@@ -403,6 +404,21 @@ def unknown_keys(conf, rule_names):
                             % (section, _close(section,
                                                [_multicast_opts.GROUP])))
     return warnings
+
+
+# (pid, error text) -> ReplicationOff: the drivers of a process that share
+# one invalid configuration (glance builds about 14) share its reminders.
+_replication_off = {}
+_replication_off_lock = threading.Lock()
+
+
+def replication_off(error):
+    """The ReplicationOff of ``error`` in this process."""
+    key = (os.getpid(), str(error))
+    with _replication_off_lock:
+        if key not in _replication_off:
+            _replication_off[key] = ReplicationOff(error)
+        return _replication_off[key]
 
 
 class ReplicationOff:

@@ -302,6 +302,8 @@ class ReplicationOffTestCase(test_multicast.DriverFixtureMixin,
         super().setUp()
         self.useFixture(fixtures.MockPatchObject(multicast, '_LOADED',
                                                  set()))
+        self.useFixture(fixtures.MockPatchObject(
+            multicast_config, '_replication_off', {}))
 
     def test_standard_notifications_keep_flowing(self):
         self.records = capture_records(self)
@@ -344,4 +346,12 @@ class ReplicationOffTestCase(test_multicast.DriverFixtureMixin,
         self.assertIn('[multicast_rule_bad] selector', errors()[0])
         driver.notify({}, envelope(), 'INFO', -1)
         self.assertEqual(1, len(errors()))
-        self.assertEqual(['notifications.info'] * 7, self.topics())
+        # The other Notifiers of the service share the reminder.
+        other = self.driver()
+        other.notify({}, envelope(), 'INFO', -1)
+        self.assertEqual(1, len(errors()))
+        clock[0] += multicast_config.REMINDER_INTERVAL
+        other.notify({}, envelope(), 'INFO', -1)
+        self.assertEqual(2, len(errors()))
+        self.assertIn('(3 notifications sent', errors()[1])
+        self.assertEqual(['notifications.info'] * 9, self.topics())
