@@ -46,6 +46,7 @@ import logging
 import os
 import weakref
 
+from oslo_config import cfg
 from oslo_messaging.notify import messaging
 from oslo_messaging.notify import notifier
 
@@ -86,14 +87,20 @@ class MulticastDriver(notifier.Driver):
             self._transports.release()
             raise
         self._index_rules()
-        if group.standard_message_format == '1.0':
+        try:
+            standard_1_0 = group.standard_message_format == '1.0'
+        except cfg.ConfigFileValueError:
+            # Reported in config_error: send what messagingv2 sends.
+            standard_1_0 = False
+        async_fanout = self.config_error is None and group.async_fanout
+        if standard_1_0:
             self._standard = messaging.MessagingDriver(
                 conf, topics=topics, transport=transport, version=1.0)
         else:
             self._standard = messaging.MessagingV2Driver(
                 conf, topics=topics, transport=transport)
         self._worker = None
-        if group.async_fanout:
+        if async_fanout:
             self._worker = _multicast_delivery.FanoutWorker(
                 group.async_queue_size, group.async_flush_timeout)
             self._at_exit = functools.partial(_flush_at_exit,
@@ -102,7 +109,7 @@ class MulticastDriver(notifier.Driver):
         summary = {'rules': len(self._rules),
                    'targets': len({d.key for r in self._rules
                                    for d in r.destinations}),
-                   'async': group.async_fanout}
+                   'async': async_fanout}
         # Services build many Notifiers (glance about 14 a process), each
         # loading its own driver: say it once per configuration.
         key = (os.getpid(), tuple(sorted(summary.items())),
@@ -117,8 +124,7 @@ class MulticastDriver(notifier.Driver):
                 '%s. The standard notifications are sent as %s sends them; '
                 'no replica is sent until the configuration is fixed.',
                 self.config_error,
-                'messaging' if group.standard_message_format == '1.0'
-                else 'messagingv2')
+                'messaging' if standard_1_0 else 'messagingv2')
             return
         (LOG.info if first else LOG.debug)(
             'messaging-multicast loaded: %(rules)d rules, '

@@ -74,6 +74,28 @@ def _problem(group, option, value, reason):
     return f'[{group}] {option} = {value}: {reason}'
 
 
+def invalid_options(conf, group_name):
+    """Problems of the options of ``group_name`` that cannot be read.
+
+    oslo.config only checks a value when it is read: an option of a
+    feature that is off (async_queue_size = lots) would otherwise never
+    be.
+    """
+    problems = []
+    raw = raw_sections(conf).get(group_name, {})
+    secret = {opt.dest for opt in (_multicast_opts.multicast_opts +
+                                   _multicast_opts.rule_opts) if opt.secret}
+    for name in sorted(conf[group_name].keys()):
+        try:
+            getattr(conf[group_name], name)
+        except cfg.ConfigFileValueError as exc:
+            reason = str(exc).rpartition(' is not valid: ')[2]
+            value = '****' if name in secret else raw.get(name, '')
+            problems.append(_problem(group_name, name, value,
+                                     'invalid value: %s' % reason))
+    return problems
+
+
 def load(conf, group, topics, transports):
     """Return the LoadedRules of ``conf``: its rules, in order, and warnings.
 
@@ -84,6 +106,7 @@ def load(conf, group, topics, transports):
     :raises MulticastConfigError: naming every problem found
     """
     loader = _RuleLoader(conf, topics, transports)
+    loader.problems += invalid_options(conf, _multicast_opts.GROUP)
     rules = loader.load_rule_groups(group)
     rules += loader.load_onmcast(group, len(rules))
     warnings = unknown_keys(conf, group.rules)
@@ -217,12 +240,11 @@ class _RuleLoader:
                     '"." and "-"' % name))
                 continue
             group_name = _multicast_opts.register_rule_opts(self.conf, name)
-            try:
-                rule = self._load_rule(name, group_name, len(rules))
-            except cfg.ConfigFileValueError as exc:
-                # An option of the wrong type: oslo.config names it.
-                self.problems.append('[%s] %s' % (group_name, exc))
-                rule = None
+            invalid = invalid_options(self.conf, group_name)
+            if invalid:
+                self.problems += invalid
+                continue
+            rule = self._load_rule(name, group_name, len(rules))
             if rule is not None:
                 rules.append(rule)
         return rules
@@ -355,16 +377,19 @@ def _close(name, candidates):
 
 
 def raw_sections(conf):
-    """{section: keys} of the configuration files ``conf`` parsed.
+    """{section: {key: text}} of the configuration files ``conf`` parsed.
 
     oslo.config only answers for the options registered: what the files
     hold besides them is in its namespace's parsed sections.
     """
-    sections = collections.defaultdict(set)
+    sections = collections.defaultdict(dict)
     namespace = getattr(conf, '_namespace', None)
-    for parsed in getattr(namespace, '_parsed', None) or ():
+    # Parsed last file first: the first value read is the one that applies.
+    for parsed in reversed(getattr(namespace, '_parsed', None) or ()):
         for section, keys in parsed.items():
-            sections[section].update(keys)
+            sections[section].update(
+                (key, values[-1] if values else '')
+                for key, values in keys.items())
     return sections
 
 
@@ -381,7 +406,7 @@ def unknown_keys(conf, rule_names):
     for section, keys in sorted(raw_sections(conf).items()):
         if section == _multicast_opts.GROUP or section in rule_groups:
             known = set(conf[section].keys())
-            for key in sorted(keys - known):
+            for key in sorted(set(keys) - known):
                 warnings.append(
                     '[%s] %s is not an option of messaging-multicast and is '
                     'ignored%s' % (section, key, _close(key, sorted(known))))

@@ -355,3 +355,36 @@ class ReplicationOffTestCase(test_multicast.DriverFixtureMixin,
         self.assertEqual(2, len(errors()))
         self.assertIn('(3 notifications sent', errors()[1])
         self.assertEqual(['notifications.info'] * 9, self.topics())
+
+    def test_invalid_option_values_named_and_standard_kept(self):
+        driver = self.driver("""
+            [oslo_messaging_multicast]
+            rules = r
+            standard_message_format = 3.0
+            async_queue_size = lots
+            [multicast_rule_r]
+            selector = *
+            targets = t
+            """)
+        self.assertEqual(
+            ["[oslo_messaging_multicast] async_queue_size = lots: invalid "
+             "value: invalid literal for int() with base 10: 'lots'",
+             "[oslo_messaging_multicast] standard_message_format = 3.0: "
+             "invalid value: Valid values are [2.0, 1.0], but found '3.0'"],
+            driver.config_error.problems)
+        driver.notify({}, envelope(), 'INFO', -1)
+        self.assertEqual([('notifications.info', 2.0)],
+                         [(p['topic'], p['version']) for p in self.published])
+
+    def test_legacy_standard_format_kept_when_a_rule_is_invalid(self):
+        driver = self.driver("""
+            [oslo_messaging_multicast]
+            rules = r
+            standard_message_format = 1.0
+            [multicast_rule_r]
+            targets = t
+            """)
+        self.assertIsNotNone(driver.config_error)
+        driver.notify({}, envelope(), 'INFO', -1)
+        self.assertEqual([('notifications.info', 1.0)],
+                         [(p['topic'], p['version']) for p in self.published])
