@@ -42,13 +42,17 @@ Delivery semantics:
 
 Configuration is validated completely when the driver is loaded; an error
 names the group, the option and the value, and no half-configured driver
-is ever returned.
+is ever returned. An invalid replication configuration turns replication
+off, never the standard notifications: they keep flowing as messagingv2
+sends them, and the driver logs the error at ERROR at load and again at
+most once a minute while it stays off.
 """
 
 import collections
 import logging
 import os
 
+from oslo_config import cfg
 from oslo_messaging.notify import messaging
 from oslo_messaging.notify import notifier
 
@@ -74,26 +78,38 @@ class MulticastDriver(notifier.Driver):
         super().__init__(conf, topics, transport)
         group = _multicast_opts.register_opts(conf)
         self._transports = _multicast_delivery.RuleTransports(conf, transport)
+        self.config_error = self._replication_off = None
         try:
-            self._rules = _multicast_config.load_rules(
-                conf, group, self.topics, self._transports)
-            self._index_rules()
+            loaded = _multicast_config.load(conf, group, self.topics,
+                                            self._transports)
+            self._rules, warnings = loaded
+        except _multicast_config.MulticastConfigError as exc:
+            # A typo in a replication rule must not cost the service its
+            # standard notifications (billing, search indexers).
+            self._transports.release()
+            self._rules, warnings = [], exc.warnings
+            self.config_error = exc
+            self._replication_off = _multicast_config.replication_off(exc)
         except BaseException:
             self._transports.release()
             raise
-        if group.standard_message_format == '1.0':
+        self._index_rules()
+        try:
+            standard_1_0 = group.standard_message_format == '1.0'
+        except cfg.ConfigFileValueError:
+            # Reported in config_error: send what messagingv2 sends.
+            standard_1_0 = False
+        async_fanout = self.config_error is None and group.async_fanout
+        if standard_1_0:
             self._standard = messaging.MessagingDriver(
                 conf, topics=topics, transport=transport, version=1.0)
         else:
             self._standard = messaging.MessagingV2Driver(
                 conf, topics=topics, transport=transport)
-        try:
-            delivery = _multicast_opts.read_delivery_opts(conf)
-        except ValueError as exc:
-            self._transports.release()
-            raise _multicast_config.MulticastConfigError([str(exc)])
         async_settings = None
-        if delivery['async_fanout']:
+        if async_fanout:
+            # load() has validated every option of the group already.
+            delivery = _multicast_opts.read_delivery_opts(conf)
             async_settings = (delivery['async_queue_size'],
                               delivery['async_flush_timeout'])
         self._fanout = _multicast_delivery.Fanout(
@@ -102,13 +118,25 @@ class MulticastDriver(notifier.Driver):
         summary = {'rules': len(self._rules),
                    'targets': len({d.key for r in self._rules
                                    for d in r.destinations}),
-                   'async': group.async_fanout}
+                   'async': async_fanout}
         # Services build many Notifiers (glance about 14 a process), each
-        # loading its own driver: say it at INFO once per configuration.
-        key = (os.getpid(), tuple(sorted(summary.items())))
-        log = LOG.debug if key in _LOADED else LOG.info
+        # loading its own driver: say it once per configuration.
+        key = (os.getpid(), tuple(sorted(summary.items())),
+               tuple(warnings), str(self.config_error))
+        first = key not in _LOADED
         _LOADED.add(key)
-        log('messaging-multicast loaded: %(rules)d rules, '
+        for warning in warnings:
+            (LOG.warning if first else LOG.debug)(
+                'messaging-multicast: %s', warning)
+        if self.config_error is not None:
+            (LOG.error if first else LOG.debug)(
+                '%s. The standard notifications are sent as %s sends them; '
+                'no replica is sent until the configuration is fixed.',
+                self.config_error,
+                'messaging' if standard_1_0 else 'messagingv2')
+            return
+        (LOG.info if first else LOG.debug)(
+            'messaging-multicast loaded: %(rules)d rules, '
             '%(targets)d distinct targets, async_fanout=%(async)s', summary)
 
     def _index_rules(self):
@@ -159,6 +187,9 @@ class MulticastDriver(notifier.Driver):
 
     def notify(self, ctxt, message, priority, retry):
         self._standard.notify(ctxt, message, priority, retry)
+        if self._replication_off is not None:
+            self._replication_off.skip()
+            return
         # Selectors only address the notification's fields, never the
         # underscore keys transports add, so the message is matched as is.
         try:

@@ -13,16 +13,27 @@
 
 """Validation of the ``messaging-multicast`` configuration.
 
-load_rules turns a configuration into the driver's rules. It reads every
-rule and onmcast option before it fails, so that one MulticastConfigError
-names all the problems, each with its group, option and value.
+load() turns a configuration into the driver's rules. It reads every rule
+and onmcast option before it fails, so that one MulticastConfigError names
+all the problems, each with its group, option and value. What is valid but
+probably not what the operator meant (an unknown option, a group name
+close to ours) comes back as warnings.
+
+The check tool (oslo-messaging-ext-check) runs the same load() as the
+driver.
 """
 
+import collections
+import difflib
 import logging
+import os
 import re
 import socket
+import threading
+import time
 
 from oslo_config import cfg
+import oslo_messaging
 
 from oslo_messaging_ext.notify import _multicast_delivery
 from oslo_messaging_ext.notify import _multicast_opts
@@ -34,36 +45,108 @@ LOG = logging.getLogger('oslo_messaging_ext.notify._impl_multicast')
 _RULE_NAME = re.compile(r'^[A-Za-z0-9_.-]+$')
 _TOPIC_NAME = re.compile(r'^[^\s/]+$')
 
+# AMQP limits names and routing keys to 255 bytes; a replica's routing key
+# is TOPIC.PRIORITY, the longest priority being "critical".
+_MAX_NAME_BYTES = 255
+_MAX_TOPIC_BYTES = _MAX_NAME_BYTES - len('.critical')
+
+# Ports a URL without one means, by transport.
+_DEFAULT_PORTS = {'rabbit': 5672, 'amqp': 5672, 'kafka': 9092}
+
+# While replication is off, it is said again at most this often.
+REMINDER_INTERVAL = 60.0
+
+LoadedRules = collections.namedtuple('LoadedRules', 'rules warnings')
+
 
 class MulticastConfigError(cfg.Error):
-    """The multicast configuration is invalid; the driver did not load."""
+    """The multicast configuration is invalid: replication is off."""
 
-    def __init__(self, problems):
+    def __init__(self, problems, warnings=()):
         self.problems = problems
+        self.warnings = list(warnings)
         super().__init__(
-            'Invalid messaging-multicast configuration (the driver is not '
-            'loaded): %s' % '; '.join(problems))
+            'Invalid messaging-multicast configuration, replication is '
+            'off: %s' % '; '.join(problems))
 
 
 def _problem(group, option, value, reason):
     return f'[{group}] {option} = {value}: {reason}'
 
 
-def load_rules(conf, group, topics, transports):
-    """Return the rules configured in ``conf``, in configuration order.
+def invalid_options(conf, group_name):
+    """Problems of the options of ``group_name`` that cannot be read.
+
+    oslo.config only checks a value when it is read: an option of a
+    feature that is off (async_queue_size = lots) would otherwise never
+    be.
+    """
+    problems = []
+    raw = raw_sections(conf).get(group_name, {})
+    secret = {opt.dest for opt in (_multicast_opts.multicast_opts +
+                                   _multicast_opts.rule_opts) if opt.secret}
+    for name in sorted(conf[group_name].keys()):
+        try:
+            getattr(conf[group_name], name)
+        except cfg.ConfigFileValueError as exc:
+            reason = str(exc).rpartition(' is not valid: ')[2]
+            value = '****' if name in secret else raw.get(name, '')
+            problems.append(_problem(group_name, name, value,
+                                     'invalid value: %s' % reason))
+    return problems
+
+
+def load(conf, group, topics, transports):
+    """Return the LoadedRules of ``conf``: its rules, in order, and warnings.
 
     :param group: the [oslo_messaging_multicast] group of ``conf``
     :param topics: the notifier's topics, which replicas may not use on
-        the notifier's transport
+        the notifier's broker
     :param transports: the RuleTransports the rules publish on
     :raises MulticastConfigError: naming every problem found
     """
     loader = _RuleLoader(conf, topics, transports)
+    loader.problems += invalid_options(conf, _multicast_opts.GROUP)
     rules = loader.load_rule_groups(group)
     rules += loader.load_onmcast(group, len(rules))
+    warnings = unknown_keys(conf, group.rules)
     if loader.problems:
-        raise MulticastConfigError(loader.problems)
-    return rules
+        raise MulticastConfigError(loader.problems, warnings)
+    return LoadedRules(rules, warnings)
+
+
+def broker_of(conf, url):
+    """What ``url`` (a str or TransportURL) resolves to, for comparison.
+
+    Two URLs naming the same virtual host on a common node publish into
+    the same queues, whatever their spelling, user or other nodes:
+    ``(vhost, {(address, port)})``. Host names are resolved; a name that
+    does not resolve stands for itself.
+    """
+    if not isinstance(url, oslo_messaging.TransportURL):
+        url = oslo_messaging.TransportURL.parse(conf, url)
+    default_port = _DEFAULT_PORTS.get(url.transport)
+    endpoints = set()
+    for host in url.hosts:
+        name = (host.hostname or 'localhost').lower().strip('[]')
+        port = host.port or default_port
+        try:
+            infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            infos = []
+        addresses = {info[4][0] for info in infos} or {name}
+        endpoints.update((address, port) for address in addresses)
+    return (url.virtual_host or '/', frozenset(endpoints))
+
+
+def same_broker(first, second):
+    """Whether two broker_of() results publish into the same queues."""
+    if first[0] != second[0]:
+        return False
+    if not first[1] or not second[1]:
+        # A URL without host (fake:/) names the driver's default broker.
+        return first[1] == second[1]
+    return bool(first[1] & second[1])
 
 
 class _RuleLoader:
@@ -74,6 +157,14 @@ class _RuleLoader:
         self.topics = topics
         self.transports = transports
         self.problems = []
+        standard_url = getattr(transports.standard._driver, '_url', None)
+        if standard_url is not None:
+            self.standard_broker = broker_of(conf, standard_url)
+        else:
+            # A transport that does not say: only itself is the same.
+            self.standard_broker = ('', frozenset([(id(transports), None)]))
+        # (broker, topic) -> (exchange, where) of the targets loaded so far.
+        self._targets = []
 
     def _register_compatible(self, opts):
         conflicts = _multicast_opts.register_compatible(self.conf, opts)
@@ -84,16 +175,50 @@ class _RuleLoader:
                 'with another type; rename the event key'))
         return not conflicts
 
-    def _check_target(self, transport, topic, group, option, value):
-        if transport is self.transports.standard and topic in self.topics:
-            self.problems.append(_problem(
-                group, option, value,
-                'topic %r is a standard notification topic on the same '
-                'transport: the broker would bind the replicas into the '
-                'standard %s.<priority> queues, whatever the exchange, and '
-                'every standard consumer would receive duplicates. Use '
-                'another topic or another transport_url.' % (topic, topic)))
+    def _exchange(self, exchange):
+        """The exchange a replica is published to: None is the default."""
+        return exchange or getattr(self.conf, 'control_exchange', None)
+
+    def _check_target(self, broker, exchange, topic, group, option, value):
+        """Record a target; False (with the problem) if it is refused."""
+        before = len(self.problems)
+
+        def refuse(reason):
+            self.problems.append(_problem(group, option, value, reason))
+
+        if '#' in topic or '*' in topic:
+            refuse('topic %r holds an AMQP wildcard ("#" or "*"): its '
+                   'queue would be bound to every matching routing key of '
+                   'the exchange' % topic)
+        if len(topic.encode()) > _MAX_TOPIC_BYTES:
+            refuse('topic %r is longer than %d bytes: with ".<priority>" '
+                   'its routing key and queue name exceed AMQP\'s %d'
+                   % (topic, _MAX_TOPIC_BYTES, _MAX_NAME_BYTES))
+        if exchange and len(exchange.encode()) > _MAX_NAME_BYTES:
+            refuse('exchange %r is longer than %d bytes'
+                   % (exchange, _MAX_NAME_BYTES))
+        if topic in self.topics and same_broker(broker,
+                                                self.standard_broker):
+            refuse('topic %r is a standard notification topic on the same '
+                   'broker (compared by host, port and virtual host, '
+                   'whatever the URL\'s spelling or user): the broker would '
+                   'bind the replicas into the standard %s.<priority> '
+                   'queues, whatever the exchange, and every standard '
+                   'consumer would receive duplicates. Use another topic or '
+                   'another broker.' % (topic, topic))
+        exchange = self._exchange(exchange)
+        for other_broker, other_topic, other_exchange, where in self._targets:
+            if (other_topic == topic and other_exchange != exchange and
+                    same_broker(broker, other_broker)):
+                refuse('topic %r is also a target under another exchange '
+                       '(%s): queues belong to the virtual host, so the '
+                       '%s.<priority> queues would receive every replica '
+                       'twice' % (topic, where, topic))
+                break
+        if len(self.problems) > before:
             return False
+        self._targets.append((broker, topic, exchange,
+                              '[%s] %s = %s' % (group, option, value)))
         return True
 
     def load_rule_groups(self, group):
@@ -115,6 +240,10 @@ class _RuleLoader:
                     '"." and "-"' % name))
                 continue
             group_name = _multicast_opts.register_rule_opts(self.conf, name)
+            invalid = invalid_options(self.conf, group_name)
+            if invalid:
+                self.problems += invalid
+                continue
             rule = self._load_rule(name, group_name, len(rules))
             if rule is not None:
                 rules.append(rule)
@@ -144,6 +273,8 @@ class _RuleLoader:
             return None
         try:
             transport = self.transports.get(rule_conf.transport_url)
+            broker = (broker_of(self.conf, rule_conf.transport_url)
+                      if rule_conf.transport_url else self.standard_broker)
         except Exception as exc:
             # The URL is secret: name the option, never print its value.
             self.problems.append(_problem(
@@ -167,20 +298,24 @@ class _RuleLoader:
                     group_name, 'targets', targets,
                     'target %r is not TOPIC or EXCHANGE/TOPIC' % target))
                 continue
-            if not self._check_target(transport, topic, group_name,
+            if not self._check_target(broker, exchange, topic, group_name,
                                       'targets', targets):
                 continue
             destinations.append(_multicast_delivery.Destination(
-                key=(id(transport), exchange or None, topic),
+                key=(id(transport), self._exchange(exchange), topic),
                 transport=transport, exchange=exchange or None, topic=topic,
                 version=2.0, shape='clean',
                 publisher_id=rule_conf.publisher_id, rule=name,
                 label=target, **delivery))
+        if not rule_conf.selector:
+            # A typo ("selectors =") must not replicate everything.
+            self.problems.append(_problem(
+                group_name, 'selector', '',
+                'a rule needs at least one selector; "selector = %s" '
+                'replicates every notification'
+                % _multicast_rules.MATCH_ALL))
         if len(self.problems) > before:
             return None
-        if not selectors:
-            LOG.info('messaging-multicast rule %s has no selector: it '
-                     'replicates every notification', name)
         return _multicast_rules.Rule(name, ordinal, selectors, destinations)
 
     def load_onmcast(self, group, first_ordinal):
@@ -228,11 +363,11 @@ class _RuleLoader:
                         'target %r gives the invalid topic %r'
                         % (host, topic)))
                     continue
-                if not self._check_target(standard, topic, 'DEFAULT', key,
-                                          ','.join(hosts)):
+                if not self._check_target(self.standard_broker, None, topic,
+                                          'DEFAULT', key, ','.join(hosts)):
                     continue
                 destinations.append(_multicast_delivery.Destination(
-                    key=(id(standard), None, topic),
+                    key=(id(standard), self._exchange(None), topic),
                     transport=standard, exchange=None, topic=topic,
                     version=version, shape=shape, publisher_id=publisher_id,
                     rule='[DEFAULT] %s' % key, label=topic))
@@ -240,3 +375,105 @@ class _RuleLoader:
                 '[DEFAULT] %s' % key, first_ordinal + len(rules), [],
                 destinations, event_key=key))
         return rules
+
+
+def _close(name, candidates):
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.8)
+    return ' (did you mean %r?)' % match[0] if match else ''
+
+
+def raw_sections(conf):
+    """{section: {key: text}} of the configuration files ``conf`` parsed.
+
+    oslo.config only answers for the options registered: what the files
+    hold besides them is in its namespace's parsed sections.
+    """
+    sections = collections.defaultdict(dict)
+    namespace = getattr(conf, '_namespace', None)
+    # Parsed last file first: the first value read is the one that applies.
+    for parsed in reversed(getattr(namespace, '_parsed', None) or ()):
+        for section, keys in parsed.items():
+            sections[section].update(
+                (key, values[-1] if values else '')
+                for key, values in keys.items())
+    return sections
+
+
+def unknown_keys(conf, rule_names):
+    """Warnings about what the driver would silently ignore in the files.
+
+    Options of [oslo_messaging_multicast] and of the rule groups it does
+    not know, rule groups not listed in rules, groups whose name is close
+    to its own, and onmcast look-alikes in [DEFAULT].
+    """
+    warnings = []
+    rule_groups = {_multicast_opts.RULE_GROUP_PREFIX + name
+                   for name in rule_names if _RULE_NAME.match(name)}
+    for section, keys in sorted(raw_sections(conf).items()):
+        if section == _multicast_opts.GROUP or section in rule_groups:
+            known = set(conf[section].keys())
+            for key in sorted(set(keys) - known):
+                warnings.append(
+                    '[%s] %s is not an option of messaging-multicast and is '
+                    'ignored%s' % (section, key, _close(key, sorted(known))))
+        elif section.startswith(_multicast_opts.RULE_GROUP_PREFIX):
+            warnings.append(
+                '[%s] is ignored: rule %r is not listed in [%s] rules'
+                % (section, section[len(_multicast_opts.RULE_GROUP_PREFIX):],
+                   _multicast_opts.GROUP))
+        elif section == 'DEFAULT':
+            onmcast = [opt.name for opt in _multicast_opts.onmcast_opts]
+            for key in sorted(keys):
+                if (key not in conf and key.startswith('multicast') and
+                        key.replace('-', '_') not in onmcast):
+                    warnings.append(
+                        '[DEFAULT] %s is not an onmcast option and is '
+                        'ignored%s' % (key, _close(key, onmcast)))
+        elif _close(section, [_multicast_opts.GROUP]):
+            warnings.append('[%s] is not a group of messaging-multicast and '
+                            'is ignored%s'
+                            % (section, _close(section,
+                                               [_multicast_opts.GROUP])))
+    return warnings
+
+
+# (pid, error text) -> ReplicationOff: the drivers of a process that share
+# one invalid configuration (glance builds about 14) share its reminders.
+_replication_off = {}
+_replication_off_lock = threading.Lock()
+
+
+def replication_off(error):
+    """The ReplicationOff of ``error`` in this process."""
+    key = (os.getpid(), str(error))
+    with _replication_off_lock:
+        if key not in _replication_off:
+            _replication_off[key] = ReplicationOff(error)
+        return _replication_off[key]
+
+
+class ReplicationOff:
+    """Reminds, at a bounded rate, that replication is off.
+
+    An invalid configuration stopped replication while the standard
+    notifications still flow: said at load, and again while it lasts.
+    """
+
+    def __init__(self, error):
+        self.error = error
+        self.skipped = 0
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def skip(self):
+        """Count a notification not replicated; remind now and then."""
+        with self._lock:
+            self.skipped += 1
+            now = time.monotonic()
+            if now - self._last < REMINDER_INTERVAL:
+                return
+            self._last = now
+            skipped, self.skipped = self.skipped, 0
+        LOG.error('messaging-multicast replication is still off (%d '
+                  'notifications sent without their replicas since the '
+                  'last report): %s', skipped, self.error)

@@ -104,10 +104,14 @@ rule_opts = [
                          'payload.<dotted.path> or context.<key>. OPERATOR '
                          'is exact (the default), glob, regex, prefix, '
                          'contains or in (VALUE is then a comma-separated '
-                         'set), each negated by a leading "!". Repeat the '
-                         'option for several selectors: all must match. A '
-                         'rule without selector matches every '
-                         'notification.'),
+                         'set), each negated by a leading "!". "*" alone '
+                         'matches every notification. Repeat the option '
+                         'for several selectors: all must match. Required: '
+                         'a rule without selector is an error. A regex '
+                         'only sees values of at most 1024 characters, and '
+                         'patterns whose matching time has no bound '
+                         '(backreferences, lookarounds, nested '
+                         'repetitions) are refused.'),
     cfg.ListOpt('targets',
                 default=[],
                 help='Where replicas are published: TOPIC or EXCHANGE/TOPIC. '

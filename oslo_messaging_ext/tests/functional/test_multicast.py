@@ -209,9 +209,11 @@ class RuleTestCase(MulticastBrokerTestCase):
             [oslo_messaging_multicast]
             rules = down, up
             [multicast_rule_down]
+            selector = *
             targets = %(healthy)s-never
             transport_url = rabbit://guest:guest@127.0.0.1:%(port)d/
             [multicast_rule_up]
+            selector = *
             targets = %(healthy)s
             """ % {'standard': standard, 'healthy': healthy,
                    'port': closed_port})
@@ -249,6 +251,7 @@ class RuleTestCase(MulticastBrokerTestCase):
             [oslo_messaging_multicast]
             rules = r
             [multicast_rule_r]
+            selector = *
             targets = {conflicting}/refused, {healthy}
             """.format(standard=standard, healthy=healthy,
                        conflicting=conflicting))
@@ -284,6 +287,7 @@ class AsyncFanoutTestCase(MulticastBrokerTestCase):
         async_fanout = true
         async_flush_timeout = %(timeout)s
         [multicast_rule_all]
+        selector = *
         targets = %(targets)s
         # Generous: these tests hold the publisher on purpose.
         replica_timeout = %(timeout)s

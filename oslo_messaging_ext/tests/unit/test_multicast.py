@@ -332,6 +332,7 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
             [oslo_messaging_multicast]
             rules = keep
             [multicast_rule_keep]
+            selector = *
             targets = audit/copies
             replica_retry = 4
             """)
@@ -370,7 +371,7 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
             targets = shared, uploads
             [multicast_rule_infos]
             selector = priority exact info
-            targets = shared, x/shared, infos
+            targets = shared, x/other, infos
             [multicast_rule_everything]
             selector = publisher_id glob *
             targets = uploads
@@ -378,7 +379,7 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
         driver.notify({}, envelope(), 'INFO', -1)
         self.assertEqual(
             [('notifications.info', None), ('shared.info', None),
-             ('uploads.info', None), ('shared.info', 'x'),
+             ('uploads.info', None), ('other.info', 'x'),
              ('infos.info', None)],
             [(p['topic'], p['exchange']) for p in self.published])
         del self.published[:]
@@ -392,9 +393,11 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
             [oslo_messaging_multicast]
             rules = first, second
             [multicast_rule_first]
+            selector = *
             targets = t
             publisher_id = FIRST
             [multicast_rule_second]
+            selector = *
             targets = t
             publisher_id = SECOND
             """)
@@ -425,6 +428,7 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
             [oslo_messaging_multicast]
             rules = r
             [multicast_rule_r]
+            selector = *
             targets = broken, fine
             """)
         self.fail_topics.add('broken.info')
@@ -450,6 +454,7 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
             [oslo_messaging_multicast]
             rules = r
             [multicast_rule_r]
+            selector = *
             targets = broken
             """)
         self.fail_topics.add('broken.info')
@@ -473,15 +478,19 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
             [oslo_messaging_multicast]
             rules = a, b, c, d
             [multicast_rule_a]
+            selector = *
             targets = t
             transport_url = fake://region2/
             [multicast_rule_b]
+            selector = *
             targets = t
             transport_url = fake://region2/
             [multicast_rule_c]
+            selector = *
             targets = t
             transport_url = fake://region3/
             [multicast_rule_d]
+            selector = *
             targets = t
             transport_url = fake:/
             """)
@@ -495,8 +504,8 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
 class ValidationTestCase(DriverFixtureMixin, base.BaseTestCase):
 
     def assertConfigError(self, text, *expected, topics=('notifications',)):
-        exc = self.assertRaises(multicast_config.MulticastConfigError,
-                                self.driver, text, topics)
+        exc = self.driver(text, topics).config_error
+        self.assertIsInstance(exc, multicast_config.MulticastConfigError)
         for part in expected:
             self.assertIn(part, str(exc))
         return exc
@@ -535,6 +544,7 @@ class ValidationTestCase(DriverFixtureMixin, base.BaseTestCase):
             [oslo_messaging_multicast]
             rules = r
             [multicast_rule_r]
+            selector = *
             targets = a/b/c
             """, "[multicast_rule_r] targets = a/b/c",
             "[DEFAULT] image.upload = : event key")
@@ -568,6 +578,7 @@ class ValidationTestCase(DriverFixtureMixin, base.BaseTestCase):
             [oslo_messaging_multicast]
             rules = r, ghost, r
             [multicast_rule_r]
+            selector = *
             targets = t
             """, "[oslo_messaging_multicast] rules = r,ghost,r: rule 'r' is "
             "listed twice", "rule 'ghost' is not defined: there is no "
@@ -580,6 +591,7 @@ class ValidationTestCase(DriverFixtureMixin, base.BaseTestCase):
                 [oslo_messaging_multicast]
                 rules = r
                 [multicast_rule_r]
+                selector = *
                 targets = %s
                 """ % target, "[multicast_rule_r] targets = %s: target %r "
                 "is not TOPIC or EXCHANGE/TOPIC" % (target, target))
@@ -591,6 +603,7 @@ class ValidationTestCase(DriverFixtureMixin, base.BaseTestCase):
                 [oslo_messaging_multicast]
                 rules = loop
                 [multicast_rule_loop]
+                selector = *
                 targets = %s
                 """ % target, '[multicast_rule_loop] targets = %s' % target,
                 "topic 'notifications' is a standard notification topic",
@@ -601,6 +614,7 @@ class ValidationTestCase(DriverFixtureMixin, base.BaseTestCase):
             [oslo_messaging_multicast]
             rules = region2
             [multicast_rule_region2]
+            selector = *
             targets = notifications
             transport_url = fake://region2/
             """)
@@ -613,6 +627,7 @@ class ValidationTestCase(DriverFixtureMixin, base.BaseTestCase):
             [oslo_messaging_multicast]
             rules = r
             [multicast_rule_r]
+            selector = *
             targets = t
             transport_url = nosuchdriver://user:s3cret@host/
             """, '[multicast_rule_r] transport_url = ****',
@@ -661,6 +676,7 @@ class ValidationTestCase(DriverFixtureMixin, base.BaseTestCase):
             [oslo_messaging_multicast]
             rules = a
             [multicast_rule_a]
+            selector = *
             targets = t
             transport_url = fake://region2/
             """)
@@ -686,9 +702,11 @@ class ValidationTestCase(DriverFixtureMixin, base.BaseTestCase):
             [oslo_messaging_multicast]
             rules = ok, bad
             [multicast_rule_ok]
+            selector = *
             targets = t
             transport_url = fake://region2/
             [multicast_rule_bad]
+            selector = *
             """, 'rule needs at least one target')
         self.assertEqual(['fake://region2/'], cleaned)
 
@@ -790,12 +808,11 @@ class OnmcastCompatibilityTestCase(DriverFixtureMixin, base.BaseTestCase):
                          self.topics())
 
     def test_onmcast_and_standard_topic_collision_rejected(self):
-        exc = self.assertRaises(
-            multicast_config.MulticastConfigError, self.driver, """
+        exc = self.driver("""
             [DEFAULT]
             multicast_events = image.upload
             image.upload = x
-            """, ['x.image.upload'])
+            """, ['x.image.upload']).config_error
         self.assertIn('[DEFAULT] image.upload = x', str(exc))
 
 

@@ -1,0 +1,390 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""What the messaging-multicast configuration refuses, warns about, and
+what an invalid one leaves running.
+"""
+
+import logging
+
+import fixtures
+from oslo_config import cfg
+from oslo_config import fixture as config_fixture
+import oslo_messaging
+from oslotest import base
+
+from oslo_messaging_ext.notify import _impl_multicast as multicast
+from oslo_messaging_ext.notify import _multicast_config as multicast_config
+from oslo_messaging_ext.notify import _multicast_opts as multicast_opts
+from oslo_messaging_ext.tests.unit import test_multicast
+from oslo_messaging_ext.tests import utils as test_utils
+
+envelope = test_multicast.envelope
+
+# A closed port: the transports are made, never connected.
+STANDARD_URL = 'rabbit://guest:guest@127.0.0.1:1/'
+
+
+class SameBrokerTestCase(base.BaseTestCase):
+    """The standard-topic guard compares what URLs resolve to."""
+
+    def setUp(self):
+        super().setUp()
+        self.conf = self.useFixture(
+            config_fixture.Config(cfg.ConfigOpts())).conf
+        self.conf([], project='multicast-test')
+        self.transport = oslo_messaging.get_notification_transport(
+            self.conf, url=STANDARD_URL)
+        self.addCleanup(self.transport.cleanup)
+        self.useFixture(test_utils.FakeLogger(multicast.__name__,
+                                              level=logging.DEBUG))
+
+    def load(self, url, targets='notifications'):
+        multicast_opts.register_opts(self.conf)
+        multicast_opts.register_rule_opts(self.conf, 'r')
+        self.conf.set_override('rules', ['r'], 'oslo_messaging_multicast')
+        self.conf.set_override('selector', ['*'], 'multicast_rule_r')
+        self.conf.set_override('targets', targets.split(','),
+                               'multicast_rule_r')
+        self.conf.set_override('transport_url', url, 'multicast_rule_r')
+        driver = multicast.MulticastDriver(self.conf, ['notifications'],
+                                           self.transport)
+        self.addCleanup(driver.cleanup)
+        return driver.config_error
+
+    def test_other_spellings_of_the_standard_broker_refused(self):
+        for url in ['rabbit://guest:guest@localhost:1/',
+                    'rabbit://guest:guest@127.0.0.1:1',
+                    'rabbit://replicator:s3cret@127.0.0.1:1/',
+                    'rabbit://guest:guest@127.0.0.1:1/%2F',
+                    'rabbit://a:b@nowhere.invalid:1,a:b@LOCALHOST:1/']:
+            error = self.load(url)
+            self.assertIsNotNone(error, url)
+            self.assertIn('[multicast_rule_r] targets = notifications: topic '
+                          "'notifications' is a standard notification topic "
+                          'on the same broker', str(error))
+            self.assertNotIn('s3cret', str(error))
+
+    def test_default_port_is_the_same_broker(self):
+        self.transport = oslo_messaging.get_notification_transport(
+            self.conf, url='rabbit://guest:guest@127.0.0.1/')
+        self.addCleanup(self.transport.cleanup)
+        self.assertIsNotNone(self.load('rabbit://u:p@localhost:5672/'))
+        self.assertIsNone(self.load('rabbit://u:p@localhost:5673/'))
+
+    def test_another_vhost_or_node_is_another_broker(self):
+        for url in ['rabbit://guest:guest@127.0.0.1:1/region2',
+                    'rabbit://guest:guest@127.0.0.1:2/',
+                    'rabbit://guest:guest@nowhere.invalid:1/']:
+            self.assertIsNone(self.load(url), url)
+
+    def test_same_topic_under_two_exchanges_of_one_broker(self):
+        error = self.load('rabbit://guest:guest@localhost:1/', 'tt,otherx/tt')
+        self.assertIn("[multicast_rule_r] targets = tt,otherx/tt: topic "
+                      "'tt' is also a target under another exchange "
+                      '([multicast_rule_r] targets = tt,otherx/tt)',
+                      str(error))
+
+
+def capture_records(test):
+    """The driver's log records during ``test``, whatever their level."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(multicast.__name__)
+    logger.addHandler(handler)
+    test.addCleanup(logger.removeHandler, handler)
+    return records
+
+
+class TargetsTestCase(test_multicast.DriverFixtureMixin, base.BaseTestCase):
+
+    def error(self, text, topics=('notifications',)):
+        error = self.driver(text, topics).config_error
+        self.assertIsInstance(error, multicast_config.MulticastConfigError)
+        return str(error)
+
+    def rule(self, targets, selector='*'):
+        return """
+            [oslo_messaging_multicast]
+            rules = r
+            [multicast_rule_r]
+            selector = %s
+            targets = %s
+            """ % (selector, targets)
+
+    def test_same_topic_under_two_exchanges_refused(self):
+        self.assertIn("topic 'tt' is also a target under another exchange",
+                      self.error(self.rule('tt,otherx/tt')))
+        # Across rules too.
+        self.assertIn(
+            "[multicast_rule_b] targets = otherx/tt: topic 'tt' is also a "
+            "target under another exchange ([multicast_rule_a] targets = tt)",
+            self.error("""
+                [oslo_messaging_multicast]
+                rules = a, b
+                [multicast_rule_a]
+                selector = *
+                targets = tt
+                [multicast_rule_b]
+                selector = *
+                targets = otherx/tt
+                """))
+
+    def test_onmcast_topic_under_another_exchange_refused(self):
+        self.assertIn(
+            # Rules load first.
+            "[DEFAULT] image.upload = host1: topic 'glance.repl.host1' is "
+            "also a target under another exchange ([multicast_rule_r] "
+            "targets = otherx/glance.repl.host1)",
+            self.error("""
+                [DEFAULT]
+                multicast_events = image.upload
+                multicast_topic_prefix = glance.repl.
+                image.upload = host1
+                [oslo_messaging_multicast]
+                onmcast_replica_shape = clean
+                rules = r
+                [multicast_rule_r]
+                selector = *
+                targets = otherx/glance.repl.host1
+                """))
+
+    def test_default_exchange_spelled_out_is_one_target(self):
+        # The replica is published once, not once per spelling.
+        driver = self.driver(self.rule('tt,openstack/tt'))
+        self.assertIsNone(driver.config_error)
+        driver.notify({}, envelope(), 'INFO', -1)
+        self.assertEqual(['notifications.info', 'tt.info'], self.topics())
+
+    def test_amqp_wildcards_refused(self):
+        for target in ('#', '*', 'x/#', 'a.*.b', 'glance.#'):
+            self.assertIn('holds an AMQP wildcard',
+                          self.error(self.rule(target)), target)
+        self.assertIn(
+            "[DEFAULT] image.upload = #: topic 'glance.#.image.upload' holds "
+            "an AMQP wildcard", self.error("""
+                [DEFAULT]
+                multicast_events = image.upload
+                multicast_topic_prefix = glance.
+                image.upload = #
+                """))
+
+    def test_names_over_255_bytes_refused(self):
+        longest = 't' * 246
+        self.assertIsNone(self.driver(self.rule(longest)).config_error)
+        self.assertIn('is longer than 246 bytes',
+                      self.error(self.rule(longest + 't')))
+        self.assertIn('is longer than 246 bytes',
+                      self.error(self.rule('é' * 124)))
+        self.assertIn('exchange %r is longer than 255 bytes' % ('x' * 256),
+                      self.error(self.rule('x' * 256 + '/t')))
+
+    def test_rule_without_selector_refused(self):
+        self.assertIn(
+            '[multicast_rule_r] selector = : a rule needs at least one '
+            'selector; "selector = *" replicates every notification',
+            self.error("""
+                [oslo_messaging_multicast]
+                rules = r
+                [multicast_rule_r]
+                selectors = event_type exact image.upload
+                targets = t
+                """))
+
+
+class UnknownKeysTestCase(test_multicast.DriverFixtureMixin,
+                          base.BaseTestCase):
+
+    def warnings(self):
+        return [r.getMessage() for r in self.records
+                if r.levelno == logging.WARNING]
+
+    def setUp(self):
+        super().setUp()
+        self.records = capture_records(self)
+        self.useFixture(fixtures.MockPatchObject(multicast, '_LOADED',
+                                                 set()))
+
+    def test_typos_warned_once_per_configuration(self):
+        text = """
+            [DEFAULT]
+            multicast_event = image.upload
+            image.upload = host1
+            [oslo_messaging_multicas]
+            rules = r
+            [oslo_messaging_multicast]
+            rules = r
+            rule = s
+            [multicast_rule_r]
+            selector = *
+            selectors = event_type exact image.upload
+            targets = t
+            [multicast_rule_s]
+            selector = *
+            targets = u
+            """
+        driver = self.driver(text)
+        self.assertIsNone(driver.config_error)
+        expected = [
+            "messaging-multicast: [DEFAULT] multicast_event is not an "
+            "onmcast option and is ignored (did you mean "
+            "'multicast_events'?)",
+            "messaging-multicast: [multicast_rule_r] selectors is not an "
+            "option of messaging-multicast and is ignored (did you mean "
+            "'selector'?)",
+            "messaging-multicast: [multicast_rule_s] is ignored: rule 's' "
+            "is not listed in [oslo_messaging_multicast] rules",
+            "messaging-multicast: [oslo_messaging_multicas] is not a group "
+            "of messaging-multicast and is ignored (did you mean "
+            "'oslo_messaging_multicast'?)",
+            "messaging-multicast: [oslo_messaging_multicast] rule is not an "
+            "option of messaging-multicast and is ignored (did you mean "
+            "'rules'?)"]
+        self.assertEqual(expected, self.warnings())
+        # glance builds about 14 Notifiers, each loading the driver.
+        self.driver()
+        self.assertEqual(expected, self.warnings())
+
+    def test_warnings_kept_when_the_configuration_is_invalid(self):
+        error = self.driver("""
+            [oslo_messaging_multicast]
+            rules = r
+            [multicast_rule_r]
+            selecter = *
+            targets = t
+            """).config_error
+        self.assertEqual(
+            ["[multicast_rule_r] selecter is not an option of "
+             "messaging-multicast and is ignored (did you mean "
+             "'selector'?)"], error.warnings)
+
+    def test_other_groups_and_service_options_not_warned(self):
+        self.driver("""
+            [DEFAULT]
+            debug = true
+            [glance_store]
+            stores = file
+            [oslo_messaging_multicast]
+            rules = r
+            [multicast_rule_r]
+            selector = *
+            targets = t
+            """)
+        self.assertEqual([], self.warnings())
+
+
+class ReplicationOffTestCase(test_multicast.DriverFixtureMixin,
+                             base.BaseTestCase):
+    """An invalid rule turns replication off, not the notifications."""
+
+    BAD = """
+        [oslo_messaging_multicast]
+        rules = good, bad
+        [multicast_rule_good]
+        selector = *
+        targets = good
+        [multicast_rule_bad]
+        selector = payload.name regex (a+)+$
+        targets = bad
+        """
+
+    def setUp(self):
+        super().setUp()
+        self.useFixture(fixtures.MockPatchObject(multicast, '_LOADED',
+                                                 set()))
+        self.useFixture(fixtures.MockPatchObject(
+            multicast_config, '_replication_off', {}))
+
+    def test_standard_notifications_keep_flowing(self):
+        self.records = capture_records(self)
+        self.configure(self.BAD)
+        notifier = oslo_messaging.Notifier(
+            self.transport, publisher_id='image.localhost',
+            driver='messaging-multicast', topics=['notifications'])
+        notifier.info({}, 'image.upload', {'name': 'a' * 40})
+        notifier.error({}, 'image.delete', {})
+        self.assertEqual(['notifications.info', 'notifications.error'],
+                         self.topics())
+        self.assertIn(
+            'Invalid messaging-multicast configuration, replication is off: '
+            "[multicast_rule_bad] selector = payload.name regex (a+)+$: "
+            "regex '(a+)+$' is refused", self.log.output)
+        self.assertIn('The standard notifications are sent as messagingv2 '
+                      'sends them', self.log.output)
+        self.assertEqual(
+            [logging.ERROR], [r.levelno for r in self.records
+                              if 'replication is off' in r.getMessage()])
+
+    def test_said_again_at_a_bounded_rate_with_the_count(self):
+        clock = [1000.0]
+        self.useFixture(fixtures.MockPatch(
+            'time.monotonic', side_effect=lambda: clock[0]))
+        driver = self.driver(self.BAD)
+
+        def errors():
+            return [line for line in self.log.output.splitlines()
+                    if 'replication is still off' in line]
+
+        for _ in range(5):
+            driver.notify({}, envelope(), 'INFO', -1)
+        self.assertEqual([], errors())
+        clock[0] += multicast_config.REMINDER_INTERVAL
+        driver.notify({}, envelope(), 'INFO', -1)
+        self.assertEqual(1, len(errors()))
+        self.assertIn('(6 notifications sent without their replicas since '
+                      'the last report)', errors()[0])
+        self.assertIn('[multicast_rule_bad] selector', errors()[0])
+        driver.notify({}, envelope(), 'INFO', -1)
+        self.assertEqual(1, len(errors()))
+        # The other Notifiers of the service share the reminder.
+        other = self.driver()
+        other.notify({}, envelope(), 'INFO', -1)
+        self.assertEqual(1, len(errors()))
+        clock[0] += multicast_config.REMINDER_INTERVAL
+        other.notify({}, envelope(), 'INFO', -1)
+        self.assertEqual(2, len(errors()))
+        self.assertIn('(3 notifications sent', errors()[1])
+        self.assertEqual(['notifications.info'] * 9, self.topics())
+
+    def test_invalid_option_values_named_and_standard_kept(self):
+        driver = self.driver("""
+            [oslo_messaging_multicast]
+            rules = r
+            standard_message_format = 3.0
+            async_queue_size = lots
+            [multicast_rule_r]
+            selector = *
+            targets = t
+            """)
+        self.assertEqual(
+            ["[oslo_messaging_multicast] async_queue_size = lots: invalid "
+             "value: invalid literal for int() with base 10: 'lots'",
+             "[oslo_messaging_multicast] standard_message_format = 3.0: "
+             "invalid value: Valid values are [2.0, 1.0], but found '3.0'"],
+            driver.config_error.problems)
+        driver.notify({}, envelope(), 'INFO', -1)
+        self.assertEqual([('notifications.info', 2.0)],
+                         [(p['topic'], p['version']) for p in self.published])
+
+    def test_legacy_standard_format_kept_when_a_rule_is_invalid(self):
+        driver = self.driver("""
+            [oslo_messaging_multicast]
+            rules = r
+            standard_message_format = 1.0
+            [multicast_rule_r]
+            targets = t
+            """)
+        self.assertIsNotNone(driver.config_error)
+        driver.notify({}, envelope(), 'INFO', -1)
+        self.assertEqual([('notifications.info', 1.0)],
+                         [(p['topic'], p['version']) for p in self.published])
