@@ -218,7 +218,7 @@ class _RuleLoader:
         if len(self.problems) > before:
             return False
         self._targets.append((broker, topic, exchange,
-                              '[%s] %s = %s' % (group, option, value)))
+                              f'[{group}] {option} = {value}'))
         return True
 
     def load_rule_groups(self, group):

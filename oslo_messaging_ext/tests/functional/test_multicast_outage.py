@@ -92,7 +92,7 @@ class OutageTestCase(test_multicast.MulticastBrokerTestCase):
         for name, (url, target) in rules.items():
             timeout = (HEALTHY_TIMEOUT if name in ('healthy', 'region2')
                        else REPLICA_TIMEOUT)
-            text += ('[multicast_rule_%s]\ntargets = %s\n'
+            text += ('[multicast_rule_%s]\nselector = *\ntargets = %s\n'
                      'replica_timeout = %s\n' % (name, target, timeout))
             if url:
                 text += 'transport_url = %s\n' % url

@@ -118,9 +118,9 @@ class TargetsTestCase(test_multicast.DriverFixtureMixin, base.BaseTestCase):
             [oslo_messaging_multicast]
             rules = r
             [multicast_rule_r]
-            selector = %s
-            targets = %s
-            """ % (selector, targets)
+            selector = {}
+            targets = {}
+            """.format(selector, targets)
 
     def test_same_topic_under_two_exchanges_refused(self):
         self.assertIn("topic 'tt' is also a target under another exchange",

@@ -43,8 +43,10 @@ TWO_BROKERS = """
 rules = local, remote
 %(options)s
 [multicast_rule_local]
+selector = *
 targets = local
 [multicast_rule_remote]
+selector = *
 targets = remote
 transport_url = fake://region2/
 replica_timeout = %(timeout)s
@@ -132,9 +134,11 @@ class SyncBoundTestCase(DeliveryTestCase):
             [oslo_messaging_multicast]
             rules = r, s
             [multicast_rule_r]
+            selector = *
             targets = t1
             replica_retry = 0
             [multicast_rule_s]
+            selector = *
             targets = t2
             """)
         driver.notify({}, envelope(), 'INFO', -1)
@@ -242,10 +246,11 @@ class SharedWorkersTestCase(test_multicast.DriverFixtureMixin,
 class ValidationTestCase(test_multicast.DriverFixtureMixin, base.BaseTestCase):
 
     def assertRefused(self, text, *expected):
+        # Refused means replication off, the standard notifications kept.
         self.configure(text)
-        exc = self.assertRaises(multicast_config.MulticastConfigError,
-                                multicast.MulticastDriver, self.conf,
-                                ['notifications'], self.transport)
+        exc = multicast.MulticastDriver(self.conf, ['notifications'],
+                                        self.transport).config_error
+        self.assertIsInstance(exc, multicast_config.MulticastConfigError)
         for problem in expected:
             self.assertIn(problem, str(exc))
 
@@ -268,6 +273,7 @@ class ValidationTestCase(test_multicast.DriverFixtureMixin, base.BaseTestCase):
             [oslo_messaging_multicast]
             rules = r
             [multicast_rule_r]
+            selector = *
             targets = t
             replica_timeout = nan
             replica_retry = -2
