@@ -211,15 +211,15 @@ def _reap(pid):
     os.waitpid(pid, 0)
 
 
-def call_as_another_user(test, func, *args):
-    """``func(*args)`` run by :func:`fork_as_another_user`; its result.
+def call_as_another_user(test, func, *args, **kwargs):
+    """``func(*args, **kwargs)`` run by :func:`fork_as_another_user`.
 
     :returns: ``func``'s JSON-able result, or {'error': class name,
         'message': str} for what it raised
     """
     def run(channel):
         try:
-            result = {'result': func(*args)}
+            result = {'result': func(*args, **kwargs)}
         except Exception as exc:
             result = {'error': type(exc).__name__, 'message': str(exc)}
         channel.sendall(json.dumps(result).encode() + b'\n')
