@@ -24,6 +24,8 @@ import json
 import os
 import re
 import socket
+import sys
+from unittest import mock
 import uuid
 
 import fixtures
@@ -181,8 +183,15 @@ class UnixFailurePathsTestCase(base.BaseTestCase):
         channel.recv(1)
 
     def test_listener_of_another_user_appearing_at_run_time(self):
-        # Nothing at the path when the driver loads; then, while the
-        # election waits for the lock file, another user binds it.
+        # Nothing at the path when the driver loads; then, before the
+        # relay first joins, another user binds it. A driver loaded in
+        # uwsgi's master joins at its first notification only: that
+        # leaves the gap, without holding the lock file (whose own
+        # warning would come first and hold back the next for a while).
+        uwsgi = mock.Mock()
+        uwsgi.worker_id.return_value = 0
+        self.useFixture(fixtures.MonkeyPatch(
+            'sys.modules', dict(sys.modules, uwsgi=uwsgi)))
         if os.geteuid() == 0:
             # Sticky and world-writable, as /tmp: allowed by the driver,
             # and nobody can bind there.
@@ -194,14 +203,15 @@ class UnixFailurePathsTestCase(base.BaseTestCase):
         if uid == os.geteuid():
             uid += 1
             unix_seams.pretend_peer_uid(self, uid)
-        release = self.hold_lock_file()
         driver = self.driver()
+        self.assertFalse(os.path.lexists(self.sock_path))
         channel.sendall(b'!')
         channel.settimeout(TIMEOUT)
         reader = channel.makefile('rb')
         self.addCleanup(reader.close)
         self.assertEqual(b'ready\n', reader.readline())
-        release()
+        uwsgi.worker_id.return_value = 1
+        self.notify(id='first')
         self.wait_logged('it is held by a process of uid %d, not of the '
                          'service user (uid %d); nothing is sent to it'
                          % (uid, os.geteuid()))
