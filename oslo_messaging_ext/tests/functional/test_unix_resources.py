@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import resource
+import select
 import subprocess
 import sys
 import threading
@@ -35,6 +36,16 @@ from oslo_messaging_ext.tests.functional import unix_helper
 from oslo_messaging_ext.tests import utils as test_utils
 
 TIMEOUT = 30.0
+
+
+def _wait_for_stdin():
+    """Wait for input as a service waits for work: its threads run.
+
+    Under eventlet the relay's log records are emitted by a green thread,
+    which a blocking read would starve.
+    """
+    while not select.select([sys.stdin], [], [], 0.1)[0]:
+        pass
 
 
 def exhausted_service(sock_path):
@@ -60,6 +71,7 @@ def exhausted_service(sock_path):
         except OSError:
             break
     print('exhausted', flush=True)
+    _wait_for_stdin()
     sys.stdin.readline()
     for fd in fillers:
         os.close(fd)
@@ -68,6 +80,7 @@ def exhausted_service(sock_path):
         sys.exit('the hub never accepted the subscriber')
     notifier.info({}, 'image.upload', {'id': 'after'})
     print('sent', flush=True)
+    _wait_for_stdin()
     sys.stdin.read()
     driver.close()
 
