@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import re
+import select
 import socket
 import sys
 from unittest import mock
@@ -120,9 +121,18 @@ class UnixFailurePathsTestCase(base.BaseTestCase):
         self.assertIn('RuntimeError: injected relay fault', self.log.output)
         # Every connection was dropped: the subscriber sees the end.
         self.assertEqual(b'', first.recv(65536))
-        # The relay joined again: a new subscriber hears what follows.
-        second = self.subscribe(driver)
-        self.notify(id='after')
+        # The relay joined again: a new subscriber hears what follows,
+        # once the new hub accepted it (the count the driver reports does
+        # not tell: it keeps the old hub's until the new one counts).
+        second = test_utils.subscribe_when_listening(self, self.sock_path,
+                                                     TIMEOUT)
+
+        def heard():
+            self.notify(id='after')
+            return select.select([second], [], [], 0.05)[0]
+
+        self.assertTrue(test_utils.wait_until(heard, TIMEOUT))
+        second.settimeout(TIMEOUT)
         [received] = self.read_lines(second, 1)
         self.assertEqual({'id': 'after'}, received['payload'])
 
@@ -182,16 +192,34 @@ class UnixFailurePathsTestCase(base.BaseTestCase):
         # stale socket, which the relay may rightly replace.
         channel.recv(1)
 
-    def test_listener_of_another_user_appearing_at_run_time(self):
-        # Nothing at the path when the driver loads; then, before the
-        # relay first joins, another user binds it. A driver loaded in
-        # uwsgi's master joins at its first notification only: that
-        # leaves the gap, without holding the lock file (whose own
-        # warning would come first and hold back the next for a while).
+    def join_at_first_notification(self):
+        """Load the driver as uwsgi's master does: it joins when it notifies.
+
+        That leaves a gap between the checks at load and the first
+        election, without holding the lock file (whose own warning would
+        come first and hold back the next for a while).
+        """
         uwsgi = mock.Mock()
         uwsgi.worker_id.return_value = 0
         self.useFixture(fixtures.MonkeyPatch(
             'sys.modules', dict(sys.modules, uwsgi=uwsgi)))
+        driver = self.driver()
+        self.assertFalse(os.path.lexists(self.sock_path))
+        return driver
+
+    def test_a_file_appearing_at_the_path_is_never_replaced(self):
+        driver = self.join_at_first_notification()
+        with open(self.sock_path, 'w') as f:
+            f.write('not yours')
+        self.notify(id='first')
+        self.wait_logged('cannot join (it exists and is not a socket')
+        self.assertIsNone(driver.subscribers())
+        with open(self.sock_path) as f:
+            self.assertEqual('not yours', f.read())
+
+    def test_listener_of_another_user_appearing_at_run_time(self):
+        # Nothing at the path when the driver loads; then, before the
+        # relay first joins, another user binds it.
         if os.geteuid() == 0:
             # Sticky and world-writable, as /tmp: allowed by the driver,
             # and nobody can bind there.
@@ -203,14 +231,12 @@ class UnixFailurePathsTestCase(base.BaseTestCase):
         if uid == os.geteuid():
             uid += 1
             unix_seams.pretend_peer_uid(self, uid)
-        driver = self.driver()
-        self.assertFalse(os.path.lexists(self.sock_path))
+        driver = self.join_at_first_notification()
         channel.sendall(b'!')
         channel.settimeout(TIMEOUT)
         reader = channel.makefile('rb')
         self.addCleanup(reader.close)
         self.assertEqual(b'ready\n', reader.readline())
-        uwsgi.worker_id.return_value = 1
         self.notify(id='first')
         self.wait_logged('it is held by a process of uid %d, not of the '
                          'service user (uid %d); nothing is sent to it'
