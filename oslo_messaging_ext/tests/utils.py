@@ -14,11 +14,49 @@
 
 import json
 import logging
+import os
+import shutil
+import signal
+import socket
+import stat
 import time
+import traceback
 
 import fixtures
+from oslo_utils import strutils
 
 from oslo_messaging_ext.notify import _unix_protocol as proto
+from oslo_messaging_ext import unix_subscriber
+
+
+# Set in CI (.ci/run): what a test needs is part of the test bed there.
+REQUIRE_ENV = 'OSLO_MESSAGING_EXT_REQUIRE_BROKER'
+
+
+def everything_required():
+    """Whether a missing broker or tool fails a test, not skips it."""
+    return strutils.bool_from_string(os.environ.get(REQUIRE_ENV, ''))
+
+
+def unavailable(test, reason):
+    """Skip ``test`` for ``reason`` on a laptop; fail it in CI.
+
+    A CI run that skips a test proves nothing of what it promises: there,
+    a missing broker or tool is a fault of the test bed, to be fixed.
+    """
+    if everything_required():
+        test.fail('%s (%s is set: this is a failure, not a skip)'
+                  % (reason, REQUIRE_ENV))
+    test.skipTest(reason)
+
+
+def require_tool(test, name, package):
+    """The path of program ``name``; if missing, see :func:`unavailable`."""
+    path = shutil.which(name)
+    if not path:
+        unavailable(test, '%s is not installed (Debian package %s)'
+                    % (name, package))
+    return path
 
 
 def wait_until(predicate, timeout, interval=0.01):
@@ -32,6 +70,30 @@ def wait_until(predicate, timeout, interval=0.01):
         if result or time.monotonic() >= deadline:
             return result
         time.sleep(interval)
+
+
+def subscribe_when_listening(test, path, timeout):
+    """A subscriber connection to ``path``, once something listens there.
+
+    The election runs in the relay's thread: the socket appears some time
+    after the driver loads. The connection is closed after ``test``.
+    """
+    socks = []
+
+    def connected():
+        try:
+            socks.append(unix_subscriber.connect(path))
+        except unix_subscriber.SubscriberError:
+            return False
+        return True
+
+    test.assertTrue(wait_until(connected, timeout),
+                    'nothing listens on %s' % path)
+    sock = socks[0]
+    # Not sock.close: eventlet's green socket hands out its inner socket's
+    # method and closes the connection when collected.
+    test.addCleanup(lambda: sock.close())
+    return sock
 
 
 class FakeLogger(fixtures.FakeLogger):
@@ -76,3 +138,95 @@ def native_socket_pair(test):
     ours.setblocking(False)
     theirs.settimeout(5.0)
     return ours, theirs
+
+
+# nobody:nogroup on Debian and most distributions.
+NOBODY = 65534
+
+
+def fork_as_another_user(test, func):
+    """Run ``func(channel)`` in a forked child, as nobody where root.
+
+    Permission checks depend on who runs them: as root (CI) they can never
+    fail unless another user runs them. The child's real and effective
+    ids are nobody's, with no supplementary group; its saved uid stays
+    root's only so that it can write its coverage data before it exits.
+    Not root, the child runs as the suite's user: the caller makes the
+    identity differ some other way.
+
+    Fork before the test loads a unix driver: a forked child rejoins the
+    relays of its parent.
+
+    :returns: (the child's uid, ``channel``'s other end: a connected
+        AF_UNIX socket); the child is killed and reaped at cleanup
+    """
+    parent_end, child_end = socket.socketpair()
+    as_root = os.geteuid() == 0
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            parent_end.close()
+            if as_root:
+                os.setgroups([])
+                os.setresgid(NOBODY, NOBODY, 0)
+                os.setresuid(NOBODY, NOBODY, 0)
+            func(child_end)
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            if as_root:
+                os.setresuid(0, 0, 0)
+                os.setresgid(0, 0, 0)
+            os._exit(status)
+    child_end.close()
+    test.addCleanup(_reap, pid)
+    test.addCleanup(parent_end.close)
+    return (NOBODY if as_root else os.geteuid()), parent_end
+
+
+def let_others_reach(test, directory):
+    """Let other users traverse the test's own directories to ``directory``.
+
+    A test's temporary directory is nested in per-test ones of mode 0700
+    (oslotest's): another user could not even reach it. The modes are put
+    back after the test.
+    """
+    path = os.path.realpath(directory)
+    # Up to /tmp, changing temporary directories only (mkdtemp's names).
+    while os.path.basename(path).startswith('tmp') and path != '/tmp':
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if not mode & 0o001:
+            os.chmod(path, mode | 0o001)
+            test.addCleanup(os.chmod, path, mode)
+        path = os.path.dirname(path)
+
+
+def _reap(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+
+
+def call_as_another_user(test, func, *args, **kwargs):
+    """``func(*args, **kwargs)`` run by :func:`fork_as_another_user`.
+
+    :returns: ``func``'s JSON-able result, or {'error': class name,
+        'message': str} for what it raised
+    """
+    def run(channel):
+        try:
+            result = {'result': func(*args, **kwargs)}
+        except Exception as exc:
+            result = {'error': type(exc).__name__, 'message': str(exc)}
+        channel.sendall(json.dumps(result).encode() + b'\n')
+
+    _, channel = fork_as_another_user(test, run)
+    channel.settimeout(30)
+    with channel.makefile('rb') as reader:
+        line = reader.readline()
+    test.assertTrue(line, 'the child said nothing')
+    return json.loads(line)

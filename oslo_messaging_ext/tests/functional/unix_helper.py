@@ -143,11 +143,31 @@ def subscribe(args):
     subscription = unix_subscriber.Subscription(args.sock_path,
                                                 reconnect=True,
                                                 min_backoff=0.01)
-    # Past the deadline, report what arrived rather than nothing.
-    timer = threading.Timer(args.timeout, subscription.close)
-    timer.daemon = True
+    # Past the deadline, report what arrived rather than nothing. With
+    # --idle-timeout the deadline moves with every line: a slow machine
+    # (coverage tracing, CPU contention) is not a failure, a stall is.
+    progress = [time.monotonic()]
+    stop = threading.Event()
+
+    def watchdog():
+        while True:
+            if args.idle_timeout:
+                deadline = progress[0] + args.idle_timeout
+            else:
+                deadline = started + args.timeout
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                subscription.close()
+                return
+            if stop.wait(remaining):
+                return
+
+    started = time.monotonic()
+    timer = threading.Thread(target=watchdog, daemon=True)
     timer.start()
+    wanted_tags = set(args.until_tags.split(',')) if args.until_tags else set()
     for notification in subscription:
+        progress[0] = time.monotonic()
         if notification['event_type'] == unix_subscriber.DROPPED_EVENT_TYPE:
             summary['dropped'] += notification['payload']['dropped']
             continue
@@ -162,9 +182,10 @@ def subscribe(args):
         if payload['tag'] not in summary['tags']:
             summary['tags'].append(payload['tag'])
         summary['received'] += 1
-        if summary['received'] >= args.count:
+        if (summary['received'] >= args.count and
+                wanted_tags.issubset(summary['tags'])):
             break
-    timer.cancel()
+    stop.set()
     subscription.close()
     summary['last'] = last
     summary['connections'] = subscription.connections
@@ -195,6 +216,12 @@ def main(argv=None):
     subs.add_argument('sock_path')
     subs.add_argument('--count', type=int, required=True)
     subs.add_argument('--timeout', type=float, default=60.0)
+    subs.add_argument('--idle-timeout', type=float, default=0.0,
+                      help='give up after this long without a line, '
+                           'instead of --timeout in all')
+    subs.add_argument('--until-tags', default='',
+                      help='comma-separated tags to see before stopping, '
+                           'past --count')
     subs.set_defaults(run=subscribe)
     args = parser.parse_args(argv)
     # What the drivers log lands in the test's failure output.

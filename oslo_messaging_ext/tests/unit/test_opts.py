@@ -29,10 +29,14 @@ class ListOptsTestCase(base.BaseTestCase):
     def test_returns_deep_copies(self):
         first = opts.list_opts()
         second = opts.list_opts()
+        # Empty lists would pass every check below.
+        self.assertTrue(first)
         self.assertEqual([g for g, _ in first], [g for g, _ in second])
-        for (_, first_opts), (_, second_opts) in zip(first, second):
+        for (group, first_opts), (_, second_opts) in zip(first, second):
+            self.assertTrue(first_opts, 'group %s lists no option' % group)
+            self.assertEqual([o.name for o in first_opts],
+                             [o.name for o in second_opts])
             for a, b in zip(first_opts, second_opts):
-                self.assertEqual(a.name, b.name)
                 self.assertIsNot(a, b)
 
     def test_every_option_has_help(self):

@@ -1,0 +1,297 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""The unix driver's failure paths, seen by a subscriber and in the log.
+
+Each test provokes a fault the service must survive (a relay thread error,
+an unsafe lock file, another user's listener, a hub or subscriber that
+does not read) and asserts what the promise says an observer sees: the
+log line, the subscriber's stream, delivery afterwards. Private code is
+reached through tests/unix_seams.py only.
+"""
+
+import fcntl
+import json
+import os
+import re
+import select
+import socket
+import sys
+from unittest import mock
+import uuid
+
+import fixtures
+from oslo_config import cfg
+from oslo_config import fixture as config_fixture
+from oslotest import base
+
+from oslo_messaging_ext.notify import _impl_unix
+from oslo_messaging_ext import samples
+from oslo_messaging_ext.tests import unix_seams
+from oslo_messaging_ext.tests import utils as test_utils
+
+GROUP = 'oslo_messaging_notifications'
+TIMEOUT = 10.0
+NOBODY = test_utils.NOBODY
+
+
+class UnixFailurePathsTestCase(base.BaseTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.tmpdir = self.useFixture(fixtures.TempDir()).path
+        self.sock_path = os.path.join(self.tmpdir, 'notifications.sock')
+        self.lock_path = self.sock_path + '.lock'
+        self.conf = self.useFixture(config_fixture.Config(cfg.ConfigOpts()))
+        self.conf.conf([], project='unix-failure-paths')
+        _impl_unix.register_opts(self.conf.conf)
+        self.conf.config(sock_path=self.sock_path, group=GROUP)
+        self.log = self.useFixture(test_utils.FakeLogger(unix_seams.LOGGER))
+        self._driver = None
+
+    def driver(self, **overrides):
+        if overrides:
+            self.conf.config(group=GROUP, **overrides)
+        self._driver = _impl_unix.UnixSocketDriver(self.conf.conf, ['n'],
+                                                   None)
+        self.addCleanup(self._driver.close)
+        return self._driver
+
+    def notify(self, **payload):
+        # As oslo_messaging.Notifier calls a driver. It never raises into
+        # the service, whatever the relay is going through.
+        self._driver.notify({}, {'message_id': str(uuid.uuid4()),
+                                 'publisher_id': 'image.host',
+                                 'event_type': 'image.upload',
+                                 'priority': 'INFO',
+                                 'payload': payload,
+                                 'timestamp': '2026-11-22 03:00:00'},
+                            'INFO', None)
+
+    def logged(self, fragment):
+        unix_seams.emit_relay_logs()
+        return fragment in self.log.output
+
+    def wait_logged(self, fragment):
+        self.assertTrue(test_utils.wait_until(
+            lambda: self.logged(fragment), TIMEOUT),
+            'never logged %r; log: %s' % (fragment, self.log.output))
+
+    def subscribe(self, driver, count=1):
+        sock = test_utils.subscribe_when_listening(self, self.sock_path,
+                                                   TIMEOUT)
+        self.assertTrue(test_utils.wait_until(
+            lambda: driver.subscribers() == count, TIMEOUT))
+        sock.settimeout(TIMEOUT)
+        return sock
+
+    def read_lines(self, sock, count):
+        reader = sock.makefile('rb')
+        self.addCleanup(reader.close)
+        return [json.loads(reader.readline()) for _ in range(count)]
+
+    def hold_lock_file(self):
+        """Hold the lock file as another process would; return a release."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return lambda: fcntl.flock(fd, fcntl.LOCK_UN)
+
+    # -- the relay thread's catch-all ---------------------------------------
+
+    def test_relay_error_is_logged_and_delivery_resumes(self):
+        driver = self.driver()
+        first = self.subscribe(driver)
+        raised = unix_seams.fail_once_in_relay_thread(
+            self, RuntimeError('injected relay fault'))
+        self.notify(id='lost')
+        self.wait_logged('relay error (1 since the last report); '
+                         'reconnecting')
+        self.assertEqual([True], raised)
+        # With its traceback, which names the fault.
+        self.assertIn('RuntimeError: injected relay fault', self.log.output)
+        # Every connection was dropped: the subscriber sees the end.
+        self.assertEqual(b'', first.recv(65536))
+        # The relay joined again: a new subscriber hears what follows,
+        # once the new hub accepted it (the count the driver reports does
+        # not tell: it keeps the old hub's until the new one counts).
+        second = test_utils.subscribe_when_listening(self, self.sock_path,
+                                                     TIMEOUT)
+
+        def heard():
+            self.notify(id='after')
+            return select.select([second], [], [], 0.05)[0]
+
+        self.assertTrue(test_utils.wait_until(heard, TIMEOUT))
+        second.settimeout(TIMEOUT)
+        [received] = self.read_lines(second, 1)
+        self.assertEqual({'id': 'after'}, received['payload'])
+
+    # -- the lock file ----------------------------------------------------
+
+    def assertLockFileRefusedThenJoined(self, driver, fragment):
+        self.wait_logged(fragment)
+        # Not joined meanwhile: no socket, lines counted, notify() fine.
+        self.assertFalse(os.path.lexists(self.sock_path))
+        self.notify(id='while refused')
+        self.assertIsNone(driver.subscribers())
+        os.unlink(self.lock_path)
+        sock = self.subscribe(driver)
+        self.notify(id='after')
+        [received] = self.read_lines(sock, 1)
+        self.assertEqual({'id': 'after'}, received['payload'])
+
+    def test_lock_file_that_is_not_a_regular_file_is_refused(self):
+        # A FIFO another user left: opening it must not hang, nor be used.
+        os.mkfifo(self.lock_path, 0o600)
+        driver = self.driver()
+        self.assertLockFileRefusedThenJoined(
+            driver, 'its lock file %s is not a regular file of the service '
+            'user' % self.lock_path)
+
+    def test_lock_file_of_another_user_is_refused(self):
+        if os.geteuid() != 0:
+            self.skipTest('a file of another user is made by root only')
+        with open(self.lock_path, 'w'):
+            pass
+        os.chown(self.lock_path, NOBODY, NOBODY)
+        driver = self.driver()
+        self.assertLockFileRefusedThenJoined(
+            driver, 'is not a regular file of the service user (uid 0, '
+            'owner %d)' % NOBODY)
+
+    # -- a listener of another user ------------------------------------------
+
+    @staticmethod
+    def _listen_as_a_stranger(path, channel):
+        """Bind ``path`` when told, report what the first peer sent."""
+        channel.recv(1)
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(path)
+        listener.listen(8)
+        channel.sendall(b'ready\n')
+        conn, _ = listener.accept()
+        conn.settimeout(TIMEOUT)
+        received = 0
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            received += len(chunk)
+        channel.sendall(b'%d\n' % received)
+        # Listening on until the test is over: a listener gone would be a
+        # stale socket, which the relay may rightly replace.
+        channel.recv(1)
+
+    def join_at_first_notification(self):
+        """Load the driver as uwsgi's master does: it joins when it notifies.
+
+        That leaves a gap between the checks at load and the first
+        election, without holding the lock file (whose own warning would
+        come first and hold back the next for a while).
+        """
+        uwsgi = mock.Mock()
+        uwsgi.worker_id.return_value = 0
+        self.useFixture(fixtures.MonkeyPatch(
+            'sys.modules', dict(sys.modules, uwsgi=uwsgi)))
+        driver = self.driver()
+        self.assertFalse(os.path.lexists(self.sock_path))
+        return driver
+
+    def test_a_file_appearing_at_the_path_is_never_replaced(self):
+        driver = self.join_at_first_notification()
+        with open(self.sock_path, 'w') as f:
+            f.write('not yours')
+        self.notify(id='first')
+        self.wait_logged('cannot join (it exists and is not a socket')
+        self.assertIsNone(driver.subscribers())
+        with open(self.sock_path) as f:
+            self.assertEqual('not yours', f.read())
+
+    def test_listener_of_another_user_appearing_at_run_time(self):
+        # Nothing at the path when the driver loads; then, before the
+        # relay first joins, another user binds it.
+        if os.geteuid() == 0:
+            # Sticky and world-writable, as /tmp: allowed by the driver,
+            # and nobody can bind there.
+            os.chmod(self.tmpdir, 0o1777)
+            test_utils.let_others_reach(self, self.tmpdir)
+        uid, channel = test_utils.fork_as_another_user(
+            self, lambda channel: self._listen_as_a_stranger(self.sock_path,
+                                                             channel))
+        if uid == os.geteuid():
+            uid += 1
+            unix_seams.pretend_peer_uid(self, uid)
+        driver = self.join_at_first_notification()
+        channel.sendall(b'!')
+        channel.settimeout(TIMEOUT)
+        reader = channel.makefile('rb')
+        self.addCleanup(reader.close)
+        self.assertEqual(b'ready\n', reader.readline())
+        self.notify(id='first')
+        self.wait_logged('it is held by a process of uid %d, not of the '
+                         'service user (uid %d); nothing is sent to it'
+                         % (uid, os.geteuid()))
+        self.notify(id='secret')
+        self.assertIsNone(driver.subscribers())
+        # It got a connection, and not a byte: not even the handshake.
+        self.assertEqual(b'0\n', reader.readline())
+
+    # -- what a stop cannot hand over -------------------------------------
+
+    def test_stop_before_a_hub_that_never_reads_took_the_lines(self):
+        # A hub that accepted this process and reads nothing: its socket
+        # buffers fill, then the relay's own queue.
+        release = self.hold_lock_file()
+        driver = self.driver()
+        mute = socket.socket(socket.AF_UNIX)
+        self.addCleanup(mute.close)
+        mute.bind(self.sock_path)
+        mute.listen(1)
+        release()
+        mute.settimeout(TIMEOUT)
+        conn, _ = mute.accept()
+        self.addCleanup(conn.close)
+        payload = samples.glance_upload_payload()
+        for seq in range(3000):
+            self.notify(seq=seq, **payload)
+        driver.close()
+        self.assertIsNotNone(re.search(
+            r'stopped before handing over [1-9][0-9]* queued bytes',
+            self.log.output), self.log.output)
+
+    def test_stop_with_lines_a_subscriber_had_not_read(self):
+        # One notification larger than the kernel's socket buffer, which
+        # the subscriber starts to get, then a few more queued behind it;
+        # the subscriber reads nothing until the service has stopped.
+        driver = self.driver()
+        slow = self.subscribe(driver)
+        self.notify(seq=0, blob='x' * (1 << 20))
+        for seq in range(1, 6):
+            self.notify(seq=seq)
+        driver.close()
+        # The lines it had not started are counted and said...
+        self.assertIn('stopped with 5 notifications its subscribers had '
+                      'not read', self.log.output)
+        # ... and the one it had started was given a second more, then
+        # cut: said too, for the subscriber library counts it as dropped.
+        self.assertIn('1 subscribers did not read the end of their last '
+                      'line; they see it cut', self.log.output)
+        data = b''
+        while True:
+            chunk = slow.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        self.assertGreater(len(data), 0)
+        self.assertFalse(data.endswith(b'\n'))
+        self.assertNotIn(b'\n', data)
