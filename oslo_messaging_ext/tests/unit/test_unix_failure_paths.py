@@ -84,7 +84,7 @@ class UnixFailurePathsTestCase(base.BaseTestCase):
     def wait_logged(self, fragment):
         self.assertTrue(test_utils.wait_until(
             lambda: self.logged(fragment), TIMEOUT),
-            'never logged %r; log: %s' % (fragment, self.log.output))
+            f'never logged {fragment!r}; log: {self.log.output}')
 
     def subscribe(self, driver, count=1):
         sock = test_utils.subscribe_when_listening(self, self.sock_path,
