@@ -63,10 +63,17 @@ class FakeService:
         self.listener.bind(path)
         self.listener.listen(4)
         self.lines = lines
+        self.done = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self):
+        try:
+            self._serve_once()
+        finally:
+            self.done.set()
+
+    def _serve_once(self):
         try:
             conn, _ = self.listener.accept()
         except OSError:
@@ -80,8 +87,16 @@ class FakeService:
                 pass  # the subscriber left first (| head)
 
     def close(self):
+        # shutdown() wakes an accept() that no subscriber will ever answer
+        # (close() alone does not on Linux). Waiting on an event, not on
+        # join(timeout): under eventlet on Python 3.13 that raises instead
+        # of returning.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed by the served connection
         self.listener.close()
-        self.thread.join(5)
+        self.done.wait(5)
 
 
 def encoded(notifications):
