@@ -343,23 +343,37 @@ def make_line_encoder(mask=True):
     return masked_encode
 
 
+_source = None
+
+
+def own_source():
+    """This process incarnation's source: new in a forked child.
+
+    Where no at-fork hook ran (uwsgi without --py-call-osafterfork), the
+    changed pid shows the fork.
+    """
+    global _source
+    source = _source
+    if source is None or source[0] != os.getpid():
+        pid = os.getpid()
+        source = _source = (pid, '%d-%s' % (pid, os.urandom(6).hex()))
+    return source[1]
+
+
 class Sequence:
     """The sequence numbers of the lines of one socket path.
 
-    Each process incarnation is a new source: a forked child renews it at
-    fork, or, where no at-fork hook runs (uwsgi without
-    --py-call-osafterfork), at its first stamped line. ``number`` starts
-    at 1 and grows by one for every notification the driver was asked to
-    send, sent or not: a subscriber counts what it missed of a source from
-    the gap between two of its lines.
+    Each process incarnation is a new source (:func:`own_source`), whose
+    numbers restart at 1. ``number`` grows by one for every notification
+    the driver was asked to send, sent or not: a subscriber counts what
+    it missed of a source from the gap between two of its lines.
     """
 
     def __init__(self):
         self._renew()
 
     def _renew(self):
-        self.pid = os.getpid()
-        self.source = '%d-%s' % (self.pid, os.urandom(6).hex())
+        self.source = own_source()
         # next() on itertools.count is atomic: counting a notification
         # nobody hears costs no lock.
         self._numbers = itertools.count(1)
@@ -377,7 +391,7 @@ class Sequence:
         Under a lock, so that lines are published in the order of their
         numbers.
         """
-        if self.pid != os.getpid():
+        if self.source != own_source():
             self._renew()
         # The envelope is an object: its closing brace makes room for the
         # stamp without encoding it again.
@@ -397,11 +411,6 @@ def sequence(path):
         if seq is None:
             seq = _sequences[path] = Sequence()
         return seq
-
-
-def current_source(path):
-    seq = _sequences.get(path)
-    return None if seq is None else seq.source
 
 
 def _renew_after_fork():

@@ -33,6 +33,7 @@ import logging
 import os
 import time
 
+from oslo_messaging_ext.notify import _unix_encoding as encoding
 from oslo_messaging_ext.notify import _unix_log as unix_log
 from oslo_messaging_ext.notify import _unix_protocol as proto
 from oslo_messaging_ext.notify import _unix_sockfile as sockfile
@@ -56,6 +57,10 @@ _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _MAX_UNCLASSIFIED = 128
 # Room a drop notice needs in a subscriber's buffer.
 _NOTICE_ROOM = 512
+# A publisher's line longer than this is not a notification anyone can
+# use: it is dropped (and counted) rather than held, so that a peer that
+# never ends its line cannot make the hub's memory grow without bound.
+MAX_LINE = 128 * 1024 * 1024
 
 # Seconds a new connection has to introduce itself as a publisher; after
 # that it is a subscriber (subscribers send nothing). Lines are held for it
@@ -71,7 +76,9 @@ class Peer:
     """A connection accepted by the hub: a subscriber until it says not."""
 
     __slots__ = ('sock', 'fd', 'kind', 'reading', 'inbuf', 'pending',
-                 'pending_bytes', 'dropped', 'classify_at')
+                 'pending_bytes', 'dropped', 'dropped_sources',
+                 'classify_at', 'line_parts', 'line_bytes', 'skipping',
+                 'stopped')
 
     def __init__(self, sock):
         self.sock = sock
@@ -87,6 +94,16 @@ class Peer:
         self.pending = collections.deque()
         self.pending_bytes = 0
         self.dropped = 0
+        # How many of ``dropped`` were lines of which source.
+        self.dropped_sources = {}
+        # A publisher's line not ended yet, in the chunks read: joined
+        # once when it ends, so that a huge line costs linear time.
+        self.line_parts = []
+        self.line_bytes = 0
+        # Reading past the end of a line longer than MAX_LINE.
+        self.skipping = False
+        # Trimmed for a stop: it is sent nothing more.
+        self.stopped = False
 
 
 class Hub:
@@ -123,6 +140,7 @@ class Hub:
         self._refusals = unix_log.Throttle()
         self._accept_failures = unix_log.Throttle()
         self._strangers = unix_log.Throttle()
+        self._long_lines = unix_log.Throttle()
         poller.register(listener, select.POLLIN)
 
     # -- what the relay calls -------------------------------------------------
@@ -149,7 +167,7 @@ class Hub:
     def tick(self, timeout):
         """Do what is due; return the poll timeout (ms) it needs."""
         # Before new subscribers count: they missed none of these.
-        self.credit_dropped(self._take_unsent())
+        self._credit_unsent()
         timeout = self._resume_accepting(timeout)
         timeout = self._classify_new_peers(timeout)
         self._refresh_saturation()
@@ -157,6 +175,10 @@ class Hub:
 
     def fan_out(self, data):
         """Queue complete lines (bytes) for every subscriber."""
+        # Lines this process counted instead of sending come before the
+        # later lines of this process: a subscriber then hears of a loss
+        # before the line whose sequence number shows it.
+        self._credit_unsent()
         if proto.DROPPED_PREFIX in data:
             self._fan_out_with_notices(data)
             return
@@ -164,11 +186,22 @@ class Hub:
         for peer in self._fed():
             self._queue(peer, data, lines)
 
-    def credit_dropped(self, count):
-        """Count ``count`` lines as dropped for everyone fed now."""
-        if count:
-            for peer in self._fed():
-                peer.dropped += count
+    def credit_dropped(self, count, sources=None):
+        """Count ``count`` lines as dropped for everyone fed now.
+
+        ``sources``: how many were lines of which source; by default all
+        were this process's own.
+        """
+        if not count:
+            return
+        if sources is None:
+            sources = {encoding.own_source(): count}
+        for peer in self._fed():
+            peer.dropped += count
+            _add_sources(peer.dropped_sources, sources)
+
+    def _credit_unsent(self):
+        self.credit_dropped(self._take_unsent())
 
     def unreported_drops(self):
         return any(p.dropped for p in self.peers.values()
@@ -214,6 +247,10 @@ class Hub:
         with a newline, and only the head of the queue can be partly sent
         (a memoryview into its chunk).
         """
+        if peer.kind is not _PUBLISHER:
+            # Stop fan-out first: a line queued after the trim could be
+            # cut in its turn.
+            peer.stopped = True
         pending = peer.pending
         head = pending[0]
         rest = b''
@@ -245,7 +282,7 @@ class Hub:
     def _accept(self):
         # What was counted, not serialized, until now was missed by the
         # present subscribers only.
-        self.credit_dropped(self._take_unsent())
+        self._credit_unsent()
         accepted = 0
         while True:
             try:
@@ -365,6 +402,7 @@ class Hub:
         peer.kind = _PUBLISHER
         peer.inbuf = b''
         peer.dropped = 0
+        peer.dropped_sources = {}
         if peer.pending:
             # Held for it, or sent to it, as to a subscriber: not for it.
             # Only the rest of a line partly sent stays, so that its status
@@ -478,12 +516,51 @@ class Hub:
         self._identify(peer, peer.inbuf + data)
 
     def _relay_publisher_data(self, peer, data):
-        """Fan out the complete lines; keep a cut last one for later."""
-        data = peer.inbuf + data
+        """Fan out the complete lines; keep a cut last one for later.
+
+        The start of a line is kept in chunks, joined once when the line
+        ends: a huge notification costs linear time, not a copy of all
+        read so far at every read.
+        """
         end = data.rfind(b'\n') + 1
-        peer.inbuf = data[end:]
-        if end:
-            self.fan_out(data[:end])
+        if not end:
+            self._hold_line_start(peer, data)
+            return
+        if peer.skipping:
+            # The rest of a line too long to relay, then whole lines.
+            peer.skipping = False
+            start = data.index(b'\n') + 1
+        else:
+            start = 0
+        if peer.line_parts:
+            peer.line_parts.append(data[:end])
+            complete = b''.join(peer.line_parts)
+            peer.line_parts = []
+            peer.line_bytes = 0
+        else:
+            complete = data[start:end] if (start or end < len(data)) else data
+        if end < len(data):
+            self._hold_line_start(peer, data[end:])
+        if complete:
+            self.fan_out(complete)
+
+    def _hold_line_start(self, peer, data):
+        if peer.skipping:
+            return
+        peer.line_parts.append(data)
+        peer.line_bytes += len(data)
+        if peer.line_bytes <= MAX_LINE:
+            return
+        peer.line_parts = []
+        peer.line_bytes = 0
+        peer.skipping = True
+        self.credit_dropped(1, {})
+        unsaid = self._long_lines.hit()
+        if unsaid:
+            unix_log.log(LOG, logging.WARNING, 'Unix notification socket %s: '
+                         'dropped a line longer than %d bytes from a '
+                         'publisher (%d since the last report)', self.path,
+                         MAX_LINE, unsaid)
 
     def _stop_reading(self, peer):
         peer.reading = False
@@ -514,7 +591,7 @@ class Hub:
             if run:
                 self.fan_out(b'\n'.join(run) + b'\n')
                 run = []
-            self.credit_dropped(proto.dropped_count(line))
+            self.credit_dropped(*proto.dropped_notice(line))
         if run:
             self.fan_out(b'\n'.join(run) + b'\n')
 
@@ -525,9 +602,10 @@ class Hub:
         than sock_buffer_size still reaches a subscriber that keeps up.
         """
         was_empty = not peer.pending
-        if not force and not was_empty and (
-                peer.pending_bytes + len(data) > self.buffer_size):
+        if not force and (peer.stopped or not was_empty and (
+                peer.pending_bytes + len(data) > self.buffer_size)):
             peer.dropped += lines
+            _add_sources(peer.dropped_sources, proto.sources_in(data))
             return
         if peer.sock.fileno() < 0:
             return
@@ -542,8 +620,10 @@ class Hub:
         if not peer.dropped:
             return
         was_empty = not peer.pending
-        notice = proto.dropped_envelope(peer.dropped, 'subscriber buffer')
+        notice = proto.dropped_envelope(peer.dropped, 'subscriber buffer',
+                                        sources=peer.dropped_sources)
         peer.dropped = 0
+        peer.dropped_sources = {}
         peer.pending.append(notice)
         peer.pending_bytes += len(notice)
         if flush and was_empty and peer.kind is not _NEW:
@@ -600,3 +680,8 @@ class Hub:
             if not data:
                 break
             self._relay_publisher_data(peer, data)
+
+
+def _add_sources(into, sources):
+    for source, count in sources.items():
+        into[source] = into.get(source, 0) + count

@@ -205,7 +205,7 @@ class SequenceTestCase(base.BaseTestCase):
         sequence = _unix_encoding.Sequence()
         lines = []
         sequence.publish('{}', lines.append)
-        with mock.patch('os.getpid', return_value=sequence.pid + 1):
+        with mock.patch('os.getpid', return_value=os.getpid() + 1):
             sequence.publish('{}', lines.append)
         first, second = (json.loads(line)['sequence'] for line in lines)
         self.assertNotEqual(first['source'], second['source'])
