@@ -27,10 +27,12 @@ is non-blocking and polled by the relay's poller.
 """
 
 import collections
+import contextlib
 import errno
 import itertools
 import logging
 import os
+import stat
 import time
 
 from oslo_messaging_ext.notify import _unix_encoding as encoding
@@ -55,6 +57,8 @@ _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # Connections accepted but not yet known to be publishers or subscribers;
 # past it, further ones are closed until these are classified.
 _MAX_UNCLASSIFIED = 128
+# Seconds between two checks that the socket path still names our socket.
+_PATH_CHECK_INTERVAL = 1.0
 # Room a drop notice needs in a subscriber's buffer.
 _NOTICE_ROOM = 512
 # A publisher's line longer than this is not a notification anyone can
@@ -121,10 +125,11 @@ class Hub:
         being full
     :param counts_changed: called with (subscribers, connecting,
         saturated) whenever one of them changes
+    :param fork_lock: held while binding again, as for the first bind
     """
 
     def __init__(self, listener, poller, path, service, max_subscribers,
-                 buffer_size, take_unsent, counts_changed):
+                 buffer_size, take_unsent, counts_changed, fork_lock=None):
         self.listener = listener
         self.path = path
         self.service = service
@@ -141,6 +146,18 @@ class Hub:
         self._accept_failures = unix_log.Throttle()
         self._strangers = unix_log.Throttle()
         self._long_lines = unix_log.Throttle()
+        self._fork_lock = fork_lock or contextlib.nullcontext()
+        # What the path must keep naming; the mode and group to bind with
+        # again if it is removed (as the relay bound it, just now).
+        try:
+            st = os.lstat(path)
+            self.bound_id = (st.st_dev, st.st_ino)
+            self._mode, self._gid = stat.S_IMODE(st.st_mode), st.st_gid
+        except OSError:
+            self.bound_id = None
+        self._path_check_at = time.monotonic() + _PATH_CHECK_INTERVAL
+        self._path_lost = False
+        self._rebind_failures = unix_log.Throttle()
         poller.register(listener, select.POLLIN)
 
     # -- what the relay calls -------------------------------------------------
@@ -170,6 +187,7 @@ class Hub:
         self._credit_unsent()
         timeout = self._resume_accepting(timeout)
         timeout = self._classify_new_peers(timeout)
+        timeout = self._check_path(timeout)
         self._refresh_saturation()
         return timeout
 
@@ -348,6 +366,76 @@ class Hub:
                          'refused a connection, %s (%d refused since the '
                          'last report, %d in all)', self.path, reason, unsaid,
                          self._refusals.total)
+
+    # -- keeping the path ---------------------------------------------------
+
+    def _check_path(self, timeout):
+        """Bind again if the socket file was removed; return the timeout.
+
+        rm, a tmpfiles clean-up or a recreated directory leave the hub
+        serving its connections, but nobody can connect any more. Checked
+        once a second: one lstat.
+        """
+        if self.bound_id is None:
+            return timeout
+        now = time.monotonic()
+        if now >= self._path_check_at:
+            self._path_check_at = now + _PATH_CHECK_INTERVAL
+            try:
+                current = sockfile.file_id(self.path)
+            except FileNotFoundError:
+                current = None
+            except OSError:
+                current = self.bound_id
+            if current == self.bound_id:
+                self._path_lost = False
+            else:
+                if not self._path_lost:
+                    self._path_lost = True
+                    unix_log.log(
+                        LOG, logging.WARNING, 'Unix notification socket %s: '
+                        'the path no longer names this hub\'s socket (%s); '
+                        'nobody can connect until it is bound again',
+                        self.path, 'removed' if current is None else
+                        'replaced, left alone')
+                if current is None:
+                    self._bind_again()
+        wait = (self._path_check_at - now) * 1000 + 1
+        return wait if timeout is None else min(timeout, wait)
+
+    def _bind_again(self):
+        """Bind the path again, by the rules of the first bind."""
+        directory = os.path.dirname(self.path)
+        try:
+            problem = sockfile.directory_problem(directory)
+            if problem:
+                raise sockfile.UnsafeSocketFile(problem)
+            with self._fork_lock:
+                with sockfile.Lock(self.path + '.lock'):
+                    if os.path.lexists(self.path):
+                        # Bound by another process meanwhile: its own.
+                        return
+                    listener, bound_id = sockfile.bind_listener(
+                        self.path, self._mode, self._gid)
+        except sockfile.LockBusy:
+            return
+        except (OSError, proto.RelayError) as exc:
+            unsaid = self._rebind_failures.hit()
+            if unsaid:
+                unix_log.log(LOG, logging.WARNING, 'Unix notification socket '
+                             '%s: cannot bind it again: %s (%d attempts since '
+                             'the last report); retrying every %.0fs',
+                             self.path, exc, unsaid, _PATH_CHECK_INTERVAL)
+            return
+        self._poller.unregister(self.listener)
+        self.listener.close()
+        self.listener = listener
+        self.bound_id = bound_id
+        self._accept_resume_at = None
+        self._poller.register(listener, select.POLLIN)
+        self._path_lost = False
+        unix_log.log(LOG, logging.INFO, 'Unix notification socket %s: '
+                     'bound again', self.path)
 
     # -- telling publishers from subscribers ----------------------------------
 
