@@ -263,28 +263,38 @@ class Hub:
         A subscriber that does not keep up must not hold a stop, but it
         must never be left with a cut line either. Every chunk queued ends
         with a newline, and only the head of the queue can be partly sent
-        (a memoryview into its chunk).
+        (a memoryview into its chunk). A subscriber is then told, by a
+        drop notice after that line, what it will not get: it reads on
+        until the hub closes.
         """
-        if peer.kind is not _PUBLISHER:
+        subscriber = peer.kind is not _PUBLISHER
+        if subscriber:
             # Stop fan-out first: a line queued after the trim could be
             # cut in its turn.
             peer.stopped = True
-        pending = peer.pending
-        head = pending[0]
+        chunks = list(peer.pending)
+        head = chunks[0]
         rest = b''
         if isinstance(head, memoryview):
             whole = head.obj
             offset = len(whole) - len(head)
             if offset and whole[offset - 1:offset] != b'\n':
                 rest = whole[offset:whole.index(b'\n', offset) + 1]
-        unread = sum(proto.notifications_in(chunk) for chunk in pending)
-        if rest:
-            unread -= 1
-        pending.clear()
+            chunks[0] = memoryview(whole)[offset + len(rest):]
+        unread, sources = 0, {}
+        for chunk in chunks:
+            count, chunk_sources = proto.accounted_in(chunk)
+            unread += count
+            _add_sources(sources, chunk_sources)
+        peer.pending.clear()
         peer.pending_bytes = 0
         if rest:
-            pending.append(rest)
+            peer.pending.append(rest)
             peer.pending_bytes = len(rest)
+        if subscriber and unread:
+            peer.dropped += unread
+            _add_sources(peer.dropped_sources, sources)
+            self._queue_drop_notice(peer, flush=False)
         self._poller.modify(peer.sock, self._mask(peer))
         return unread
 

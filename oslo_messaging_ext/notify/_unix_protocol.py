@@ -140,6 +140,21 @@ def sources_in(data):
         for m in _SEQUENCE_SOURCE.findall(bytes(data)))
 
 
+def accounted_in(data):
+    """(notifications, {source: count}) that the lines of ``data`` stand for.
+
+    As notifications_in, with the sources of the notifications and of the
+    drop notices it holds.
+    """
+    data = bytes(data)
+    sources = sources_in(data)
+    if DROPPED_PREFIX in data:
+        for line in data.split(b'\n'):
+            if line.startswith(DROPPED_PREFIX):
+                sources.update(dropped_notice(line)[1])
+    return notifications_in(data), dict(sources)
+
+
 def notifications_in(data):
     """How many notifications ``data`` holds, a cut first line included.
 

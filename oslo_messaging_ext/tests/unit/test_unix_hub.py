@@ -134,8 +134,10 @@ class HubTestCase(base.BaseTestCase):
         unread = self.hub.trim_to_line_end(subscriber)
 
         self.assertEqual(1000, unread)
-        [rest] = subscriber.pending
+        rest, notice = subscriber.pending
         self.assertEqual(notification(0)[10:], bytes(rest))
+        # What it will not get is counted to it after that line.
+        self.assertEqual(1000, proto.dropped_count(notice))
 
     def test_a_publisher_whose_handshake_came_late_is_still_heard(self):
         # A publisher starved of CPU for longer than the grace period is
@@ -202,9 +204,11 @@ class HubTestCase(base.BaseTestCase):
         self.hub._flush_peer(subscriber)
 
         subscriber_end.setblocking(False)
-        received = subscriber_end.recv(65536)
-        self.assertEqual(notification(0)[10:], received)
-        self.assertTrue(received.endswith(b'\n'))
+        rest, notice, end = subscriber_end.recv(65536).split(b'\n')
+        self.assertEqual(notification(0)[10:], rest + b'\n')
+        # The 9 lines trimmed; the 2 fanned out afterwards were not queued.
+        self.assertEqual(9, proto.dropped_count(notice))
+        self.assertEqual(b'', end)
 
     def publisher_and_subscriber(self):
         subscriber, subscriber_end = self.peer(_unix_hub._SUBSCRIBER)
