@@ -320,15 +320,12 @@ class UnixSocketDriver(notifier.Driver):
                     ctxt))
             # A str: the relay thread encodes it to UTF-8 with the rest of
             # its batch, off the service's path.
-            line = self._encode(message)
+            self._sequence.publish(message, self._encode, relay.publish)
         except Exception:
-            self._sequence.skip()
             LOG.exception('Cannot serialize notification %s (%s) for the '
                           'unix notification socket; dropped.',
                           message.get('message_id'),
                           message.get('event_type'))
-            return
-        self._sequence.publish(line, relay.publish)
 
     def subscribers(self):
         """How many subscribers this process knows of (None: not yet)."""

@@ -34,6 +34,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import threading
 
 from oslo_serialization import jsonutils
@@ -70,19 +71,20 @@ def _secret_words():
 def _anchors(words):
     """A few substrings such that every word holds at least one.
 
-    Testing a handful of short substrings is much cheaper than testing
-    every word; only a string holding an anchor is checked in full.
+    Testing a handful of substrings is much cheaper than testing every
+    word; only a string holding an anchor is checked in full. Of equally
+    useful ones the longer is taken: a search skips ahead by the length
+    of what it looks for.
     """
     uncovered = set(words)
     anchors = []
     while uncovered:
         counts = collections.Counter(
-            w[i:i + n] for w in uncovered for n in (3, 4)
-            for i in range(len(w) - n + 1))
+            w[i:j] for w in uncovered for i in range(len(w))
+            for j in range(i + 3, len(w) + 1))
         if not counts:
-            anchors.extend(uncovered)
+            anchors.extend(sorted(uncovered))
             break
-        # The longer of equally useful ones: rarer in ordinary text.
         anchor = max(sorted(counts), key=lambda a: (counts[a], len(a)))
         anchors.append(anchor)
         uncovered = {w for w in uncovered if anchor not in w}
@@ -269,8 +271,8 @@ def _make_plain_encoder(default):
     """An orjson encoder of plain JSON values only; None without orjson.
 
     Of a plain value (dicts with str keys, lists, tuples, str, numbers),
-    the encoded text holds every key and string as they are (no escape
-    hides a letter: see _line_may_hold_secret), so the text tells whether
+    the encoded text holds every key and string as they are (see
+    _line_may_hold_secret), so the text tells whether
     masking would change anything. Anything else (subclasses, bytes,
     sets, objects, dataclasses, non-string keys) raises: masking converts
     some of those, and must walk them. The stdlib encoder takes
@@ -301,12 +303,12 @@ def _make_plain_encoder(default):
 def _line_may_hold_secret(line):
     """Whether masking could change the plain value ``line`` encodes.
 
-    Keys and strings appear in the text as they are, so a word strutils
-    masks on, if present, is found in the lowercased text. An escape
-    (\\uXXXX) could hide a character that lowercases to an ASCII letter
-    (the Kelvin sign to k): then the value is walked.
+    orjson writes keys and strings as they are, but for control
+    characters, which it escapes and which never lowercase to a letter of
+    a secret word: a word that a key or string holds, lowercased, is in
+    the lowercased text too.
     """
-    return '\\u' in line or _may_hold_secret_word(line.lower())
+    return _may_hold_secret_word(line.lower())
 
 
 def make_line_encoder(mask=True):
@@ -374,30 +376,36 @@ class Sequence:
 
     def _renew(self):
         self.source = own_source()
+        self.pid = os.getpid()
+        # Python's at-fork hook renews the source in a forked child;
+        # uwsgi forks without running it unless --py-call-osafterfork,
+        # so there the pid is compared at every line (a system call).
+        self._check_pid = 'uwsgi' in sys.modules
         # next() on itertools.count is atomic: counting a notification
         # nobody hears costs no lock.
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
-        self._stamp_format = ('"sequence":{"source":%s,"number":%%d}}'
-                              % json.dumps(self.source))
 
     def skip(self):
         """Count a notification that is not sent."""
         next(self._numbers)
 
-    def publish(self, line, publish):
-        """Stamp ``line`` (a JSON object) with the next number, publish it.
+    def publish(self, message, encode, publish):
+        """Stamp ``message``, encode it with ``encode``, ``publish`` it.
 
         Under a lock, so that lines are published in the order of their
-        numbers.
+        numbers. If encoding fails, the number is spent: the notification
+        is lost, and the gap says so.
         """
-        if self.source != own_source():
+        if self._check_pid and self.pid != os.getpid():
             self._renew()
-        # The envelope is an object: its closing brace makes room for the
-        # stamp without encoding it again.
-        head = line[:-1] if line == '{}' else line[:-1] + ','
         with self._lock:
-            publish(head + self._stamp_format % next(self._numbers))
+            stamped = dict(message)
+            # The last key: a subscriber that reads raw lines finds it at
+            # the end.
+            stamped['sequence'] = {'source': self.source,
+                                   'number': next(self._numbers)}
+            publish(encode(stamped))
 
 
 _sequences = {}

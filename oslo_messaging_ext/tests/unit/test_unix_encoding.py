@@ -187,10 +187,10 @@ class SequenceTestCase(base.BaseTestCase):
     def test_numbers_count_skipped_notifications(self):
         sequence = _unix_encoding.Sequence()
         lines = []
-        sequence.publish('{"a":1}', lines.append)
+        sequence.publish({'a': 1}, json.dumps, lines.append)
         sequence.skip()
         sequence.skip()
-        sequence.publish('{}', lines.append)
+        sequence.publish({}, json.dumps, lines.append)
         stamps = [json.loads(line)['sequence'] for line in lines]
         self.assertEqual([1, 4], [s['number'] for s in stamps])
         self.assertEqual({sequence.source}, {s['source'] for s in stamps})
@@ -204,9 +204,13 @@ class SequenceTestCase(base.BaseTestCase):
     def test_a_child_forked_without_hooks_is_a_new_source(self):
         sequence = _unix_encoding.Sequence()
         lines = []
-        sequence.publish('{}', lines.append)
-        with mock.patch('os.getpid', return_value=os.getpid() + 1):
-            sequence.publish('{}', lines.append)
+        sequence.publish({}, json.dumps, lines.append)
+        with mock.patch.dict('sys.modules', uwsgi=mock.Mock()):
+            sequence._renew()
+            first_source = sequence.source
+            with mock.patch('os.getpid', return_value=os.getpid() + 1):
+                sequence.publish({}, json.dumps, lines.append)
+        self.assertNotEqual(first_source, sequence.source)
         first, second = (json.loads(line)['sequence'] for line in lines)
         self.assertNotEqual(first['source'], second['source'])
         self.assertEqual(1, second['number'])
@@ -221,7 +225,7 @@ class SequenceTestCase(base.BaseTestCase):
             try:
                 os.close(read_end)
                 lines = []
-                sequence.publish('{}', lines.append)
+                sequence.publish({}, json.dumps, lines.append)
                 os.write(write_end, lines[0].encode())
             finally:
                 os._exit(0)
