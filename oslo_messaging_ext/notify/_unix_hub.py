@@ -19,23 +19,25 @@ handshake line) from subscribers (who send nothing), and copies every line
 it gets, its own process's and the publishers', to each subscriber's
 bounded queue. A line that does not fit a subscriber's queue is counted for
 that subscriber and reported to it in-band (DROPPED_EVENT_TYPE) before its
-next line, or within _DROP_REPORT_INTERVAL. The publishers are told, by
-status lines, how many subscribers there are and whether all are full.
+next line, or within _DROP_REPORT_INTERVAL, with how many were lines of
+which source (the "sequence" stamp of each line, see _unix_encoding). The
+publishers are told, by status lines, how many subscribers there are and
+whether all are full. :class:`LineAssembler` cuts what a publisher sends
+into lines; _unix_hub_path keeps the socket path bound.
 
 It runs in the relay's native thread only, and never blocks: every socket
 is non-blocking and polled by the relay's poller.
 """
 
 import collections
-import contextlib
 import errno
 import itertools
 import logging
 import os
-import stat
 import time
 
 from oslo_messaging_ext.notify import _unix_encoding as encoding
+from oslo_messaging_ext.notify import _unix_hub_path as hub_path
 from oslo_messaging_ext.notify import _unix_log as unix_log
 from oslo_messaging_ext.notify import _unix_protocol as proto
 from oslo_messaging_ext.notify import _unix_sockfile as sockfile
@@ -57,8 +59,6 @@ _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # Connections accepted but not yet known to be publishers or subscribers;
 # past it, further ones are closed until these are classified.
 _MAX_UNCLASSIFIED = 128
-# Seconds between two checks that the socket path still names our socket.
-_PATH_CHECK_INTERVAL = 1.0
 # Room a drop notice needs in a subscriber's buffer.
 _NOTICE_ROOM = 512
 # A publisher's line longer than this is not a notification anyone can
@@ -81,8 +81,7 @@ class Peer:
 
     __slots__ = ('sock', 'fd', 'kind', 'reading', 'inbuf', 'pending',
                  'pending_bytes', 'dropped', 'dropped_sources',
-                 'classify_at', 'line_parts', 'line_bytes', 'skipping',
-                 'stopped')
+                 'classify_at', 'line', 'stopped')
 
     def __init__(self, sock):
         self.sock = sock
@@ -100,14 +99,62 @@ class Peer:
         self.dropped = 0
         # How many of ``dropped`` were lines of which source.
         self.dropped_sources = {}
-        # A publisher's line not ended yet, in the chunks read: joined
-        # once when it ends, so that a huge line costs linear time.
-        self.line_parts = []
-        self.line_bytes = 0
-        # Reading past the end of a line longer than MAX_LINE.
-        self.skipping = False
+        # What a publisher sends, cut into whole lines.
+        self.line = LineAssembler()
         # Trimmed for a stop: it is sent nothing more.
         self.stopped = False
+
+
+class LineAssembler:
+    """Whole lines out of what a publisher sends, in linear time.
+
+    The start of a line is kept as the chunks read, joined once when the
+    line ends, not concatenated at every read; a line longer than
+    MAX_LINE is dropped rather than held, so that a peer that never ends
+    its line cannot make the hub's memory grow without bound.
+    """
+
+    __slots__ = ('parts', 'size', 'skipping')
+
+    def __init__(self):
+        self.parts = []
+        self.size = 0
+        # Reading past the end of a line longer than MAX_LINE.
+        self.skipping = False
+
+    def feed(self, data):
+        """Return (the complete lines in ``data``, whether one overflowed)."""
+        end = data.rfind(b'\n') + 1
+        if not end:
+            return b'', self._hold(data)
+        start = 0
+        if self.skipping:
+            # The rest of the line too long to relay, then whole lines.
+            self.skipping = False
+            start = data.index(b'\n') + 1
+        if self.parts:
+            self.parts.append(data[:end])
+            complete = b''.join(self.parts)
+            self.parts = []
+            self.size = 0
+        elif start or end < len(data):
+            complete = data[start:end]
+        else:
+            complete = data
+        overlong = end < len(data) and self._hold(data[end:])
+        return complete, overlong
+
+    def _hold(self, data):
+        if self.skipping:
+            return False
+        self.parts.append(data)
+        self.size += len(data)
+        if self.size <= MAX_LINE:
+            return False
+        self.parts = []
+        self.size = 0
+        self.skipping = True
+        return True
 
 
 class Hub:
@@ -146,18 +193,7 @@ class Hub:
         self._accept_failures = unix_log.Throttle()
         self._strangers = unix_log.Throttle()
         self._long_lines = unix_log.Throttle()
-        self._fork_lock = fork_lock or contextlib.nullcontext()
-        # What the path must keep naming; the mode and group to bind with
-        # again if it is removed (as the relay bound it, just now).
-        try:
-            st = os.lstat(path)
-            self.bound_id = (st.st_dev, st.st_ino)
-            self._mode, self._gid = stat.S_IMODE(st.st_mode), st.st_gid
-        except OSError:
-            self.bound_id = None
-        self._path_check_at = time.monotonic() + _PATH_CHECK_INTERVAL
-        self._path_lost = False
-        self._rebind_failures = unix_log.Throttle()
+        self._path_keeper = hub_path.PathKeeper(path, fork_lock)
         poller.register(listener, select.POLLIN)
 
     # -- what the relay calls -------------------------------------------------
@@ -187,7 +223,7 @@ class Hub:
         self._credit_unsent()
         timeout = self._resume_accepting(timeout)
         timeout = self._classify_new_peers(timeout)
-        timeout = self._check_path(timeout)
+        timeout = self._keep_path(timeout)
         self._refresh_saturation()
         return timeout
 
@@ -298,6 +334,11 @@ class Hub:
         self._poller.modify(peer.sock, self._mask(peer))
         return unread
 
+    @property
+    def bound_id(self):
+        """What tells the socket file the hub last bound (see sockfile)."""
+        return self._path_keeper.bound_id
+
     def close(self):
         """Close every connection and the listener (the file stays)."""
         for peer in list(self.peers.values()):
@@ -379,73 +420,15 @@ class Hub:
 
     # -- keeping the path ---------------------------------------------------
 
-    def _check_path(self, timeout):
-        """Bind again if the socket file was removed; return the timeout.
-
-        rm, a tmpfiles clean-up or a recreated directory leave the hub
-        serving its connections, but nobody can connect any more. Checked
-        once a second: one lstat.
-        """
-        if self.bound_id is None:
-            return timeout
-        now = time.monotonic()
-        if now >= self._path_check_at:
-            self._path_check_at = now + _PATH_CHECK_INTERVAL
-            try:
-                current = sockfile.file_id(self.path)
-            except FileNotFoundError:
-                current = None
-            except OSError:
-                current = self.bound_id
-            if current == self.bound_id:
-                self._path_lost = False
-            else:
-                if not self._path_lost:
-                    self._path_lost = True
-                    unix_log.log(
-                        LOG, logging.WARNING, 'Unix notification socket %s: '
-                        'the path no longer names this hub\'s socket (%s); '
-                        'nobody can connect until it is bound again',
-                        self.path, 'removed' if current is None else
-                        'replaced, left alone')
-                if current is None:
-                    self._bind_again()
-        wait = (self._path_check_at - now) * 1000 + 1
-        return wait if timeout is None else min(timeout, wait)
-
-    def _bind_again(self):
-        """Bind the path again, by the rules of the first bind."""
-        directory = os.path.dirname(self.path)
-        try:
-            problem = sockfile.directory_problem(directory)
-            if problem:
-                raise sockfile.UnsafeSocketFile(problem)
-            with self._fork_lock:
-                with sockfile.Lock(self.path + '.lock'):
-                    if os.path.lexists(self.path):
-                        # Bound by another process meanwhile: its own.
-                        return
-                    listener, bound_id = sockfile.bind_listener(
-                        self.path, self._mode, self._gid)
-        except sockfile.LockBusy:
-            return
-        except (OSError, proto.RelayError) as exc:
-            unsaid = self._rebind_failures.hit()
-            if unsaid:
-                unix_log.log(LOG, logging.WARNING, 'Unix notification socket '
-                             '%s: cannot bind it again: %s (%d attempts since '
-                             'the last report); retrying every %.0fs',
-                             self.path, exc, unsaid, _PATH_CHECK_INTERVAL)
-            return
-        self._poller.unregister(self.listener)
-        self.listener.close()
-        self.listener = listener
-        self.bound_id = bound_id
-        self._accept_resume_at = None
-        self._poller.register(listener, select.POLLIN)
-        self._path_lost = False
-        unix_log.log(LOG, logging.INFO, 'Unix notification socket %s: '
-                     'bound again', self.path)
+    def _keep_path(self, timeout):
+        listener, timeout = self._path_keeper.check(timeout)
+        if listener is not None:
+            self._poller.unregister(self.listener)
+            self.listener.close()
+            self.listener = listener
+            self._accept_resume_at = None
+            self._poller.register(listener, select.POLLIN)
+        return timeout
 
     # -- telling publishers from subscribers ----------------------------------
 
@@ -614,51 +597,18 @@ class Hub:
         self._identify(peer, peer.inbuf + data)
 
     def _relay_publisher_data(self, peer, data):
-        """Fan out the complete lines; keep a cut last one for later.
-
-        The start of a line is kept in chunks, joined once when the line
-        ends: a huge notification costs linear time, not a copy of all
-        read so far at every read.
-        """
-        end = data.rfind(b'\n') + 1
-        if not end:
-            self._hold_line_start(peer, data)
-            return
-        if peer.skipping:
-            # The rest of a line too long to relay, then whole lines.
-            peer.skipping = False
-            start = data.index(b'\n') + 1
-        else:
-            start = 0
-        if peer.line_parts:
-            peer.line_parts.append(data[:end])
-            complete = b''.join(peer.line_parts)
-            peer.line_parts = []
-            peer.line_bytes = 0
-        else:
-            complete = data[start:end] if (start or end < len(data)) else data
-        if end < len(data):
-            self._hold_line_start(peer, data[end:])
+        """Fan out the complete lines; keep a cut last one for later."""
+        complete, overlong = peer.line.feed(data)
+        if overlong:
+            self.credit_dropped(1, {})
+            unsaid = self._long_lines.hit()
+            if unsaid:
+                unix_log.log(LOG, logging.WARNING, 'Unix notification socket '
+                             '%s: dropped a line longer than %d bytes from a '
+                             'publisher (%d since the last report)',
+                             self.path, MAX_LINE, unsaid)
         if complete:
             self.fan_out(complete)
-
-    def _hold_line_start(self, peer, data):
-        if peer.skipping:
-            return
-        peer.line_parts.append(data)
-        peer.line_bytes += len(data)
-        if peer.line_bytes <= MAX_LINE:
-            return
-        peer.line_parts = []
-        peer.line_bytes = 0
-        peer.skipping = True
-        self.credit_dropped(1, {})
-        unsaid = self._long_lines.hit()
-        if unsaid:
-            unix_log.log(LOG, logging.WARNING, 'Unix notification socket %s: '
-                         'dropped a line longer than %d bytes from a '
-                         'publisher (%d since the last report)', self.path,
-                         MAX_LINE, unsaid)
 
     def _stop_reading(self, peer):
         peer.reading = False

@@ -223,7 +223,7 @@ class HubTestCase(base.BaseTestCase):
             self.publisher_and_subscriber())
         for _ in range(40):
             self.hub._relay_publisher_data(publisher, b'x' * 8192)
-            self.assertLessEqual(publisher.line_bytes, 65536 + 8192)
+            self.assertLessEqual(publisher.line.size, 65536 + 8192)
         self.assertEqual(1, subscriber.dropped)
         self.hub._relay_publisher_data(
             publisher, b'xx\n' + notification(1) + notification(2)[:5])
@@ -245,9 +245,9 @@ class HubTestCase(base.BaseTestCase):
             self.hub._relay_publisher_data(
                 publisher, line[offset:offset + proto.READ_SIZE])
             # Held as the chunks read, never joined before the end.
-            self.assertEqual(sum(map(len, publisher.line_parts)),
-                             publisher.line_bytes)
-        self.assertEqual(0, publisher.line_bytes)
+            self.assertEqual(sum(map(len, publisher.line.parts)),
+                             publisher.line.size)
+        self.assertEqual(0, publisher.line.size)
         self.assertEqual(line, self.drain(subscriber, subscriber_end))
 
     def drain(self, peer, end):

@@ -25,7 +25,7 @@ from oslotest import base
 import fixtures
 
 from oslo_messaging_ext.notify import _impl_unix
-from oslo_messaging_ext.notify import _unix_hub
+from oslo_messaging_ext.notify import _unix_hub_path
 from oslo_messaging_ext.notify import _unix_log
 from oslo_messaging_ext.notify import _unix_relay
 from oslo_messaging_ext.tests import utils as test_utils
@@ -53,7 +53,7 @@ class PathLostTestCase(base.BaseTestCase):
             conf.conf, url='fake:/')
         self.addCleanup(transport.cleanup)
         self.logger = self.useFixture(
-            test_utils.FakeLogger(_unix_hub.__name__))
+            test_utils.FakeLogger(_unix_hub_path.__name__))
         self.relay_logger = self.useFixture(
             test_utils.FakeLogger(_unix_relay.__name__))
         self.driver = _impl_unix.UnixSocketDriver(conf.conf, ['n'],
