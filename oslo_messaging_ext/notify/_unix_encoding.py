@@ -112,47 +112,68 @@ def _may_hold_secret_word(lowered):
     return False
 
 
-# Keys recur from one notification to the next: whether one names a
-# secret is remembered (bounded: keys may be data too).
-_key_verdicts = {}
-_MAX_KEY_VERDICTS = 4096
+# Keys and many values recur from one notification to the next: whether
+# one holds a secret word is remembered (bounded: they may be data too).
+_verdicts = {}
+_MAX_VERDICTS = 4096
+_MAX_REMEMBERED_LENGTH = 256
 
 
-def _key_is_secret(key):
-    verdict = _key_verdicts.get(key)
+def _holds_secret_word(text):
+    """``any(word in text.lower() for word in _WORDS)``, for a str."""
+    verdict = _verdicts.get(text)
     if verdict is None:
-        lowered = key.lower()
-        verdict = any(word in lowered for word in _WORDS)
-        if len(_key_verdicts) >= _MAX_KEY_VERDICTS:
-            _key_verdicts.clear()
-        _key_verdicts[key] = verdict
+        verdict = _may_hold_secret_word(text.lower())
+        if len(text) <= _MAX_REMEMBERED_LENGTH:
+            if len(_verdicts) >= _MAX_VERDICTS:
+                _verdicts.clear()
+            _verdicts[text] = verdict
     return verdict
 
 
 def _mask_string(value):
-    if type(value) is str and not _may_hold_secret_word(value.lower()):
+    if type(value) is str and not _holds_secret_word(value):
         return value
     return strutils.mask_password(value, secret=SECRET)
+
+
+# Exact types that are not mappings (a subclass goes the general way).
+_PLAIN = frozenset([str, int, float, bool, type(None), list, tuple])
 
 
 def _mask_dict(dictionary):
     if type(dictionary) is not dict:
         return strutils.mask_dict_password(dictionary, secret=SECRET)
     out = {}
+    verdicts = _verdicts
     for key, value in dictionary.items():
         kind = type(value)
-        # The order of strutils' tests: a mapping is always descended
-        # into, whatever its key; a secret key masks any other value.
-        if kind is dict or isinstance(value, collections.abc.Mapping):
+        if kind is dict:
+            # As strutils: a mapping is descended into, whatever its key.
             out[key] = _mask_dict(value)
-        elif isinstance(key, str) and (
-                _key_is_secret(key) if type(key) is str else
-                any(word in key.lower() for word in _WORDS)):
+        elif kind in _PLAIN:
+            # No mapping: the key decides first, then a string or a list
+            # is masked, anything else kept.
+            if type(key) is str:
+                secret = verdicts.get(key)
+                if secret is None:
+                    secret = _holds_secret_word(key)
+            else:
+                secret = isinstance(key, str) and _key_names_secret(key)
+            if secret:
+                out[key] = SECRET
+            elif kind is str:
+                out[key] = _mask_string(value)
+            elif kind is list or kind is tuple:
+                out[key] = _mask_collection(value)
+            else:
+                out[key] = value
+        elif isinstance(value, collections.abc.Mapping):
+            out[key] = _mask_dict(value)
+        elif isinstance(key, str) and _key_names_secret(key):
             out[key] = SECRET
-        elif kind is str or isinstance(value, str):
+        elif isinstance(value, str):
             out[key] = _mask_string(value)
-        elif kind in (int, float, bool) or value is None:
-            out[key] = value
         elif isinstance(value, collections.abc.Collection):
             out[key] = _mask_collection(value)
         else:
@@ -160,7 +181,20 @@ def _mask_dict(dictionary):
     return out
 
 
+def _key_names_secret(key):
+    if type(key) is str:
+        return _holds_secret_word(key)
+    return any(word in key.lower() for word in _WORDS)
+
+
 def _mask_value(value):
+    kind = type(value)
+    if kind is str:
+        return _mask_string(value)
+    if kind is dict:
+        return _mask_dict(value)
+    if kind in _PLAIN and kind is not list and kind is not tuple:
+        return value
     if isinstance(value, collections.abc.Mapping):
         return _mask_dict(value)
     if isinstance(value, str):
