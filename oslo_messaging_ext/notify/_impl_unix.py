@@ -103,11 +103,8 @@ configured. It is removed on clean shutdown (exit, or driver close()).
 Nothing is ever unlinked, chmod'ed or chown'ed through a symlink.
 """
 
-import functools
 import grp
-import json
 import logging
-import math
 import os
 import stat
 import sys
@@ -115,13 +112,8 @@ import sys
 from oslo_config import cfg
 from oslo_config import types
 from oslo_messaging.notify import notifier
-from oslo_serialization import jsonutils
-from oslo_utils import strutils
-try:
-    import orjson
-except ImportError:  # the stdlib encoder is as correct, only slower
-    orjson = None
 
+from oslo_messaging_ext.notify import _unix_encoding
 from oslo_messaging_ext.notify import _unix_protocol
 from oslo_messaging_ext.notify import _unix_relay
 from oslo_messaging_ext.notify import _unix_sockfile
@@ -201,12 +193,6 @@ unix_opts = [
                      'removed from it.'),
 ]
 
-# Context keys never sent, whatever their value; any key that mentions a
-# token or a secret is removed too, and strutils masks password-like ones.
-_SECRET_CONTEXT_KEYS = frozenset(['auth_token', 'auth_token_info',
-                                  'service_token', 'service_auth_token',
-                                  'password', 'secret', 'credentials'])
-_SECRET_KEY_WORDS = ('token', 'secret', 'password', 'credential')
 
 
 class UnixSocketConfigError(cfg.Error):
@@ -347,76 +333,6 @@ def service_identity(conf):
             os.path.basename(sys.argv[0] or 'python'))
 
 
-def redact_context(ctxt):
-    """A JSON-friendly copy of ``ctxt`` without tokens or secrets."""
-    if ctxt is None:
-        return {}
-    if hasattr(ctxt, 'redacted_copy'):
-        ctxt = ctxt.redacted_copy()
-    if hasattr(ctxt, 'to_dict'):
-        ctxt = ctxt.to_dict()
-    if not isinstance(ctxt, dict):
-        return {}
-    clean = {k: v for k, v in ctxt.items()
-             if k not in _SECRET_CONTEXT_KEYS and
-             not any(w in str(k).lower() for w in _SECRET_KEY_WORDS)}
-    return strutils.mask_dict_password(clean)
-
-
-def _finite(value):
-    """``value`` with every NaN and infinity replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def make_encoder():
-    """Return a function that turns an envelope into one JSON line (str).
-
-    Values JSON cannot hold go through oslo.serialization's to_primitive;
-    NaN and infinities become null, as JSON has no such numbers (one rule
-    whichever encoder runs: the line is always valid JSON). orjson, when
-    installed, encodes the glance payload about ten times faster than the
-    stdlib, which is most of this driver's cost per notification;
-    whatever orjson refuses (integers beyond 64 bits, ...) is encoded by
-    the stdlib instead, so the output never depends on it.
-    """
-    default = functools.partial(jsonutils.to_primitive,
-                                convert_instances=True, fallback=repr)
-    # Circular structures still fail (RecursionError, logged by notify());
-    # skipping the check saves time on every notification.
-    strict_encode = json.JSONEncoder(
-        default=default, check_circular=False, ensure_ascii=True,
-        allow_nan=False, separators=(',', ':')).encode
-
-    def stdlib_encode(message):
-        try:
-            return strict_encode(message)
-        except ValueError:
-            # Rare enough to pay a second pass; to_primitive first, so
-            # that non-finite floats inside other types are found too.
-            return strict_encode(_finite(default(message)))
-
-    if orjson is None:
-        return stdlib_encode
-    dumps = orjson.dumps
-    # Datetimes go to to_primitive, as with the stdlib, so that subscribers
-    # see the same text whichever encoder produced the line.
-    options = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
-    refused = orjson.JSONEncodeError
-
-    def encode(message):
-        try:
-            return dumps(message, default=default,
-                         option=options).decode('utf-8')
-        except refused:
-            return stdlib_encode(message)
-
-    return encode
 
 
 class UnixSocketDriver(notifier.Driver):
@@ -439,7 +355,8 @@ class UnixSocketDriver(notifier.Driver):
         except OSError as exc:
             raise UnixSocketConfigError('sock_path', path, str(exc))
         _say_loaded(path, mode, gid, service)
-        self._encode = make_encoder()
+        self._encode = _unix_encoding.make_line_encoder()
+        self._sequence = _unix_encoding.sequence(path)
         self._relay = _unix_relay.get(
             path, service=service, mode=mode, gid=gid,
             max_subscribers=max_subscribers, buffer_size=buffer_size)
@@ -449,21 +366,23 @@ class UnixSocketDriver(notifier.Driver):
 
     def notify(self, ctxt, message, priority, retry):
         relay = self._relay
-        if relay is None or not relay.wanted():
+        if relay is None:
+            return
+        if not relay.wanted():
+            self._sequence.skip()
             return
         try:
             if self._include_context:
-                message = dict(message, context=redact_context(ctxt))
+                message = dict(message, context=_unix_encoding.redact_context(
+                    ctxt))
             # A str: the relay thread encodes it to UTF-8 with the rest of
             # its batch, off the service's path.
-            line = self._encode(message)
+            self._sequence.publish(message, self._encode, relay.publish)
         except Exception:
             LOG.exception('Cannot serialize notification %s (%s) for the '
                           'unix notification socket; dropped.',
                           message.get('message_id'),
                           message.get('event_type'))
-            return
-        relay.publish(line)
 
     def subscribers(self):
         """How many subscribers this process knows of (None: not yet)."""

@@ -19,8 +19,11 @@ handshake line) from subscribers (who send nothing), and copies every line
 it gets, its own process's and the publishers', to each subscriber's
 bounded queue. A line that does not fit a subscriber's queue is counted for
 that subscriber and reported to it in-band (DROPPED_EVENT_TYPE) before its
-next line, or within _DROP_REPORT_INTERVAL. The publishers are told, by
-status lines, how many subscribers there are and whether all are full.
+next line, or within _DROP_REPORT_INTERVAL, with how many were lines of
+which source (the "sequence" stamp of each line, see _unix_encoding). The
+publishers are told, by status lines, how many subscribers there are and
+whether all are full. :class:`LineAssembler` cuts what a publisher sends
+into lines; _unix_hub_path keeps the socket path bound.
 
 It runs in the relay's native thread only, and never blocks: every socket
 is non-blocking and polled by the relay's poller.
@@ -33,6 +36,8 @@ import logging
 import os
 import time
 
+from oslo_messaging_ext.notify import _unix_encoding as encoding
+from oslo_messaging_ext.notify import _unix_hub_path as hub_path
 from oslo_messaging_ext.notify import _unix_log as unix_log
 from oslo_messaging_ext.notify import _unix_protocol as proto
 from oslo_messaging_ext.notify import _unix_sockfile as sockfile
@@ -56,6 +61,10 @@ _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _MAX_UNCLASSIFIED = 128
 # Room a drop notice needs in a subscriber's buffer.
 _NOTICE_ROOM = 512
+# A publisher's line longer than this is not a notification anyone can
+# use: it is dropped (and counted) rather than held, so that a peer that
+# never ends its line cannot make the hub's memory grow without bound.
+MAX_LINE = 128 * 1024 * 1024
 
 # Seconds a new connection has to introduce itself as a publisher; after
 # that it is a subscriber (subscribers send nothing). Lines are held for it
@@ -71,7 +80,8 @@ class Peer:
     """A connection accepted by the hub: a subscriber until it says not."""
 
     __slots__ = ('sock', 'fd', 'kind', 'reading', 'inbuf', 'pending',
-                 'pending_bytes', 'dropped', 'classify_at')
+                 'pending_bytes', 'dropped', 'dropped_sources',
+                 'classify_at', 'line', 'stopped')
 
     def __init__(self, sock):
         self.sock = sock
@@ -87,6 +97,64 @@ class Peer:
         self.pending = collections.deque()
         self.pending_bytes = 0
         self.dropped = 0
+        # How many of ``dropped`` were lines of which source.
+        self.dropped_sources = {}
+        # What a publisher sends, cut into whole lines.
+        self.line = LineAssembler()
+        # Trimmed for a stop: it is sent nothing more.
+        self.stopped = False
+
+
+class LineAssembler:
+    """Whole lines out of what a publisher sends, in linear time.
+
+    The start of a line is kept as the chunks read, joined once when the
+    line ends, not concatenated at every read; a line longer than
+    MAX_LINE is dropped rather than held, so that a peer that never ends
+    its line cannot make the hub's memory grow without bound.
+    """
+
+    __slots__ = ('parts', 'size', 'skipping')
+
+    def __init__(self):
+        self.parts = []
+        self.size = 0
+        # Reading past the end of a line longer than MAX_LINE.
+        self.skipping = False
+
+    def feed(self, data):
+        """Return (the complete lines in ``data``, whether one overflowed)."""
+        end = data.rfind(b'\n') + 1
+        if not end:
+            return b'', self._hold(data)
+        start = 0
+        if self.skipping:
+            # The rest of the line too long to relay, then whole lines.
+            self.skipping = False
+            start = data.index(b'\n') + 1
+        if self.parts:
+            self.parts.append(data[:end])
+            complete = b''.join(self.parts)
+            self.parts = []
+            self.size = 0
+        elif start or end < len(data):
+            complete = data[start:end]
+        else:
+            complete = data
+        overlong = end < len(data) and self._hold(data[end:])
+        return complete, overlong
+
+    def _hold(self, data):
+        if self.skipping:
+            return False
+        self.parts.append(data)
+        self.size += len(data)
+        if self.size <= MAX_LINE:
+            return False
+        self.parts = []
+        self.size = 0
+        self.skipping = True
+        return True
 
 
 class Hub:
@@ -104,10 +172,11 @@ class Hub:
         being full
     :param counts_changed: called with (subscribers, connecting,
         saturated) whenever one of them changes
+    :param fork_lock: held while binding again, as for the first bind
     """
 
     def __init__(self, listener, poller, path, service, max_subscribers,
-                 buffer_size, take_unsent, counts_changed):
+                 buffer_size, take_unsent, counts_changed, fork_lock=None):
         self.listener = listener
         self.path = path
         self.service = service
@@ -123,6 +192,8 @@ class Hub:
         self._refusals = unix_log.Throttle()
         self._accept_failures = unix_log.Throttle()
         self._strangers = unix_log.Throttle()
+        self._long_lines = unix_log.Throttle()
+        self._path_keeper = hub_path.PathKeeper(path, fork_lock)
         poller.register(listener, select.POLLIN)
 
     # -- what the relay calls -------------------------------------------------
@@ -149,14 +220,19 @@ class Hub:
     def tick(self, timeout):
         """Do what is due; return the poll timeout (ms) it needs."""
         # Before new subscribers count: they missed none of these.
-        self.credit_dropped(self._take_unsent())
+        self._credit_unsent()
         timeout = self._resume_accepting(timeout)
         timeout = self._classify_new_peers(timeout)
+        timeout = self._keep_path(timeout)
         self._refresh_saturation()
         return timeout
 
     def fan_out(self, data):
         """Queue complete lines (bytes) for every subscriber."""
+        # Lines this process counted instead of sending come before the
+        # later lines of this process: a subscriber then hears of a loss
+        # before the line whose sequence number shows it.
+        self._credit_unsent()
         if proto.DROPPED_PREFIX in data:
             self._fan_out_with_notices(data)
             return
@@ -164,11 +240,22 @@ class Hub:
         for peer in self._fed():
             self._queue(peer, data, lines)
 
-    def credit_dropped(self, count):
-        """Count ``count`` lines as dropped for everyone fed now."""
-        if count:
-            for peer in self._fed():
-                peer.dropped += count
+    def credit_dropped(self, count, sources=None):
+        """Count ``count`` lines as dropped for everyone fed now.
+
+        ``sources``: how many were lines of which source; by default all
+        were this process's own.
+        """
+        if not count:
+            return
+        if sources is None:
+            sources = {encoding.own_source(): count}
+        for peer in self._fed():
+            peer.dropped += count
+            _add_sources(peer.dropped_sources, sources)
+
+    def _credit_unsent(self):
+        self.credit_dropped(self._take_unsent())
 
     def unreported_drops(self):
         return any(p.dropped for p in self.peers.values()
@@ -212,26 +299,45 @@ class Hub:
         A subscriber that does not keep up must not hold a stop, but it
         must never be left with a cut line either. Every chunk queued ends
         with a newline, and only the head of the queue can be partly sent
-        (a memoryview into its chunk).
+        (a memoryview into its chunk). A subscriber is then told, by a
+        drop notice after that line, what it will not get: it reads on
+        until the hub closes.
         """
-        pending = peer.pending
-        head = pending[0]
+        subscriber = peer.kind is not _PUBLISHER
+        if subscriber:
+            # Stop fan-out first: a line queued after the trim could be
+            # cut in its turn.
+            peer.stopped = True
+        chunks = list(peer.pending)
+        head = chunks[0]
         rest = b''
         if isinstance(head, memoryview):
             whole = head.obj
             offset = len(whole) - len(head)
             if offset and whole[offset - 1:offset] != b'\n':
                 rest = whole[offset:whole.index(b'\n', offset) + 1]
-        unread = sum(proto.notifications_in(chunk) for chunk in pending)
-        if rest:
-            unread -= 1
-        pending.clear()
+            chunks[0] = memoryview(whole)[offset + len(rest):]
+        unread, sources = 0, {}
+        for chunk in chunks:
+            count, chunk_sources = proto.accounted_in(chunk)
+            unread += count
+            _add_sources(sources, chunk_sources)
+        peer.pending.clear()
         peer.pending_bytes = 0
         if rest:
-            pending.append(rest)
+            peer.pending.append(rest)
             peer.pending_bytes = len(rest)
+        if subscriber and unread:
+            peer.dropped += unread
+            _add_sources(peer.dropped_sources, sources)
+            self._queue_drop_notice(peer, flush=False)
         self._poller.modify(peer.sock, self._mask(peer))
         return unread
+
+    @property
+    def bound_id(self):
+        """What tells the socket file the hub last bound (see sockfile)."""
+        return self._path_keeper.bound_id
 
     def close(self):
         """Close every connection and the listener (the file stays)."""
@@ -245,7 +351,7 @@ class Hub:
     def _accept(self):
         # What was counted, not serialized, until now was missed by the
         # present subscribers only.
-        self.credit_dropped(self._take_unsent())
+        self._credit_unsent()
         accepted = 0
         while True:
             try:
@@ -312,6 +418,18 @@ class Hub:
                          'last report, %d in all)', self.path, reason, unsaid,
                          self._refusals.total)
 
+    # -- keeping the path ---------------------------------------------------
+
+    def _keep_path(self, timeout):
+        listener, timeout = self._path_keeper.check(timeout)
+        if listener is not None:
+            self._poller.unregister(self.listener)
+            self.listener.close()
+            self.listener = listener
+            self._accept_resume_at = None
+            self._poller.register(listener, select.POLLIN)
+        return timeout
+
     # -- telling publishers from subscribers ----------------------------------
 
     def _classify_new_peers(self, timeout):
@@ -365,6 +483,7 @@ class Hub:
         peer.kind = _PUBLISHER
         peer.inbuf = b''
         peer.dropped = 0
+        peer.dropped_sources = {}
         if peer.pending:
             # Held for it, or sent to it, as to a subscriber: not for it.
             # Only the rest of a line partly sent stays, so that its status
@@ -479,11 +598,17 @@ class Hub:
 
     def _relay_publisher_data(self, peer, data):
         """Fan out the complete lines; keep a cut last one for later."""
-        data = peer.inbuf + data
-        end = data.rfind(b'\n') + 1
-        peer.inbuf = data[end:]
-        if end:
-            self.fan_out(data[:end])
+        complete, overlong = peer.line.feed(data)
+        if overlong:
+            self.credit_dropped(1, {})
+            unsaid = self._long_lines.hit()
+            if unsaid:
+                unix_log.log(LOG, logging.WARNING, 'Unix notification socket '
+                             '%s: dropped a line longer than %d bytes from a '
+                             'publisher (%d since the last report)',
+                             self.path, MAX_LINE, unsaid)
+        if complete:
+            self.fan_out(complete)
 
     def _stop_reading(self, peer):
         peer.reading = False
@@ -514,7 +639,7 @@ class Hub:
             if run:
                 self.fan_out(b'\n'.join(run) + b'\n')
                 run = []
-            self.credit_dropped(proto.dropped_count(line))
+            self.credit_dropped(*proto.dropped_notice(line))
         if run:
             self.fan_out(b'\n'.join(run) + b'\n')
 
@@ -525,9 +650,10 @@ class Hub:
         than sock_buffer_size still reaches a subscriber that keeps up.
         """
         was_empty = not peer.pending
-        if not force and not was_empty and (
-                peer.pending_bytes + len(data) > self.buffer_size):
+        if not force and (peer.stopped or not was_empty and (
+                peer.pending_bytes + len(data) > self.buffer_size)):
             peer.dropped += lines
+            _add_sources(peer.dropped_sources, proto.sources_in(data))
             return
         if peer.sock.fileno() < 0:
             return
@@ -542,8 +668,10 @@ class Hub:
         if not peer.dropped:
             return
         was_empty = not peer.pending
-        notice = proto.dropped_envelope(peer.dropped, 'subscriber buffer')
+        notice = proto.dropped_envelope(peer.dropped, 'subscriber buffer',
+                                        sources=peer.dropped_sources)
         peer.dropped = 0
+        peer.dropped_sources = {}
         peer.pending.append(notice)
         peer.pending_bytes += len(notice)
         if flush and was_empty and peer.kind is not _NEW:
@@ -600,3 +728,8 @@ class Hub:
             if not data:
                 break
             self._relay_publisher_data(peer, data)
+
+
+def _add_sources(into, sources):
+    for source, count in sources.items():
+        into[source] = into.get(source, 0) + count

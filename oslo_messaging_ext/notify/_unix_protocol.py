@@ -19,9 +19,11 @@ are JSON objects whose first key is PROTOCOL_KEY, so that they can be told
 apart from notifications without decoding them.
 """
 
+import collections
 import importlib
 import json
 import os
+import re
 import sys
 import uuid
 
@@ -43,6 +45,11 @@ CONTROL_PREFIX = ('{"%s":' % PROTOCOL_KEY).encode('ascii')
 MAX_HANDSHAKE = 4096
 # Bytes read from a connection at once.
 READ_SIZE = 262144
+# A drop count beyond this is garbage, not a count.
+MAX_DROP_COUNT = 2 ** 53
+# The sequence stamp ends every notification line (see _unix_encoding).
+_SEQUENCE_SOURCE = re.compile(
+    rb'"sequence":\{"source":"([^"\\]*)","number":[0-9]+\}\}\n')
 
 
 def native(name):
@@ -73,27 +80,79 @@ def parse_control(line):
     return fields if isinstance(fields, dict) else None
 
 
-def dropped_envelope(count, where):
+def dropped_envelope(count, where, sources=None):
     """The in-band notice of ``count`` notifications dropped ``where``.
 
     event_type comes first, so that the hub can spot notices among the
     lines it relays (DROPPED_PREFIX) without decoding every line.
+    ``sources`` says how many of them were lines of which source (see
+    the "sequence" key); by default all were this process's own.
     """
+    if sources is None:
+        # Imported here: the encoding module imports oslo libraries the
+        # protocol does not need.
+        from oslo_messaging_ext.notify import _unix_encoding
+        sources = {_unix_encoding.own_source(): count}
     return (json.dumps({
         'event_type': DROPPED_EVENT_TYPE,
         'message_id': str(uuid.uuid4()),
         'publisher_id': 'oslo_messaging_ext.unix',
         'priority': 'WARN',
-        'payload': {'dropped': count, 'where': where, 'pid': os.getpid()},
+        'payload': {'dropped': count, 'where': where, 'pid': os.getpid(),
+                    'sources': sources},
         'timestamp': str(timeutils.utcnow()),
     }, separators=(',', ':')).encode('ascii') + b'\n')
 
 
-def dropped_count(line):
+def _valid_count(value):
+    return (type(value) is int and 0 <= value <= MAX_DROP_COUNT)
+
+
+def dropped_notice(line):
+    """(count, {source: count}) of a drop notice; (0, {}) if invalid.
+
+    A notice comes from a process of the service user; still, a count
+    that is not a non-negative integer, or sources that do not add up
+    within it, is refused rather than trusted.
+    """
     try:
-        return int(json.loads(line)['payload']['dropped'])
-    except (ValueError, KeyError, TypeError):
-        return 0
+        payload = json.loads(line)['payload']
+        count = payload['dropped']
+        sources = payload.get('sources') or {}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return 0, {}
+    if not _valid_count(count) or not isinstance(sources, dict):
+        return 0, {}
+    if not all(isinstance(k, str) and _valid_count(v) and v
+               for k, v in sources.items()) or sum(sources.values()) > count:
+        sources = {}
+    return count, sources
+
+
+def dropped_count(line):
+    return dropped_notice(line)[0]
+
+
+def sources_in(data):
+    """How many lines of each source ``data`` holds (a Counter)."""
+    return collections.Counter(
+        m.decode('utf-8', 'replace')
+        for m in _SEQUENCE_SOURCE.findall(bytes(data)))
+
+
+def accounted_in(data):
+    """(notifications, {source: count}) that the lines of ``data`` stand for.
+
+    As notifications_in, with the sources of the notifications and of the
+    drop notices it holds.
+    """
+    data = bytes(data)
+    sources = sources_in(data)
+    if DROPPED_PREFIX in data:
+        for line in data.split(b'\n'):
+            if line.startswith(DROPPED_PREFIX):
+                sources.update(dropped_notice(line)[1])
+    return notifications_in(data), dict(sources)
 
 
 def notifications_in(data):

@@ -372,7 +372,7 @@ class Relay:
             elected.listener, self._poller, self.path, self.service,
             self.max_subscribers, self.buffer_size,
             take_unsent=self.outbox.take_unsent,
-            counts_changed=self._counts_changed)
+            counts_changed=self._counts_changed, fork_lock=self.fork_lock)
         self.state = _HUB
         self.subscribers = 0
         self.connecting = 0
@@ -451,6 +451,8 @@ class Relay:
             self._upstream.sock.close()
             self._upstream = None
         if self._hub is not None:
+            # The hub binds the path again if it was removed.
+            self._bound_id = self._hub.bound_id or self._bound_id
             self._hub.close()
             self._hub = None
             with self.fork_lock:

@@ -256,7 +256,8 @@ class UnixProcessesTestCase(base.BaseTestCase):
         self.finish(service)
         lines = self.finish(client).splitlines()
         self.assertEqual(6, len(lines))
-        expected = set(samples.glance_image_notifications()[0])
+        expected = set(samples.glance_image_notifications()[0]) | {
+            'sequence'}
         for line in lines:
             notification = json.loads(line)
             self.assertEqual(expected, set(notification))

@@ -31,6 +31,7 @@ import oslo_messaging
 from oslotest import base
 
 from oslo_messaging_ext.notify import _impl_unix
+from oslo_messaging_ext.notify import _unix_encoding
 from oslo_messaging_ext.notify import _unix_protocol
 from oslo_messaging_ext.notify import _unix_relay
 from oslo_messaging_ext.notify import _unix_sockfile
@@ -504,7 +505,7 @@ class UnixDriverTestCase(base.BaseTestCase):
         notifier.info({}, envelope['event_type'], envelope['payload'])
         [received] = self.read_lines(sock, 1)
         self.assertEqual({'message_id', 'publisher_id', 'event_type',
-                          'priority', 'payload', 'timestamp'},
+                          'priority', 'payload', 'timestamp', 'sequence'},
                          set(received))
         self.assertEqual(envelope['payload'], received['payload'])
         self.assertEqual('INFO', received['priority'])
@@ -542,12 +543,12 @@ class UnixDriverTestCase(base.BaseTestCase):
                'ratio': 0.1, 'nested': [{'deep': (1, 2)}]}
         envelopes = samples.glance_image_notifications() + [
             dict(samples.glance_image_notifications()[0], payload=odd)]
-        if _impl_unix.orjson is None:
+        if _unix_encoding.orjson is None:
             self.skipTest('orjson (optional: the orjson extra) is not '
                           'installed: no second encoder to compare')
-        encode = _impl_unix.make_encoder()
-        with mock.patch.object(_impl_unix, 'orjson', None):
-            stdlib_encode = _impl_unix.make_encoder()
+        encode = _unix_encoding.make_encoder()
+        with mock.patch.object(_unix_encoding, 'orjson', None):
+            stdlib_encode = _unix_encoding.make_encoder()
         for envelope in envelopes:
             line = encode(envelope)
             self.assertNotIn('\n', line)
@@ -589,7 +590,7 @@ class UnixDriverTestCase(base.BaseTestCase):
         self.assertNotIn('auth_token', received['context'])
 
     def test_redact_context_strips_secret_keys(self):
-        clean = _impl_unix.redact_context({
+        clean = _unix_encoding.redact_context({
             'user': 'u', 'auth_token': 't', 'service_token': 's',
             'x_secret': 'y', 'password': 'p', 'roles': ['admin']})
         self.assertEqual({'user': 'u', 'roles': ['admin']}, clean)
@@ -689,9 +690,9 @@ class UnixDriverTestCase(base.BaseTestCase):
                                'big': 2 ** 70, 'x': 1.5}}
         expected = {'payload': {'nan': None, 'inf': [None],
                                 'big': 2 ** 70, 'x': 1.5}}
-        for orjson in (_impl_unix.orjson, None):
-            with mock.patch.object(_impl_unix, 'orjson', orjson):
-                line = _impl_unix.make_encoder()(message)
+        for orjson in (_unix_encoding.orjson, None):
+            with mock.patch.object(_unix_encoding, 'orjson', orjson):
+                line = _unix_encoding.make_encoder()(message)
             self.assertEqual(expected, json.loads(line, parse_constant=None))
             self.assertNotIn('NaN', line)
             self.assertNotIn('Infinity', line)
@@ -772,7 +773,7 @@ class UnixDriverTestCase(base.BaseTestCase):
         sock = self.subscribe(driver)
         publisher = self.another_process_publishing()
         self.assertEqual(1, driver.subscribers())
-        publisher.publish(_impl_unix.make_encoder()(
+        publisher.publish(_unix_encoding.make_encoder()(
             {'event_type': 'image.upload', 'payload': {'id': 'late'}}))
         [received] = self.read_lines(sock, 1)
         self.assertEqual({'id': 'late'}, received['payload'])
@@ -781,7 +782,7 @@ class UnixDriverTestCase(base.BaseTestCase):
         notifier, driver = self.notifier(sock_buffer_size=65536)
         stuck = self.subscribe(driver)
         publisher = self.another_process_publishing()
-        encode = _impl_unix.make_encoder()
+        encode = _unix_encoding.make_encoder()
         payload = samples.glance_upload_payload()
         published = [0]
 

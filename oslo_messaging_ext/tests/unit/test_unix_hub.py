@@ -17,6 +17,7 @@ peers and calls the step under test, so that the order of events that a
 thread would make a matter of luck is fixed.
 """
 
+import collections
 import errno
 import json
 import os
@@ -133,8 +134,10 @@ class HubTestCase(base.BaseTestCase):
         unread = self.hub.trim_to_line_end(subscriber)
 
         self.assertEqual(1000, unread)
-        [rest] = subscriber.pending
+        rest, notice = subscriber.pending
         self.assertEqual(notification(0)[10:], bytes(rest))
+        # What it will not get is counted to it after that line.
+        self.assertEqual(1000, proto.dropped_count(notice))
 
     def test_a_publisher_whose_handshake_came_late_is_still_heard(self):
         # A publisher starved of CPU for longer than the grace period is
@@ -185,3 +188,153 @@ class HubTestCase(base.BaseTestCase):
         late_end.sendall(hello[10:])
         self.hub.handle(late.fd, select.POLLIN)
         self.assertEqual(_unix_hub._PUBLISHER, late.kind)
+
+    # -- stopping, bounds and counts ------------------------------------------
+
+    def test_nothing_is_queued_for_a_subscriber_after_its_trim(self):
+        # At a clean stop, lines fanned out after the trim would be cut in
+        # their turn when the hub gives up: fan-out stops first.
+        subscriber, subscriber_end = self.peer(_unix_hub._SUBSCRIBER)
+        batch = b''.join(notification(seq) for seq in range(10))
+        subscriber.pending.append(memoryview(batch)[10:])
+        subscriber.pending_bytes = len(batch) - 10
+        self.hub.trim_to_line_end(subscriber)
+
+        self.hub.fan_out(notification(10) + notification(11))
+        self.hub._flush_peer(subscriber)
+
+        subscriber_end.setblocking(False)
+        rest, notice, end = subscriber_end.recv(65536).split(b'\n')
+        self.assertEqual(notification(0)[10:], rest + b'\n')
+        # The 9 lines trimmed; the 2 fanned out afterwards were not queued.
+        self.assertEqual(9, proto.dropped_count(notice))
+        self.assertEqual(b'', end)
+
+    def publisher_and_subscriber(self):
+        subscriber, subscriber_end = self.peer(_unix_hub._SUBSCRIBER)
+        publisher, publisher_end = self.peer(_unix_hub._PUBLISHER)
+        return subscriber, subscriber_end, publisher, publisher_end
+
+    def test_an_endless_line_is_bounded_dropped_counted_and_logged(self):
+        self.useFixture(fixtures.MonkeyPatch(
+            'oslo_messaging_ext.notify._unix_hub.MAX_LINE', 65536))
+        logger = self.useFixture(test_utils.FakeLogger(_unix_hub.__name__))
+        subscriber, subscriber_end, publisher, publisher_end = (
+            self.publisher_and_subscriber())
+        for _ in range(40):
+            self.hub._relay_publisher_data(publisher, b'x' * 8192)
+            self.assertLessEqual(publisher.line.size, 65536 + 8192)
+        self.assertEqual(1, subscriber.dropped)
+        self.hub._relay_publisher_data(
+            publisher, b'xx\n' + notification(1) + notification(2)[:5])
+        self.hub._relay_publisher_data(publisher, notification(2)[5:])
+        reader = subscriber_end.makefile('rb')
+        self.addCleanup(reader.close)
+        notice = json.loads(reader.readline())
+        self.assertEqual(proto.DROPPED_EVENT_TYPE, notice['event_type'])
+        self.assertEqual(1, notice['payload']['dropped'])
+        self.assertEqual([1, 2], [json.loads(reader.readline())['payload']
+                                  ['seq'] for _ in range(2)])
+        self.assertEqual(1, self.logged(logger).count('longer than'))
+
+    def test_a_huge_line_in_many_reads_is_relayed_whole(self):
+        subscriber, subscriber_end, publisher, publisher_end = (
+            self.publisher_and_subscriber())
+        line = json.dumps({'payload': 'y' * (3 << 20)}).encode() + b'\n'
+        for offset in range(0, len(line), proto.READ_SIZE):
+            self.hub._relay_publisher_data(
+                publisher, line[offset:offset + proto.READ_SIZE])
+            # Held as the chunks read, never joined before the end.
+            self.assertEqual(sum(map(len, publisher.line.parts)),
+                             publisher.line.size)
+        self.assertEqual(0, publisher.line.size)
+        self.assertEqual(line, self.drain(subscriber, subscriber_end))
+
+    def drain(self, peer, end):
+        """Everything the hub has for ``peer``, read at ``end``."""
+        end.setblocking(False)
+        received = []
+        while True:
+            self.hub._flush_peer(peer)
+            try:
+                data = end.recv(1 << 20)
+            except BlockingIOError:
+                if not peer.pending:
+                    return b''.join(received)
+                continue
+            received.append(data)
+
+    def test_drop_notices_with_bad_counts_are_refused(self):
+        subscriber, subscriber_end, publisher, publisher_end = (
+            self.publisher_and_subscriber())
+        good = proto.dropped_envelope(5, 'publisher 1', sources={'s': 5})
+        for bad in (-5, 'x', 2 ** 60, True, None, 2.5):
+            notice = json.loads(good)
+            notice['payload']['dropped'] = bad
+            self.hub.fan_out(json.dumps(notice, separators=(',', ':'))
+                             .encode() + b'\n')
+        self.assertEqual(0, subscriber.dropped)
+        self.hub.fan_out(good)
+        self.assertEqual(5, subscriber.dropped)
+        self.assertEqual({'s': 5}, subscriber.dropped_sources)
+
+    def test_drop_notices_say_whose_lines_were_dropped(self):
+        subscriber, subscriber_end = self.peer(_unix_hub._SUBSCRIBER)
+        self.hub.buffer_size = 4096
+        subscriber_end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        numbers = collections.Counter()
+        for seq in range(3001):
+            source = 'a' if seq % 3 else 'b'
+            numbers[source] += 1
+            self.hub.fan_out(stamped(numbers[source], source))
+        # Counted, not sent, by the hub's process: reported before its
+        # next line.
+        self.unsent = 7
+        numbers['a'] += 1
+        self.hub.fan_out(stamped(numbers['a'], 'a'))
+        received = self.drain(subscriber, subscriber_end)
+        self.hub.report_drops()
+        received += self.drain(subscriber, subscriber_end)
+        received = received.splitlines()
+        losses = count_losses(received)
+        # Every line is either received or counted, once.
+        self.assertEqual(3002 + 7, losses['received'] + losses['lost'])
+        self.assertGreater(losses['noticed'], 0)
+
+
+def stamped(number, source):
+    return json.dumps({'event_type': 'image.upload',
+                       'payload': {'seq': number},
+                       'sequence': {'source': source, 'number': number}},
+                      separators=(',', ':')).encode() + b'\n'
+
+
+def count_losses(lines):
+    """What a subscriber lost, from the raw lines it read (see unix.rst).
+
+    Per source, a gap between two numbers is what it missed in between;
+    a drop notice's per-source counts are covered by the next gap of that
+    source, and count on their own only as far as no gap covers them.
+    """
+    last, pending = {}, collections.Counter()
+    received = gaps = unattributed = noticed = 0
+    for raw in lines:
+        line = json.loads(raw)
+        if line.get('event_type') == proto.DROPPED_EVENT_TYPE:
+            sources = line['payload'].get('sources', {})
+            pending.update(sources)
+            unattributed += line['payload']['dropped'] - sum(
+                sources.values())
+            noticed += line['payload']['dropped']
+            continue
+        received += 1
+        source, number = (line['sequence']['source'],
+                          line['sequence']['number'])
+        if source in last:
+            gap = number - last[source] - 1
+            gaps += gap
+            pending[source] -= min(gap, pending[source])
+        last[source] = number
+    lost = gaps + sum(pending.values()) + unattributed
+    return {'received': received, 'lost': lost, 'noticed': noticed,
+            'gaps': gaps}
