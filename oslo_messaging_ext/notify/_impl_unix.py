@@ -194,7 +194,6 @@ unix_opts = [
 ]
 
 
-
 class UnixSocketConfigError(cfg.Error):
     """The unix driver's configuration is unusable; the message says why."""
 
@@ -331,8 +330,6 @@ def service_identity(conf):
     """What the processes of a service share: its project, else program."""
     return (getattr(conf, 'project', None) or
             os.path.basename(sys.argv[0] or 'python'))
-
-
 
 
 class UnixSocketDriver(notifier.Driver):
