@@ -23,7 +23,6 @@ import fcntl
 import json
 import os
 import re
-import select
 import socket
 import sys
 from unittest import mock
@@ -42,6 +41,17 @@ from oslo_messaging_ext.tests import utils as test_utils
 GROUP = 'oslo_messaging_notifications'
 TIMEOUT = 10.0
 NOBODY = test_utils.NOBODY
+
+
+class SerializationWitness:
+    """A payload value that counts the times it is serialized."""
+
+    def __init__(self):
+        self.serialized = 0
+
+    def items(self):
+        self.serialized += 1
+        return {}.items()
 
 
 class UnixFailurePathsTestCase(base.BaseTestCase):
@@ -121,20 +131,33 @@ class UnixFailurePathsTestCase(base.BaseTestCase):
         self.assertIn('RuntimeError: injected relay fault', self.log.output)
         # Every connection was dropped: the subscriber sees the end.
         self.assertEqual(b'', first.recv(65536))
-        # The relay joined again: a new subscriber hears what follows,
-        # once the new hub accepted it (the count the driver reports does
-        # not tell: it keeps the old hub's until the new one counts).
-        second = test_utils.subscribe_when_listening(self, self.sock_path,
-                                                     TIMEOUT)
-
-        def heard():
-            self.notify(id='after')
-            return select.select([second], [], [], 0.05)[0]
-
-        self.assertTrue(test_utils.wait_until(heard, TIMEOUT))
-        second.settimeout(TIMEOUT)
+        # The relay joined again: a new subscriber, once the new hub
+        # counts it, hears what follows.
+        second = self.subscribe(driver)
+        self.notify(id='after')
         [received] = self.read_lines(second, 1)
         self.assertEqual({'id': 'after'}, received['payload'])
+
+    def test_relay_error_leaves_no_subscriber_to_serialize_for(self):
+        driver = self.driver()
+        self.subscribe(driver)
+        witness = SerializationWitness()
+        self.notify(witness=witness)
+        self.assertGreater(witness.serialized, 0)
+        # Held, the lock file keeps a new hub from being elected: what
+        # the driver reports is the relay's, not a new hub's.
+        self.hold_lock_file()
+        unix_seams.fail_once_in_relay_thread(
+            self, RuntimeError('injected relay fault'))
+        self.notify(id='lost')
+        self.wait_logged('relay error (1 since the last report)')
+        # Its subscriber was dropped with every connection: none is left.
+        self.assertTrue(test_utils.wait_until(
+            lambda: driver.subscribers() == 0, TIMEOUT),
+            'still reports %s subscribers' % driver.subscribers())
+        witness = SerializationWitness()
+        self.notify(witness=witness)
+        self.assertEqual(0, witness.serialized)
 
     # -- the lock file ----------------------------------------------------
 
