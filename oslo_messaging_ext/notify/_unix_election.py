@@ -24,6 +24,7 @@ non-blocking, and a failed attempt is retried with backoff
 (:class:`Retry`) while notifications are queued, then dropped and counted.
 """
 
+import collections
 import functools
 import logging
 import os
@@ -41,6 +42,9 @@ RETRY_MIN, RETRY_MAX = 0.05, 5.0
 # (LOCK_RETRIES times), then back off.
 LOCK_RETRY = 0.005
 LOCK_RETRIES = 6
+# Distinct reasons a join failed that are throttled each on its own; a
+# reason naming a pid or a uid changes with its holder.
+_REASONS_REMEMBERED = 8
 
 
 class Hub:
@@ -125,7 +129,10 @@ class Retry:
         self.at = 0.0
         self._delay = RETRY_MIN
         self._lock_retries = 0
-        self._failures = unix_log.Throttle()
+        # One throttle per reason: a repeated failure is said once per
+        # interval, and never hides a different one that follows it (the
+        # lock busy for a moment, then another user's socket).
+        self._failures = collections.OrderedDict()
 
     def due(self, now):
         return now >= self.at
@@ -165,7 +172,13 @@ class Retry:
         self.later()
 
     def say(self, reason):
-        unsaid = self._failures.hit()
+        reason = str(reason)
+        throttle = self._failures.pop(reason, None) or unix_log.Throttle()
+        # Most recent last; the reasons of long ago are forgotten.
+        self._failures[reason] = throttle
+        while len(self._failures) > _REASONS_REMEMBERED:
+            self._failures.popitem(last=False)
+        unsaid = throttle.hit()
         if unsaid:
             _log(logging.WARNING, 'Unix notification socket %s: cannot join '
                  '(%s; %d attempts since the last report); retrying with '

@@ -243,7 +243,12 @@ class Relay:
 
     def _recover(self):
         self._lose_in_flight('relay error')
+        # A hub's subscribers were all just dropped: nobody listens until
+        # they reconnect, so notify() must not serialize for them. A
+        # publisher's hub may still serve its own: unknown, lines queue.
+        was_hub = self._hub is not None
         self._close_connections()
+        self._counts_changed(0 if was_hub else None, 0, False)
         self._poller = self._select.poll()
         self._poller.register(self.outbox.wake_r, self._select.POLLIN)
         self.state = _STARTING

@@ -206,7 +206,9 @@ def remove_stale(path, refused):
     except FileNotFoundError:
         return False
     if not stat.S_ISSOCK(st.st_mode):
-        raise proto.RelayError('it exists and is not a socket')
+        raise proto.RelayError('it exists and is not a socket, and is never '
+                               'replaced: remove it to let the service '
+                               'serve')
     if refused:
         os.unlink(path)
         return True

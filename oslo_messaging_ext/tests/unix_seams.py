@@ -23,6 +23,7 @@ from unittest import mock
 import fixtures
 
 from oslo_messaging_ext.notify import _impl_unix
+from oslo_messaging_ext.notify import _unix_election
 from oslo_messaging_ext.notify import _unix_hub
 from oslo_messaging_ext.notify import _unix_relay
 from oslo_messaging_ext.notify import _unix_sockfile
@@ -48,6 +49,23 @@ def fail_once_in_relay_thread(test, exc):
     test.useFixture(fixtures.MockPatchObject(_unix_hub.Hub, 'fan_out',
                                              fan_out))
     return raised
+
+
+def count_elections(test):
+    """Count the relay threads' elections (who serves the path) from now.
+
+    :returns: a list that gets one item per election run, which ended
+        with a hub, a publisher or a failure
+    """
+    real = _unix_election.elect
+    runs = []
+
+    def elect(*args, **kwargs):
+        runs.append(True)
+        return real(*args, **kwargs)
+
+    test.useFixture(fixtures.MockPatchObject(_unix_election, 'elect', elect))
+    return runs
 
 
 def emit_relay_logs():

@@ -23,10 +23,8 @@ import fcntl
 import json
 import os
 import re
-import select
 import socket
-import sys
-from unittest import mock
+import stat
 import uuid
 
 import fixtures
@@ -42,6 +40,17 @@ from oslo_messaging_ext.tests import utils as test_utils
 GROUP = 'oslo_messaging_notifications'
 TIMEOUT = 10.0
 NOBODY = test_utils.NOBODY
+
+
+class SerializationWitness:
+    """A payload value that counts the times it is serialized."""
+
+    def __init__(self):
+        self.serialized = 0
+
+    def items(self):
+        self.serialized += 1
+        return {}.items()
 
 
 class UnixFailurePathsTestCase(base.BaseTestCase):
@@ -106,6 +115,24 @@ class UnixFailurePathsTestCase(base.BaseTestCase):
         fcntl.flock(fd, fcntl.LOCK_EX)
         return lambda: fcntl.flock(fd, fcntl.LOCK_UN)
 
+    def load_while_the_lock_is_held(self):
+        """Load the driver while another process holds the lock file.
+
+        Its relay cannot run an election until ``release()``: what the test
+        puts in place meanwhile appears after the driver loaded, at run
+        time. The relay says the lock is busy before that.
+
+        :returns: the driver, and the release of the lock
+        """
+        release = self.hold_lock_file()
+        driver = self.driver()
+        self.wait_logged(self.lock_busy())
+        return driver, release
+
+    def lock_busy(self):
+        return ('cannot join (its lock file %s is held by another process; '
+                % self.lock_path)
+
     # -- the relay thread's catch-all ---------------------------------------
 
     def test_relay_error_is_logged_and_delivery_resumes(self):
@@ -121,53 +148,102 @@ class UnixFailurePathsTestCase(base.BaseTestCase):
         self.assertIn('RuntimeError: injected relay fault', self.log.output)
         # Every connection was dropped: the subscriber sees the end.
         self.assertEqual(b'', first.recv(65536))
-        # The relay joined again: a new subscriber hears what follows,
-        # once the new hub accepted it (the count the driver reports does
-        # not tell: it keeps the old hub's until the new one counts).
-        second = test_utils.subscribe_when_listening(self, self.sock_path,
-                                                     TIMEOUT)
-
-        def heard():
-            self.notify(id='after')
-            return select.select([second], [], [], 0.05)[0]
-
-        self.assertTrue(test_utils.wait_until(heard, TIMEOUT))
-        second.settimeout(TIMEOUT)
+        # The relay joined again: a new subscriber, once the new hub
+        # counts it, hears what follows.
+        second = self.subscribe(driver)
+        self.notify(id='after')
         [received] = self.read_lines(second, 1)
         self.assertEqual({'id': 'after'}, received['payload'])
 
+    def test_relay_error_leaves_no_subscriber_to_serialize_for(self):
+        driver = self.driver()
+        self.subscribe(driver)
+        witness = SerializationWitness()
+        self.notify(witness=witness)
+        self.assertGreater(witness.serialized, 0)
+        # Held, the lock file keeps a new hub from being elected: what
+        # the driver reports is the relay's, not a new hub's.
+        self.hold_lock_file()
+        unix_seams.fail_once_in_relay_thread(
+            self, RuntimeError('injected relay fault'))
+        self.notify(id='lost')
+        self.wait_logged('relay error (1 since the last report)')
+        # Its subscriber was dropped with every connection: none is left.
+        self.assertTrue(test_utils.wait_until(
+            lambda: driver.subscribers() == 0, TIMEOUT),
+            'still reports %s subscribers' % driver.subscribers())
+        witness = SerializationWitness()
+        self.notify(witness=witness)
+        self.assertEqual(0, witness.serialized)
+
     # -- the lock file ----------------------------------------------------
 
-    def assertLockFileRefusedThenJoined(self, driver, fragment):
-        self.wait_logged(fragment)
-        # Not joined meanwhile: no socket, lines counted, notify() fine.
+    def assertRefusedAtLoad(self, fragment):
+        exc = self.assertRaises(_impl_unix.UnixSocketConfigError,
+                                self.driver)
+        self.assertEqual(('sock_path', GROUP, self.sock_path),
+                         (exc.option, exc.group, exc.value))
+        self.assertIn('Invalid value %r for option sock_path in group [%s]: '
+                      % (self.sock_path, GROUP), str(exc))
+        self.assertIn(fragment, str(exc))
+        # Never half-configured: nothing was bound.
+        self.assertFalse(os.path.lexists(self.sock_path))
+
+    def assertRefusedAtRunTimeThenJoined(self, replace_lock_file, fragment):
+        driver, release = self.load_while_the_lock_is_held()
+        # Atomically: the relay never sees the path without a lock file
+        # (it would create a regular one of its own).
+        replacement = self.lock_path + '.new'
+        replace_lock_file(replacement)
+        os.rename(replacement, self.lock_path)
+        release()
+        self.wait_logged('cannot join (' + fragment)
+        # Not joined meanwhile: no socket, notify() fine.
         self.assertFalse(os.path.lexists(self.sock_path))
         self.notify(id='while refused')
         self.assertIsNone(driver.subscribers())
+        # A new reason said at once, not held back by the lock busy said
+        # just before; each only once.
+        self.assertEqual(1, self.log.output.count(self.lock_busy()))
+        self.assertEqual(1, self.log.output.count(fragment))
         os.unlink(self.lock_path)
         sock = self.subscribe(driver)
         self.notify(id='after')
         [received] = self.read_lines(sock, 1)
         self.assertEqual({'id': 'after'}, received['payload'])
 
+    def not_the_service_users(self, owner):
+        return ('its lock file %s is not a regular file of the service user '
+                '(uid %d, owner %d)' % (self.lock_path, os.geteuid(), owner))
+
     def test_lock_file_that_is_not_a_regular_file_is_refused(self):
         # A FIFO another user left: opening it must not hang, nor be used.
         os.mkfifo(self.lock_path, 0o600)
-        driver = self.driver()
-        self.assertLockFileRefusedThenJoined(
-            driver, 'its lock file %s is not a regular file of the service '
-            'user' % self.lock_path)
+        self.assertRefusedAtLoad(self.not_the_service_users(os.geteuid()))
+        self.assertTrue(stat.S_ISFIFO(os.lstat(self.lock_path).st_mode))
 
-    def test_lock_file_of_another_user_is_refused(self):
+    def test_lock_file_that_is_not_a_regular_file_at_run_time(self):
+        self.assertRefusedAtRunTimeThenJoined(
+            lambda path: os.mkfifo(path, 0o600),
+            self.not_the_service_users(os.geteuid()))
+
+    def _lock_file_of_nobody(self, path):
         if os.geteuid() != 0:
             self.skipTest('a file of another user is made by root only')
-        with open(self.lock_path, 'w'):
+        with open(path, 'w'):
             pass
-        os.chown(self.lock_path, NOBODY, NOBODY)
-        driver = self.driver()
-        self.assertLockFileRefusedThenJoined(
-            driver, 'is not a regular file of the service user (uid 0, '
-            'owner %d)' % NOBODY)
+        os.chown(path, NOBODY, NOBODY)
+
+    def test_lock_file_of_another_user_is_refused(self):
+        self._lock_file_of_nobody(self.lock_path)
+        self.assertRefusedAtLoad(self.not_the_service_users(NOBODY))
+        self.assertEqual(NOBODY, os.lstat(self.lock_path).st_uid)
+
+    def test_lock_file_of_another_user_at_run_time(self):
+        if os.geteuid() != 0:
+            self.skipTest('a file of another user is made by root only')
+        self.assertRefusedAtRunTimeThenJoined(
+            self._lock_file_of_nobody, self.not_the_service_users(NOBODY))
 
     # -- a listener of another user ------------------------------------------
 
@@ -192,28 +268,27 @@ class UnixFailurePathsTestCase(base.BaseTestCase):
         # stale socket, which the relay may rightly replace.
         channel.recv(1)
 
-    def join_at_first_notification(self):
-        """Load the driver as uwsgi's master does: it joins when it notifies.
-
-        That leaves a gap between the checks at load and the first
-        election, without holding the lock file (whose own warning would
-        come first and hold back the next for a while).
-        """
-        uwsgi = mock.Mock()
-        uwsgi.worker_id.return_value = 0
-        self.useFixture(fixtures.MonkeyPatch(
-            'sys.modules', dict(sys.modules, uwsgi=uwsgi)))
-        driver = self.driver()
-        self.assertFalse(os.path.lexists(self.sock_path))
-        return driver
-
     def test_a_file_appearing_at_the_path_is_never_replaced(self):
-        driver = self.join_at_first_notification()
+        driver, release = self.load_while_the_lock_is_held()
         with open(self.sock_path, 'w') as f:
             f.write('not yours')
+        before = os.lstat(self.sock_path)
+        elections = unix_seams.count_elections(self)
+        release()
+        refused = ('cannot join (it exists and is not a socket, and is never '
+                   'replaced: remove it to let the service serve; ')
+        self.wait_logged(refused)
         self.notify(id='first')
-        self.wait_logged('cannot join (it exists and is not a socket')
         self.assertIsNone(driver.subscribers())
+        # Retried with backoff, said once; the lock busy said just before
+        # did not hold it back.
+        self.assertTrue(test_utils.wait_until(
+            lambda: len(elections) >= 3, TIMEOUT))
+        self.assertEqual(1, self.log.output.count(refused))
+        self.assertEqual(1, self.log.output.count(self.lock_busy()))
+        after = os.lstat(self.sock_path)
+        self.assertEqual((before.st_dev, before.st_ino),
+                         (after.st_dev, after.st_ino))
         with open(self.sock_path) as f:
             self.assertEqual('not yours', f.read())
 
@@ -231,20 +306,24 @@ class UnixFailurePathsTestCase(base.BaseTestCase):
         if uid == os.geteuid():
             uid += 1
             unix_seams.pretend_peer_uid(self, uid)
-        driver = self.join_at_first_notification()
+        driver, release = self.load_while_the_lock_is_held()
         channel.sendall(b'!')
         channel.settimeout(TIMEOUT)
         reader = channel.makefile('rb')
         self.addCleanup(reader.close)
         self.assertEqual(b'ready\n', reader.readline())
+        release()
         self.notify(id='first')
-        self.wait_logged('it is held by a process of uid %d, not of the '
-                         'service user (uid %d); nothing is sent to it'
-                         % (uid, os.geteuid()))
+        refused = ('cannot join (it is held by a process of uid %d, not of '
+                   'the service user (uid %d); nothing is sent to it'
+                   % (uid, os.geteuid()))
+        # Said at once, though the lock busy was said a moment ago.
+        self.wait_logged(refused)
         self.notify(id='secret')
         self.assertIsNone(driver.subscribers())
         # It got a connection, and not a byte: not even the handshake.
         self.assertEqual(b'0\n', reader.readline())
+        self.assertEqual(1, self.log.output.count(refused))
 
     # -- what a stop cannot hand over -------------------------------------
 
