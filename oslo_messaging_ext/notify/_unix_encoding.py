@@ -44,7 +44,8 @@ try:
 except ImportError:  # the stdlib encoder is as correct, only slower
     orjson = None
 
-SECRET = '***'
+# What strutils writes in place of a secret (a mask, not a password).
+SECRET = '***'  # nosec B105
 
 # Context keys never sent, whatever their value; any key that mentions a
 # token or a secret is removed too, and password-like ones are masked.

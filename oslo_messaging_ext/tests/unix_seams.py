@@ -22,8 +22,8 @@ from unittest import mock
 
 import fixtures
 
-from oslo_messaging_ext.notify import _impl_unix
 from oslo_messaging_ext.notify import _unix_election
+from oslo_messaging_ext.notify import _unix_encoding
 from oslo_messaging_ext.notify import _unix_hub
 from oslo_messaging_ext.notify import _unix_relay
 from oslo_messaging_ext.notify import _unix_sockfile
@@ -81,8 +81,8 @@ def pretend_peer_uid(test, uid):
 
 def encoders():
     """The encoder with orjson (None when absent) and the stdlib one."""
-    with_orjson = (_impl_unix.make_encoder() if _impl_unix.orjson
+    with_orjson = (_unix_encoding.make_encoder() if _unix_encoding.orjson
                    else None)
-    with mock.patch.object(_impl_unix, 'orjson', None):
-        stdlib = _impl_unix.make_encoder()
+    with mock.patch.object(_unix_encoding, 'orjson', None):
+        stdlib = _unix_encoding.make_encoder()
     return with_orjson, stdlib
