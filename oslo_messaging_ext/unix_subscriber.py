@@ -26,13 +26,14 @@ or hand them to existing oslo.messaging notification endpoints, unchanged::
     dispatcher = unix_subscriber.EndpointDispatcher([MyEndpoint()])
     dispatcher.run(subscription)
 
-What a subscriber did not receive is counted two ways, which overlap (see
-:class:`GapCounter` for the exact rule): the service reports what it dropped
-in-band, as notifications of event_type :data:`DROPPED_EVENT_TYPE`
+What a subscriber did not receive is told two ways, which can describe
+the same loss: the service reports what it dropped in-band, as
+notifications of event_type :data:`DROPPED_EVENT_TYPE`
 (:attr:`Subscription.dropped`), and each line carries its emitting
 process's sequence number, so that a subscriber counts the gaps itself
 (:attr:`Subscription.gaps`), across reconnections too.
-:attr:`Subscription.missed` combines both without counting a loss twice.
+:attr:`Subscription.missed` combines both, each loss once, by the rule of
+:class:`GapCounter`.
 
 This module imports oslo.messaging only when :class:`EndpointDispatcher` is
 used, so that a reader that does not need it starts fast and quietly.
@@ -67,7 +68,8 @@ __all__ = [  # noqa: F822
 LOG = logging.getLogger(__name__)
 
 #: The event_type of the in-band notice of notifications the service
-#: dropped for this subscriber; its payload's ``dropped`` says how many.
+#: dropped for this subscriber; its payload's ``dropped`` says how many,
+#: ``sources`` how many of them were lines of which source.
 DROPPED_EVENT_TYPE = _unix_protocol.DROPPED_EVENT_TYPE
 #: The priorities of oslo.messaging, in its order (lower case, as its
 #: endpoints' method names; notifications carry them upper case).
@@ -219,46 +221,82 @@ class Gap(collections.namedtuple(
 
 
 class GapCounter:
-    """Counts, from the sequence numbers of the lines, what was missed.
+    """Counts what was missed, from drop notices and sequence numbers.
 
     Each notification line of the unix driver carries ``"sequence":
     {"source": S, "number": N}``: ``S`` is unique to the emitting process
     (a new one after fork or restart) and ``N`` counts from 1 every
     notification that process was asked to send, delivered or not. Drop
-    notices carry no sequence. The rule:
+    notices carry no sequence; their payload's ``dropped`` is the total
+    and ``sources`` says how many of them were lines of which source (the
+    rest is unattributed).
 
-    * Two lines of one source numbered ``a`` then ``b`` mean that ``b - a -
-      1`` of its notifications never reached this subscriber, whether the
-      service dropped them (and said so in a drop notice) or lost them
-      without notice, while connected or across a reconnection. These are
-      :attr:`gaps`.
-    * Nothing is known of a source before its first line: no gap is
-      counted. On a connection after the first, :meth:`observe` still
-      reports such a line's predecessors as a :class:`Gap` with
-      ``before_first`` set (the process may have started while the
-      subscriber was away), but they are not added to :attr:`gaps`.
-    * A line whose number is not above the last one of its source is not
-      a gap (it cannot happen with one service; it is ignored).
+    A loss the service reported is also a gap as soon as its process
+    sends another line that arrives; a loss nobody could report (while
+    the subscriber was away, at a hub switch-over) is only a gap; a loss of
+    a process that never sends again is only in a drop notice. The rule,
+    kept across reconnections:
 
-    A loss the service reported in a drop notice is also a gap as soon as
-    its process sends another line that arrives; a loss nobody could report
-    (while the subscriber was away, at a hub switch-over) is only a gap; a
-    loss of a process that never sends again is only in a drop notice. So
-    the two counts overlap and must not be added: at least ``max(dropped,
-    gaps)`` notifications were missed (:attr:`Subscription.missed`).
+    * Per source, the last number seen and a *pending* count. A notice
+      adds its per-source counts to pending, and the rest of its total to
+      :attr:`unattributed`.
+    * Two lines of one source numbered ``a`` then ``b`` are a gap of ``g =
+      b - a - 1``: ``g`` is added to :attr:`gaps` and ``min(g, pending)``
+      taken off that source's pending, as the gap counts them already.
+    * :attr:`lost` = :attr:`gaps` + :attr:`pending` + :attr:`unattributed`.
+
+    Nothing is known of a source before its first line: no gap is counted.
+    On a connection after the first, :meth:`observe` still reports such a
+    line's predecessors as a :class:`Gap` with ``before_first`` set (the
+    process may have started while the subscriber was away), but they are
+    not added to :attr:`gaps`. A line whose number is not above the last
+    one of its source is ignored (it cannot happen with one service).
     """
 
     def __init__(self):
+        #: Notifications missing between lines of one source.
         self.gaps = 0
+        #: The totals of the valid drop notices, and :meth:`count_dropped`.
+        self.dropped = 0
+        #: Drops reported without a source (not in any gap).
+        self.unattributed = 0
         self._last = {}
+        self._pending = {}
+
+    @property
+    def pending(self):
+        """Drops reported per source that no gap has shown (yet)."""
+        return sum(self._pending.values())
+
+    @property
+    def lost(self):
+        """Notifications missed, each counted once."""
+        return self.gaps + self.pending + self.unattributed
+
+    def count_dropped(self, count, sources=None):
+        """Account for ``count`` drops, ``sources`` of them per source."""
+        sources = sources or {}
+        self.dropped += count
+        self.unattributed += count - sum(sources.values())
+        for source, number in sources.items():
+            self._pending[source] = self._pending.get(source, 0) + number
 
     def observe(self, notification, connection=1):
-        """Account for one received notification.
+        """Account for one received notification or drop notice.
 
         :param connection: the number of the connection it arrived on
         :returns: a :class:`Gap` if notifications are missing before it,
             else None
         """
+        if notification.get('event_type') == DROPPED_EVENT_TYPE:
+            counts = _unix_protocol.dropped_payload(
+                notification.get('payload'))
+            if counts is None:
+                LOG.warning('Ignoring a drop notice without a valid count: '
+                            '%.200r', notification)
+            else:
+                self.count_dropped(*counts)
+            return None
         sequence = notification.get(SEQUENCE_KEY)
         if not isinstance(sequence, dict):
             return None
@@ -278,7 +316,11 @@ class GapCounter:
         last, last_connection = seen
         if number == last + 1:
             return None
-        self.gaps += number - last - 1
+        gap = number - last - 1
+        self.gaps += gap
+        pending = self._pending.pop(source, 0)
+        if pending > gap:
+            self._pending[source] = pending - gap
         return Gap(source, last + 1, number - 1, publisher_id,
                    last_connection != connection, False)
 
@@ -318,9 +360,6 @@ class Subscription:
         self.max_backoff = max_backoff
         self.poll_interval = poll_interval
         self.on_event = on_event
-        #: Notifications the service reported as dropped for this
-        #: subscriber, plus a line cut by a connection's end.
-        self.dropped = 0
         self.connections = 0
         self.connected = threading.Event()
         self.gap_counter = GapCounter()
@@ -331,18 +370,27 @@ class Subscription:
         self._backoff = min_backoff
 
     @property
+    def dropped(self):
+        """Drops the service reported for this subscriber, and cut lines.
+
+        A line cut by the end of a connection counts as one unattributed
+        drop: its sequence stamp, the last key, is what was cut off.
+        """
+        return self.gap_counter.dropped
+
+    @property
     def gaps(self):
         """Notifications missing between lines of one process."""
         return self.gap_counter.gaps
 
     @property
     def missed(self):
-        """At least this many notifications never reached this subscriber.
+        """Notifications that never reached this subscriber.
 
-        Drop notices and sequence gaps may count the same loss: see
-        :class:`GapCounter`.
+        Drop notices and sequence gaps can describe the same loss; each is
+        counted once, by the rule of :class:`GapCounter`.
         """
-        return max(self.dropped, self.gaps)
+        return self.gap_counter.lost
 
     def __enter__(self):
         return self
@@ -468,7 +516,8 @@ class Subscription:
                 if pending:
                     # The service stopped while this reader was so far
                     # behind that it never read the end of a line.
-                    self.dropped += 1
+                    # Unattributed: the sequence stamp ends the line.
+                    self.gap_counter.count_dropped(1)
                     LOG.warning('%s: the connection ended inside a line '
                                 '(%d bytes); counted as dropped',
                                 self.path, len(pending))
@@ -500,28 +549,14 @@ class Subscription:
                 LOG.warning('Skipping a line of %s that is not a JSON '
                             'object: %.80r', self.path, line)
                 continue
-            if notification.get('event_type') == DROPPED_EVENT_TYPE:
-                self.dropped += _dropped_count(notification)
-            else:
-                gap = self.gap_counter.observe(notification,
-                                               self.connections)
-                if gap is not None:
-                    self._emit(gap)
+            gap = self.gap_counter.observe(notification, self.connections)
+            if gap is not None:
+                self._emit(gap)
             yield line, notification
 
     def __iter__(self):
         for _line, notification in self.records():
             yield notification
-
-
-def _dropped_count(notice):
-    payload = notice.get('payload')
-    count = payload.get('dropped') if isinstance(payload, dict) else None
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        LOG.warning('Ignoring a drop notice without a valid count: %.200r',
-                    notice)
-        return 0
-    return count
 
 
 def _decode(line):

@@ -25,8 +25,9 @@ from oslo_messaging_ext.cmd import _tail_format
 
 # Rows beyond the terminal's height are summed into one, so that the table
 # can always be redrawn in place.
-_FOOTER_ROWS = 6
-_LABELS = ('all notifications', 'dropped (reported)', 'missed (seq. gaps)')
+_FOOTER_ROWS = 7
+_LABELS = ('all notifications', 'dropped (reported)', 'in sequence gaps',
+           'missed (total)')
 
 
 def _clock():
@@ -46,8 +47,8 @@ class Stats:
         self.recent = collections.Counter()
         self.status = 'connecting to %s' % subscription.path
         self.notes = collections.deque(maxlen=3)
-        self._dropped_seen = 0
-        self._missed_seen = 0
+        # The losses at the previous table: (dropped, gaps, missed).
+        self._losses_seen = (0, 0, 0)
         self._lock = threading.Lock()
 
     def add(self, notification):
@@ -73,11 +74,11 @@ class Stats:
         with self._lock:
             total, recent = self.total, self.recent
             self.recent = collections.Counter()
-            dropped = self.subscription.dropped
-            gaps = self.subscription.gaps
-            new_dropped = dropped - self._dropped_seen
-            new_gaps = gaps - self._missed_seen
-            self._dropped_seen, self._missed_seen = dropped, gaps
+            losses = (self.subscription.dropped, self.subscription.gaps,
+                      self.subscription.missed)
+            new_losses = [now - before for now, before
+                          in zip(losses, self._losses_seen)]
+            self._losses_seen = losses
             notes = list(self.notes)
             status = self.status
         keys = sorted(total, key=lambda k: (-total[k], k))
@@ -100,10 +101,8 @@ class Stats:
                                       interval)))
         lines.append(row % (_LABELS[0], '', sum(total.values()),
                             _rate(sum(recent.values()), interval)))
-        lines.append(row % (_LABELS[1], '', dropped,
-                            _rate(new_dropped, interval)))
-        lines.append(row % (_LABELS[2], '', gaps,
-                            _rate(new_gaps, interval)))
+        for label, count, new in zip(_LABELS[1:], losses, new_losses):
+            lines.append(row % (label, '', count, _rate(new, interval)))
         lines.extend(notes)
         if width:
             lines = [line[:width] for line in lines]

@@ -238,8 +238,8 @@ class _Reporter:
 
     def summary(self, subscription):
         if subscription.missed:
-            self.say('missed at least %d notifications (%d reported dropped '
-                     'by the service, %d in sequence gaps; they may overlap)'
+            self.say('missed %d notifications (%d reported dropped by the '
+                     'service, %d in sequence gaps, each counted once)'
                      % (subscription.missed, subscription.dropped,
                         subscription.gaps))
 

@@ -17,8 +17,11 @@ Configured in [oslo_messaging_notifications]: ``driver = unix`` and
 object a line (UTF-8, ``\\n``-terminated): the envelope oslo.messaging
 builds (message_id, publisher_id, event_type, priority, payload, timestamp),
 plus ``context`` only when ``sock_include_context`` is set, and then without
-auth tokens or secrets. Nothing else is ever written on the stream, so
-``socat - UNIX-CONNECT:PATH | jq .`` works with no handshake.
+auth tokens or secrets, and ``sequence``, the emitting process's sequence
+number. The payload and the context are masked as oslo.messaging's log
+driver masks them (``strutils.mask_dict_password``). Nothing else is ever
+written on the stream, so ``socat - UNIX-CONNECT:PATH | jq .`` works with
+no handshake.
 
 Delivery semantics:
 
@@ -31,7 +34,8 @@ Delivery semantics:
   buffer bound (``sock_buffer_size`` bytes, on top of the kernel's socket
   buffer) its notifications are dropped and counted; the next one it gets
   is preceded by a notification of event_type
-  ``oslo_messaging_ext.unix.dropped`` whose payload ``dropped`` is the count.
+  ``oslo_messaging_ext.unix.dropped`` whose payload ``dropped`` is the count
+  (and ``sources`` the count per emitting process).
   A process whose own queue to the hub overflows reports its drops the same
   way. A count is reported within about 0.1 s even when no notification
   follows, as soon as the subscriber has room for the notice, and a
@@ -89,7 +93,8 @@ must reconnect (the subscriber library and ``oslo-notify-tail --follow``
 do so with backoff). During the switch-over, what a publisher had not
 yet handed to the departing hub is counted and reported as dropped to the
 next hub's subscribers; what it had handed over but the hub had not
-relayed yet is lost without notice.
+relayed yet is lost with the hub, and shows as a gap in the sequence
+numbers of its process to a subscriber that hears from it again.
 A hub relays the last lines of an exiting publisher before dropping it.
 
 A stale socket file never blocks start-up, nor does a hub exiting, paused

@@ -117,12 +117,25 @@ def dropped_notice(line):
     """
     try:
         payload = json.loads(line)['payload']
+    except (ValueError, KeyError, TypeError):
+        return 0, {}
+    return dropped_payload(payload) or (0, {})
+
+
+def dropped_payload(payload):
+    """(count, {source: count}) of a decoded notice's payload, or None.
+
+    None when the count is not a valid one or the sources not a dict;
+    sources that are not valid or do not add up within the count are left
+    out (all unattributed).
+    """
+    try:
         count = payload['dropped']
         sources = payload.get('sources') or {}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return 0, {}
+    except (KeyError, TypeError, AttributeError):
+        return None
     if not _valid_count(count) or not isinstance(sources, dict):
-        return 0, {}
+        return None
     if not all(isinstance(k, str) and _valid_count(v) and v
                for k, v in sources.items()) or sum(sources.values()) > count:
         sources = {}
