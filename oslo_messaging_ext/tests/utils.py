@@ -96,6 +96,16 @@ def subscribe_when_listening(test, path, timeout):
     return sock
 
 
+def join(thread, timeout):
+    """Wait up to ``timeout`` for ``thread`` to end; whether it did.
+
+    Thread.join(timeout) returns when the time is up, but under eventlet
+    on Python 3.13 the green join raises eventlet's Timeout instead: the
+    suite runs there too (tox -e eventlet-py313).
+    """
+    return wait_until(lambda: not thread.is_alive(), timeout)
+
+
 class FakeLogger(fixtures.FakeLogger):
     """fixtures.FakeLogger on the logger ``name``, enabled for the test.
 

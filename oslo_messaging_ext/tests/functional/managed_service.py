@@ -37,6 +37,7 @@ import json
 import os
 import sys
 import threading
+import time
 
 from oslo_config import cfg
 import oslo_messaging
@@ -142,7 +143,10 @@ class _Emitter:
     def stop(self):
         self.stopped.set()
         if self.thread is not None:
-            self.thread.join(5)
+            # Not join(timeout): under eventlet on Python 3.13 it raises.
+            deadline = time.monotonic() + 5
+            while self.thread.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
 
 
 def run_oslo_service(workers):

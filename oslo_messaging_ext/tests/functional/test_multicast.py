@@ -69,7 +69,7 @@ class HangingUpListener:
     def close(self):
         self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
-        self._thread.join(5)
+        test_utils.join(self._thread, 5)
 
 
 class MulticastBrokerTestCase(base.BrokerTestCase):

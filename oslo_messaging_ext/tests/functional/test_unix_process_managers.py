@@ -119,7 +119,7 @@ class Collector:
 
     def close(self):
         self.subscription.close()
-        self._thread.join(5)
+        test_utils.join(self._thread, 5)
 
 
 class ProcessManagerTestCase(base.BaseTestCase):

@@ -177,7 +177,7 @@ class TailTestCase(base.BaseTestCase):
         self.assertTrue(test_utils.wait_until(
             lambda: 'waiting for' in self.stderr.getvalue(), 10))
         self.serve()
-        thread.join(10)
+        test_utils.join(thread, 10)
         self.assertEqual(0, result['status'])
         err = self.stderr.getvalue().splitlines()
         self.assertEqual(1, sum('waiting for %s (no such socket' % self.path
@@ -187,13 +187,13 @@ class TailTestCase(base.BaseTestCase):
     def test_follow_marks_reconnections_and_says_what_was_missed(self):
         first = self.serve(subscriber.sequenced('a', [1, 2]))
         thread, result = self.start_follow('-n', '4')
-        first.thread.join(10)
+        test_utils.join(first.thread, 10)
         self.assertTrue(test_utils.wait_until(
             lambda: 'closed the stream' in self.stderr.getvalue(), 10))
         os.unlink(self.path)
         self.serve(subscriber.sequenced('a', [5]) +
                    subscriber.sequenced('b', [3]))
-        thread.join(10)
+        test_utils.join(thread, 10)
         self.assertEqual(0, result['status'])
         err = self.stderr.getvalue()
         self.assertRegex(err, r'reconnected to %s after [0-9.]+ s '

@@ -164,12 +164,12 @@ class SubscriberTestCase(base.BaseTestCase):
         reader.start()
         # Nothing there at first; then two services in turn.
         first = FakeService(self.path, encoded(NOTIFICATIONS[:1]))
-        first.thread.join(10)
+        test_utils.join(first.thread, 10)
         first.close()
         os.unlink(self.path)
         second = FakeService(self.path, encoded(NOTIFICATIONS[1:2]))
         self.addCleanup(second.close)
-        reader.join(10)
+        test_utils.join(reader, 10)
         self.assertFalse(reader.is_alive())
         self.assertEqual(['m1', 'm2'], received)
         self.assertEqual(2, subscription.connections)
@@ -211,7 +211,7 @@ class SubscriberTestCase(base.BaseTestCase):
             unix_subscriber.SocketMissing)
         appeared = time.monotonic()
         self.serve(NOTIFICATIONS[:1])
-        reader.join(10)
+        test_utils.join(reader, 10)
         self.assertLess(time.monotonic() - appeared, 2.0)
         self.assertEqual(['m1'], [n['message_id'] for n in received])
         # Waiting is said once, however many attempts it took.
@@ -232,7 +232,7 @@ class SubscriberTestCase(base.BaseTestCase):
         self.addCleanup(service.close)
         appeared = time.monotonic()
         os.rename(fresh, self.path)
-        reader.join(10)
+        test_utils.join(reader, 10)
         self.assertLess(time.monotonic() - appeared, 2.0)
         self.assertEqual(1, len(received))
 
@@ -244,10 +244,10 @@ class SubscriberTestCase(base.BaseTestCase):
         first = self.serve(NOTIFICATIONS[:1])
         reader, received = self.follow(subscription,
                                        lambda r: len(r) == 2)
-        first.thread.join(10)
+        test_utils.join(first.thread, 10)
         os.unlink(self.path)
         self.serve(NOTIFICATIONS[1:2])
-        reader.join(10)
+        test_utils.join(reader, 10)
         # Waiting, if the second service was not there yet.
         self.assertEqual([unix_subscriber.Connected,
                           unix_subscriber.Disconnected,
@@ -289,9 +289,9 @@ class SubscriberTestCase(base.BaseTestCase):
             poll_interval=0.01, on_event=events.append)
         reader, received = self.follow(subscription,
                                        lambda r: len(r) == 2)
-        hub.join(10)
+        test_utils.join(hub, 10)
         self.serve(NOTIFICATIONS[1:2])
-        reader.join(10)
+        test_utils.join(reader, 10)
         self.assertGreater(len(accepted), 0)
         self.assertEqual([(unix_subscriber.Connected, 1),
                           (unix_subscriber.Disconnected, 1),
@@ -557,10 +557,10 @@ class MissedTestCase(SubscriberTestCase):
         first = self.serve(sequenced('a', [1, 2]))
         reader, received = self.follow(subscription,
                                        lambda r: len(r) == 4)
-        first.thread.join(10)
+        test_utils.join(first.thread, 10)
         os.unlink(self.path)
         self.serve([drop_notice(2, a=2)] + sequenced('a', [7]))
-        reader.join(10)
+        test_utils.join(reader, 10)
         gap, = (e for e in events if isinstance(e, unix_subscriber.Gap))
         self.assertTrue(gap.reconnected)
         self.assertEqual((3, 6), (gap.first, gap.last))
@@ -623,7 +623,7 @@ class DriverAccountingTestCase(base.BaseTestCase):
             self.notifier.info({}, 'burst', dict(payload, n=number))
         gate.set()
         self.notifier.info({}, 'last', {})
-        reader.join(20)
+        test_utils.join(reader, 20)
         self.assertFalse(reader.is_alive())
         delivered = [n for n in received
                      if n['event_type'] != unix_subscriber.DROPPED_EVENT_TYPE]
