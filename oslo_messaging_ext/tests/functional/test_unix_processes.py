@@ -67,15 +67,8 @@ class UnixProcessesTestCase(base.BaseTestCase):
         return self.helper('publish', self.sock_path, *args)
 
     def subscriber(self, count, timeout=TIMEOUT, *options):
-        # The subscriber stands for a reader that keeps up: under coverage
-        # tracing (tox -e cover) it reads several times slower than the
-        # traced publisher writes, and the service rightly drops for it.
-        # It is not traced; the library is measured by its own tests.
-        env = dict(os.environ)
-        env.pop('COVERAGE_PROCESS_START', None)
-        return self.spawn(sys.executable, '-m', HELPER, 'subscribe',
-                          self.sock_path, '--count', str(count),
-                          '--timeout', str(timeout), *options, env=env)
+        return self.helper('subscribe', self.sock_path, '--count',
+                           str(count), '--timeout', str(timeout), *options)
 
     def finish(self, proc, timeout=TIMEOUT):
         try:
