@@ -24,6 +24,7 @@ from oslotest import base
 
 from oslo_messaging_ext.cmd import check
 from oslo_messaging_ext import samples
+from oslo_messaging_ext.tests.unit import test_unix_subscriber
 
 RULES = """
 [DEFAULT]
@@ -175,6 +176,7 @@ class CheckTestCase(base.BaseTestCase):
     def test_no_configuration_file(self):
         self.assertEqual(2, check.main([], out=io.StringIO()))
 
+    @test_unix_subscriber.skip_inside_oslo_messaging
     def test_console_run_prints_no_warning_wall(self):
         path = self.write('glance-api.conf', RULES)
         result = subprocess.run(
