@@ -10,7 +10,7 @@
 #    License for the specific language governing permissions and limitations
 #    under the License.
 
-"""oslo-messaging-ext-check: validate a service's notification configuration.
+"""oslo-messaging-ext-check: validate a notification configuration.
 
 Loads the messaging-multicast configuration of the service's files the way
 the driver does when the service starts (the same code), without starting
@@ -58,9 +58,10 @@ def _broker(conf, url):
     """Where a transport URL points, without its credentials."""
     import oslo_messaging
     parsed = oslo_messaging.TransportURL.parse(conf, url)
-    hosts = ','.join('%s%s' % (h.hostname, ':%d' % h.port if h.port else '')
+    hosts = ','.join(h.hostname + (':%d' % h.port if h.port else '')
                      for h in parsed.hosts)
-    return '%s://%s/%s' % (parsed.transport, hosts, parsed.virtual_host or '')
+    return '{}://{}/{}'.format(parsed.transport, hosts,
+                               parsed.virtual_host or '')
 
 
 class Checker:
@@ -76,7 +77,7 @@ class Checker:
 
     def problem(self, level, text):
         self.problems += 1
-        self.say('%s: %s' % (level, text))
+        self.say(f'{level}: {text}')
 
     def check_driver_selected(self, raw):
         """Whether the service would load messaging-multicast at all."""
@@ -145,11 +146,11 @@ class Checker:
                              'publisher_id equals %r' % rule.event_key)
             else:
                 condition = ' and '.join(
-                    '%s %s%s %s' % (s.field, '!' if s.negated else '',
-                                    s.operator, s.value)
+                    '{} {}{} {}'.format(s.field, '!' if s.negated else '',
+                                        s.operator, s.value)
                     if s.operator != 'all' else 'every notification'
                     for s in rule.selectors)
-            self.say('Rule %s: %s' % (rule.name, condition))
+            self.say(f'Rule {rule.name}: {condition}')
             for destination in rule.destinations:
                 self.say('  -> %s' % self.destination(destination))
 
@@ -170,7 +171,7 @@ class Checker:
     def replica(self, rule, destination, priority):
         """Where one replica goes: RULE -> EXCHANGE/ROUTING_KEY [BROKER]."""
         broker = self.broker(destination)
-        return '%s -> %s/%s.%s%s' % (
+        return '{} -> {}/{}.{}{}'.format(
             rule.name, destination.exchange or self.conf.control_exchange,
             destination.topic, priority, ' on %s' % broker if broker else '')
 
@@ -205,7 +206,7 @@ class Checker:
             if sent:
                 replicated += 1
                 replicas += len(sent)
-                self.say('%s: %s' % (label, '; '.join(sent)))
+                self.say('{}: {}'.format(label, '; '.join(sent)))
             else:
                 self.say('%s: not replicated' % label)
         self.say('%d notifications, %d replicated, %d replicas.'
