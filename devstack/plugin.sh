@@ -6,9 +6,13 @@
 #   stack install      install this package (setup_develop) and put its
 #                      commands on PATH
 #   stack post-config  enable the drivers in $GLANCE_API_CONF (g-api only)
-#   unstack, clean     remove the socket, the runtime directory and its
-#                      systemd-tmpfiles entry
-#   clean              also remove the links to the commands
+#   unstack            nothing: devstack's unstack.sh runs it before it
+#                      stops glance-api, whose socket must stay in place
+#                      while it runs
+#   clean              (clean.sh runs unstack.sh, which stops every
+#                      service, first) remove the socket and the files
+#                      named after it, the runtime directory, its
+#                      systemd-tmpfiles entry and the links to the commands
 
 # Save trace setting
 _XTRACE_OSLO_MESSAGING_EXT=$(set +o | grep xtrace)
@@ -40,7 +44,7 @@ function oslo_messaging_ext_check_settings {
         fi
     done
     if oslo_messaging_ext_wants unix && ! oslo_messaging_ext_run_dir_is_safe; then
-        die $LINENO "OSLO_MESSAGING_EXT_RUN_DIR ($OSLO_MESSAGING_EXT_RUN_DIR) must be an absolute path at least two levels deep, such as /run/oslo-messaging-ext: the plugin removes it at unstack"
+        die $LINENO "OSLO_MESSAGING_EXT_RUN_DIR ($OSLO_MESSAGING_EXT_RUN_DIR) must be an absolute path at least two levels deep, such as /run/oslo-messaging-ext: the plugin removes it at clean"
     fi
     if oslo_messaging_ext_wants unix && \
             [[ "$(dirname "$OSLO_MESSAGING_EXT_SOCK_PATH")" != "$OSLO_MESSAGING_EXT_RUN_DIR" ]]; then
@@ -157,14 +161,18 @@ function configure_oslo_messaging_ext {
     iniset_multiline "$conf" $OSLO_MESSAGING_EXT_NOTIFY_SECTION driver $(oslo_messaging_ext_driver_list $current)
 }
 
+# Run at clean only, once the service is stopped. What the driver makes
+# is named after sock_path: the socket itself and files beside it whose
+# name starts with it and a dot (its lock file, which outlives the service
+# on purpose, and any other socket or file a driver version adds there).
+# Sockets and regular files only, never a link or a directory.
 function cleanup_oslo_messaging_ext {
-    if [[ -S "$OSLO_MESSAGING_EXT_SOCK_PATH" ]]; then
-        sudo rm -f "$OSLO_MESSAGING_EXT_SOCK_PATH"
-    fi
-    # The driver's election lock file outlives the service on purpose.
-    if [[ -f "$OSLO_MESSAGING_EXT_SOCK_PATH.lock" && ! -L "$OSLO_MESSAGING_EXT_SOCK_PATH.lock" ]]; then
-        sudo rm -f "$OSLO_MESSAGING_EXT_SOCK_PATH.lock"
-    fi
+    local path
+    for path in "$OSLO_MESSAGING_EXT_SOCK_PATH" "$OSLO_MESSAGING_EXT_SOCK_PATH".*; do
+        if [[ ! -L "$path" ]] && [[ -S "$path" || -f "$path" ]]; then
+            sudo rm -f "$path"
+        fi
+    done
     # rmdir, not rm -r: whatever else someone put there is not ours to
     # delete, and the directory then stays.
     if oslo_messaging_ext_run_dir_is_safe && [[ -d "$OSLO_MESSAGING_EXT_RUN_DIR" ]]; then
@@ -188,10 +196,11 @@ elif [[ "$1" == "stack" && "$2" == "post-config" ]]; then
     fi
 fi
 
-if [[ "$1" == "unstack" || "$1" == "clean" ]]; then
-    cleanup_oslo_messaging_ext
-fi
+# Nothing is done at unstack: devstack's unstack.sh runs the plugins'
+# unstack phase before it stops the services, so glance-api still serves
+# its socket then.
 if [[ "$1" == "clean" ]]; then
+    cleanup_oslo_messaging_ext
     unlink_oslo_messaging_ext_commands
 fi
 

@@ -117,12 +117,20 @@ function standin_stack_sh {
 }
 
 # unstack.sh and clean.sh load the settings without fetching anything.
+# unstack.sh runs the unstack phase first and only then stops the services
+# (stop_glance...): here STANDIN_STOP_SERVICES, a command the caller may
+# give, stands for the latter. clean.sh runs unstack.sh, then the clean
+# phase.
 function standin_unstack_sh {
     load_plugin_settings
     run_phase unstack
+    if [[ -n "${STANDIN_STOP_SERVICES:-}" ]]; then
+        eval "$STANDIN_STOP_SERVICES"
+    fi
 }
 
 function standin_clean_sh {
+    standin_unstack_sh
     load_plugin_settings
     run_phase clean
 }

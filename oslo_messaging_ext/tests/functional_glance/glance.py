@@ -18,8 +18,9 @@ that makes the unauthenticated context admin), then runs the plugin's
 ``stack post-config`` phase on it, syncs the database and starts uwsgi with
 the options devstack gives glance (master, lazy apps, threads enabled,
 ``thunder-lock``), on 127.0.0.1 and a free port. Everything lives in one
-temporary directory. :meth:`GlanceAPI.stop` stops uwsgi and runs the
-plugin's ``unstack`` phase, as devstack's unstack.sh would.
+temporary directory. :meth:`GlanceAPI.stop` runs the plugin's ``unstack``
+phase, then stops uwsgi, as devstack's unstack.sh does, then runs the
+``clean`` phase, as clean.sh does after it.
 """
 
 import http.client
@@ -153,6 +154,7 @@ class GlanceAPI(fixtures.Fixture):
         self.process = None
         self.port = None
         self.graceful_stop = None
+        self.socket_after_unstack = None
 
     def _setUp(self):
         self.write_devstack_config()
@@ -238,7 +240,11 @@ class GlanceAPI(fixtures.Fixture):
                           '(last: %s)' % (self.port, READY_TIMEOUT, last))
 
     def stop(self):
-        """Stop uwsgi and its workers, then run the plugin's unstack.
+        """unstack, stop uwsgi and its workers, then clean, as devstack.
+
+        Whether the socket was still there after the plugin's unstack
+        phase, with glance-api running, is kept in
+        ``socket_after_unstack``.
 
         SIGTERM goes to the master only, as systemd stops devstack's uwsgi
         units (KillMode=process), and the master shuts its workers down
@@ -251,8 +257,11 @@ class GlanceAPI(fixtures.Fixture):
 
         :returns: whether uwsgi stopped on SIGTERM alone
         """
+        sock_path = self.sock_path
+        self.run_plugin('unstack')
+        self.socket_after_unstack = os.path.exists(sock_path)
         if self.process is None:
-            self.run_plugin('unstack')
+            self.run_plugin('clean')
             return True
         group = self.process.pid
         if self.process.poll() is None:
@@ -265,7 +274,7 @@ class GlanceAPI(fixtures.Fixture):
                                   'SIGKILL' % group)
         self.process.wait()
         self.graceful_stop = graceful
-        self.run_plugin('unstack')
+        self.run_plugin('clean')
         return graceful
 
     def _wait_group_gone(self, group):

@@ -301,10 +301,12 @@ class TestGlanceNotifications(base.BrokerTestCase):
         self.assertEqual([], [m.group(0)
                               for m in DRIVER_ERROR_RE.finditer(log)])
 
-        # Shutdown: no process of uwsgi survives, and the plugin's unstack
-        # leaves neither the socket nor its directory (nor the latter's
-        # systemd-tmpfiles entry) behind.
+        # Shutdown as devstack does it: the plugin's unstack phase leaves
+        # the running glance-api's socket in place; no process of uwsgi
+        # survives; the clean phase leaves neither the socket nor its
+        # directory (nor the latter's systemd-tmpfiles entry) behind.
         graceful = api.stop()
+        self.assertTrue(api.socket_after_unstack)
         self.addDetail('uwsgi stop', content.text_content(
             'stopped on SIGTERM' if graceful else
             'still running %ss after SIGTERM, killed' % glance.STOP_TIMEOUT))

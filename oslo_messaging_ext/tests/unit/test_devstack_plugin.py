@@ -318,37 +318,66 @@ class TestPostConfigSkipped(PluginTestCase):
 
 
 class TestCleanup(PluginTestCase):
+    """unstack leaves a running glance-api alone, clean removes our files.
 
-    def bound_socket(self):
+    As in devstack, unstack.sh runs the unstack phase before it stops the
+    services, and clean.sh runs unstack.sh before the clean phase.
+    """
+
+    def bound_socket(self, listen=False):
         self.write_conf()
         ini = self.post_config()
         path = ini[NOTIFY]['sock_path'][0]
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(server.close)
         server.bind(path)
+        if listen:
+            server.listen()
         return path
 
-    def check_removes_everything(self, *phase):
+    def touch(self, path):
+        with open(path, 'w'):
+            pass
+        return path
+
+    def test_unstack_leaves_a_running_services_socket_alone(self):
+        path = self.bound_socket(listen=True)
+        lock = self.touch(path + '.lock')
+        self.run_phase('unstack')
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.settimeout(10)
+        client.connect(path)
+        self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode))
+        self.assertTrue(os.path.exists(lock))
+        self.assertTrue(os.path.isdir(self.run_dir))
+        self.assertTrue(os.path.exists(self.tmpfiles))
+
+    def test_unstack_runs_before_the_service_stops(self):
+        # The socket is still in place when unstack.sh stops the services.
+        path = self.bound_socket(listen=True)
+        result = self.run_phase(
+            'unstack', STANDIN_STOP_SERVICES='test -S "%s" && echo BOUND'
+            % path)
+        self.assertIn('BOUND', result.stdout.splitlines())
+
+    def test_clean_removes_socket_and_runtime_dir(self):
         path = self.bound_socket()
-        self.run_phase(*phase)
+        self.run_phase('clean')
         self.assertFalse(os.path.exists(path))
         self.assertFalse(os.path.exists(self.run_dir))
         self.assertFalse(os.path.exists(self.tmpfiles))
         # Nothing left to remove: a second run is harmless.
-        self.run_phase(*phase)
+        self.run_phase('clean')
 
-    def test_unstack_removes_socket_and_runtime_dir(self):
-        self.check_removes_everything('unstack')
-
-    def test_clean_removes_socket_and_runtime_dir(self):
-        self.check_removes_everything('clean')
-
-    def test_lock_file_of_the_driver_is_removed_too(self):
+    def test_clean_removes_every_file_named_after_the_socket(self):
         path = self.bound_socket()
-        with open(path + '.lock', 'w'):
-            pass
-        self.run_phase('unstack')
-        self.assertFalse(os.path.exists(path + '.lock'))
+        self.touch(path + '.lock')
+        # Another socket a driver version binds beside sock_path.
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(other.close)
+        other.bind(path + '.ingest')
+        self.run_phase('clean')
         self.assertFalse(os.path.exists(self.run_dir))
 
     def test_files_not_ours_are_kept_with_their_directory(self):
@@ -356,7 +385,15 @@ class TestCleanup(PluginTestCase):
         foreign = os.path.join(self.run_dir, 'other-service.pid')
         with open(foreign, 'w') as f:
             f.write('42\n')
-        result = self.run_phase('unstack')
+        # A link named like ours, and a directory, are not the driver's.
+        link = path + '.link'
+        os.symlink(foreign, link)
+        subdir = os.path.join(self.run_dir, os.path.basename(path) + '.d')
+        os.mkdir(subdir)
+        result = self.run_phase('clean')
         self.assertFalse(os.path.exists(path))
-        self.assertTrue(os.path.exists(foreign))
+        self.assertEqual(
+            sorted(['other-service.pid', os.path.basename(link),
+                    os.path.basename(subdir)]),
+            sorted(os.listdir(self.run_dir)))
         self.assertIn('is not empty; left in place', result.stdout)
