@@ -66,7 +66,7 @@ MAX_REGEX_INPUT = 1024
 MAX_REGEX_PROGRAM = 200
 REGEX_MAX_MEM = 64 * 1024
 
-# RE2 reads the largest counted repetition as 1000.
+# RE2 repeats at most this many times (nested counts multiplied).
 _MAX_REPEAT = 1000
 
 REGEX_PACKAGE = 'google-re2'
@@ -105,11 +105,7 @@ class Notification:
     @property
     def context(self):
         if self._wire_context is _MISSING:
-            context = self._context
-            if context is not None and not isinstance(context, dict):
-                to_dict = getattr(context, 'to_dict', None)
-                context = to_dict() if callable(to_dict) else None
-            self._wire_context = _wire(context, 'context')
+            self._wire_context = _wire(self._context, 'context')
         return self._wire_context
 
 
@@ -118,6 +114,8 @@ def _wire(value, what):
     if value is None or isinstance(value, (str, int, float)):
         return value
     try:
+        if what == 'context' and not isinstance(value, dict):
+            value = value.to_dict()
         return jsonutils.loads(jsonutils.dumps(value))
     except Exception as exc:
         # The standard send encodes the same value, and fails the same.

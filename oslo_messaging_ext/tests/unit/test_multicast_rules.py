@@ -333,6 +333,11 @@ class WireViewTestCase(base.BaseTestCase):
         clock[0] += multicast_rules.ERROR_INTERVAL
         selector.matches({'event_type': 'e', 'payload': Unencodable()})
         self.assertEqual(2, logger.output.count('cannot be encoded'))
+        # A context without to_dict() cannot be sent either.
+        self.assertFalse(multicast_rules.Selector.parse(
+            'context.user !exact u').matches({}, Unencodable()))
+        self.assertIn("the notification's context cannot be encoded",
+                      logger.output)
 
     def test_selector_raising_never_raises_into_the_service(self):
         logger = self.useFixture(fixtures.FakeLogger(
