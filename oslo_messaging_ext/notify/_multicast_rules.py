@@ -76,6 +76,7 @@ REGEX_EXTRA = 'oslo.messaging-ext[regex]'
 ERROR_INTERVAL = 60.0
 
 _MISSING = object()
+_UNREADABLE = object()
 
 
 class Notification:
@@ -122,8 +123,8 @@ def _wire(value, what):
         _log_rate_limited(('wire', what), 'messaging-multicast: the '
                           'notification\'s %s cannot be encoded as the '
                           'standard topic encodes it (%s): no selector on '
-                          'it matches', what, exc)
-        return None
+                          'it matches, negated or not', what, exc)
+        return _UNREADABLE
 
 
 _LAST_LOGGED = {}
@@ -263,7 +264,9 @@ class Selector:
         if self.operator == 'all':
             return True
         try:
-            return self._evaluate(notification) != self.negated
+            found = self._evaluate(notification)
+            if found is not None:
+                return found != self.negated
         except Exception as exc:
             _log_rate_limited(
                 ('selector', id(self)), 'messaging-multicast: selector '
@@ -271,15 +274,18 @@ class Selector:
                 'match: %s', self.field, '!' if self.negated else '',
                 self.operator, self.value,
                 notification.message.get('event_type'), exc)
-            return False
+        return False
 
     def _evaluate(self, notification):
+        """Whether the field matches; None if the source is unreadable."""
         if self._source == 'message':
             raw = notification.message.get(self.field)
-        elif self._source == 'payload':
-            raw = _lookup(notification.payload, self._path)
         else:
-            raw = _lookup(notification.context, self._path)
+            source = (notification.payload if self._source == 'payload'
+                      else notification.context)
+            if source is _UNREADABLE:
+                return None
+            raw = _lookup(source, self._path)
         if self.operator == 'contains' and isinstance(raw, list):
             return any(_text(item) == self._needle for item in raw)
         text = _text(raw)
