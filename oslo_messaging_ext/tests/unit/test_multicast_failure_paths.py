@@ -47,7 +47,7 @@ class MulticastFailurePathsTestCase(test_multicast.DriverFixtureMixin,
             selector = payload.size 1036
             targets = sized
             """)
-        rules_log = self.useFixture(fixtures.FakeLogger(
+        rules_log = self.useFixture(test_utils.FakeLogger(
             multicast_rules.__name__))
         self.useFixture(fixtures.MockPatchObject(
             multicast_rules, '_LAST_LOGGED', {}))

@@ -25,6 +25,7 @@ from oslotest import base
 from oslo_messaging_ext.notify import _multicast_rules as multicast_rules
 from oslo_messaging_ext.tests.unit import test_multicast
 from oslo_messaging_ext.tests.unit import test_unix_subscriber
+from oslo_messaging_ext.tests import utils as test_utils
 
 # Why a pattern is refused, as the load error says it.
 LOOKAROUND = 'lookaround'
@@ -318,7 +319,7 @@ class WireViewTestCase(base.BaseTestCase):
                                      payload))
 
     def test_failure_at_match_time_is_logged_rate_limited(self):
-        logger = self.useFixture(fixtures.FakeLogger(
+        logger = self.useFixture(test_utils.FakeLogger(
             multicast_rules.__name__))
         self.useFixture(fixtures.MockPatchObject(
             multicast_rules, '_LAST_LOGGED', {}))
@@ -340,7 +341,7 @@ class WireViewTestCase(base.BaseTestCase):
                       logger.output)
 
     def test_selector_raising_never_raises_into_the_service(self):
-        logger = self.useFixture(fixtures.FakeLogger(
+        logger = self.useFixture(test_utils.FakeLogger(
             multicast_rules.__name__))
         self.useFixture(fixtures.MockPatchObject(
             multicast_rules, '_LAST_LOGGED', {}))
