@@ -128,6 +128,15 @@ class TailTestCase(base.BaseTestCase):
         self.assertIn('lookaround', self.stderr.getvalue())
         self.assertIn('!prefix', self.stderr.getvalue())
 
+    def test_regex_without_google_re2_names_the_extra(self):
+        # A None entry makes "import re2" raise ImportError.
+        with mock.patch.dict(sys.modules, {'re2': None}):
+            exc = self.assertRaises(SystemExit, tail.main,
+                                    ['--match', 'payload.id regex ^i',
+                                     self.path])
+        self.assertEqual(2, exc.code)
+        self.assertIn('oslo.messaging-ext[regex]', self.stderr.getvalue())
+
     def test_invalid_selector_is_refused(self):
         exc = self.assertRaises(SystemExit, tail.main,
                                 ['--match', 'payload.x nope y', self.path])
