@@ -24,6 +24,8 @@ neighbouring blocks (see ``_harness.compare``).
   the drivers it routes to (it invokes them without arguments), so each
   call also raises the NoMatches that the Notifier catches; its log is
   silenced so that only the call is timed.
+* Regex selectors: the attack corpus on adversarial values (see
+  ``_multicast_regex``).
 * RabbitMQ (skipped, with the reason, when unreachable): k=2 targets,
   synchronous, against (k+1) x messagingv2; asynchronous, the time spent in
   the service's thread against messagingv2, and then every replica is
@@ -42,6 +44,7 @@ from oslo_messaging.notify import _impl_routing
 import yaml
 
 from benchmarks import _harness
+from benchmarks import _multicast_regex
 from oslo_messaging_ext.notify import _multicast_opts
 from oslo_messaging_ext.tests.functional import base
 from oslo_messaging_ext.tests import utils as test_utils
@@ -273,4 +276,5 @@ def run(args):
     fake_count = 2000 if args.quick else 20000
     broker_count = 300 if args.quick else 3000
     return [_fake_transport_table(fake_count, payload),
-            _broker_table(broker_count, payload)]
+            _broker_table(broker_count, payload),
+            _multicast_regex.table(args.quick)]

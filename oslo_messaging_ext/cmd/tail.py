@@ -176,8 +176,10 @@ def _matches(args, notification):
     if args.publisher_id and not any(fnmatch.fnmatchcase(publisher_id, g)
                                      for g in args.publisher_id):
         return False
-    context = notification.get('context') or {}
-    return all(s.matches(notification, context) for s in args.match)
+    # Decoded from the wire already: read as the driver's selectors read.
+    view = _multicast_rules.Notification(
+        notification, notification.get('context') or {})
+    return all(s.evaluate(view) for s in args.match)
 
 
 class _Reporter:

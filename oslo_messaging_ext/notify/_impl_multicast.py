@@ -60,6 +60,7 @@ from oslo_messaging_ext.notify import _multicast_config
 from oslo_messaging_ext.notify import _multicast_delivery
 from oslo_messaging_ext.notify import _multicast_lanes
 from oslo_messaging_ext.notify import _multicast_opts
+from oslo_messaging_ext.notify import _multicast_rules
 
 LOG = logging.getLogger(__name__)
 
@@ -173,8 +174,13 @@ class MulticastDriver(notifier.Driver):
             candidates = (self._unindexed if not candidates else
                           sorted(candidates + self._unindexed,
                                  key=lambda rule: rule.ordinal))
-        matched = [rule for rule in candidates or ()
-                   if rule.matches(message, ctxt)]
+        matched = []
+        if candidates:
+            # Selectors read what the standard topic carries (to_dict() of
+            # the context, JSON-encoded values), converted once if read.
+            notification = _multicast_rules.Notification(message, ctxt)
+            matched = [rule for rule in candidates
+                       if rule.matches(notification)]
         if self._onmcast_keys:
             for field in ('event_type', 'priority', 'message_id',
                           'publisher_id'):

@@ -416,7 +416,7 @@ class RuleDriverTestCase(DriverFixtureMixin, base.BaseTestCase):
         evaluated = []
         self.useFixture(fixtures.MockPatchObject(
             multicast_rules.Rule, 'matches', autospec=True,
-            side_effect=lambda rule, m, c: evaluated.append(rule.name) or 1))
+            side_effect=lambda rule, n: evaluated.append(rule.name) or 1))
         driver.notify({}, envelope('service42.event'), 'INFO', -1)
         driver.notify({}, envelope('image.upload'), 'INFO', -1)
         self.assertEqual(['r42'], evaluated)

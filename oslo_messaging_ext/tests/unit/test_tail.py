@@ -113,6 +113,30 @@ class TailTestCase(base.BaseTestCase):
                                           '-m', 'priority in warn,error'))
         self.assertEqual(['m2', 'm3'], self.printed_ids())
 
+    def test_match_regex_runs_on_re2_as_the_driver(self):
+        self.assertEqual(0, self.run_tail(
+            '--match', 'payload.id regex ^i[2-9]$',
+            '--match', 'context.user regex ^(u1|u2|u3)$'))
+        # m3 is a drop notice: those always pass.
+        self.assertEqual(['m2', 'm3'], self.printed_ids())
+
+    def test_lookaround_refused_with_the_driver_reason(self):
+        exc = self.assertRaises(SystemExit, tail.main,
+                                ['--match', 'payload.id regex ^(?!i1)',
+                                 self.path])
+        self.assertEqual(2, exc.code)
+        self.assertIn('lookaround', self.stderr.getvalue())
+        self.assertIn('!prefix', self.stderr.getvalue())
+
+    def test_regex_without_google_re2_names_the_extra(self):
+        # A None entry makes "import re2" raise ImportError.
+        with mock.patch.dict(sys.modules, {'re2': None}):
+            exc = self.assertRaises(SystemExit, tail.main,
+                                    ['--match', 'payload.id regex ^i',
+                                     self.path])
+        self.assertEqual(2, exc.code)
+        self.assertIn('oslo.messaging-ext[regex]', self.stderr.getvalue())
+
     def test_invalid_selector_is_refused(self):
         exc = self.assertRaises(SystemExit, tail.main,
                                 ['--match', 'payload.x nope y', self.path])
