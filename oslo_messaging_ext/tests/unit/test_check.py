@@ -81,7 +81,8 @@ class CheckTestCase(base.BaseTestCase):
         self.assertIn(
             'Rule glance_replication: event_type in image.upload,'
             'image.delete\n'
-            '  -> exchange glance (default), routing key '
+            '  -> exchange glance (set in [DEFAULT] control_exchange), '
+            'routing key '
             'glance.repl.host1.<priority>, format 2.0, on the notification '
             'transport\n', out)
         self.assertIn('on fake://region2:5672/glance', out)
@@ -110,9 +111,10 @@ class CheckTestCase(base.BaseTestCase):
             'driver = (unset) the service sends no notification at all. Set '
             '[oslo_messaging_notifications] driver = messaging-multicast',
             out)
-        # What it would do once the driver line moves.
+        # What it would do once the driver line moves, on glance's
+        # exchange (the file is glance-api.conf).
         self.assertIn('[DEFAULT] image.upload -> '
-                      'openstack/glance.repl.host1.image.upload.info', out)
+                      'glance/glance.repl.host1.image.upload.info', out)
 
     def test_moved_driver_line(self):
         status, out = self.check(
@@ -122,17 +124,22 @@ class CheckTestCase(base.BaseTestCase):
         self.assertEqual(0, status, out)
         self.assertIn('Rule [DEFAULT] image.upload: event_type, priority, '
                       "message_id or publisher_id equals 'image.upload'\n"
-                      '  -> exchange openstack (default), routing key '
+                      "  -> exchange glance (the default: glance's own "
+                      'control_exchange default), routing key '
                       'glance.repl.host1.image.upload.<priority>, format 1.0',
                       out)
+        self.assertIn('Service: glance (guessed from the file name '
+                      'glance-api.conf).', out)
 
     def test_driver_not_selected(self):
         status, out = self.check(RULES.replace('driver = messaging-multicast',
                                                'driver = messagingv2'))
         self.assertEqual(1, status)
-        self.assertIn('ERROR: [oslo_messaging_notifications] driver = '
-                      'messagingv2: messaging-multicast is not selected',
+        self.assertIn('WARNING: [oslo_messaging_multicast] is configured, '
+                      'but [oslo_messaging_notifications] driver does not '
+                      'list messaging-multicast: its rules do not apply',
                       out)
+        self.assertNotIn('ERROR', out)
 
     def test_invalid_rule_and_typos(self):
         status, out = self.check(RULES.replace(
@@ -142,8 +149,8 @@ class CheckTestCase(base.BaseTestCase):
         self.assertIn("ERROR: [multicast_rule_region2] selector = "
                       "payload.name regex (a+)+$: regex '(a+)+$' is "
                       "refused", out)
-        self.assertIn('WARNING: messaging-multicast: [multicast_rule_region2] '
-                      'selectors is not an option', out)
+        self.assertIn('WARNING: [multicast_rule_region2] selectors is not '
+                      'an option', out)
         self.assertIn('Replication would be OFF: the standard notifications '
                       'would still be sent.', out)
         self.assertEqual(1, out.count('ERROR'), out)

@@ -15,6 +15,7 @@ what an invalid one leaves running.
 """
 
 import logging
+import textwrap
 
 import fixtures
 from oslo_config import cfg
@@ -388,3 +389,255 @@ class ReplicationOffTestCase(test_multicast.DriverFixtureMixin,
         driver.notify({}, envelope(), 'INFO', -1)
         self.assertEqual([('notifications.info', 1.0)],
                          [(p['topic'], p['version']) for p in self.published])
+
+
+RULE_WITH_URL = """
+[oslo_messaging_multicast]
+rules = r
+[multicast_rule_r]
+selector = *
+targets = t
+transport_url = %s
+"""
+
+
+class DollarTestCase(test_multicast.DriverFixtureMixin, base.BaseTestCase):
+    """"$" in values, through real files, as a service loads them.
+
+    oslo.config interpolates every value: "$NAME" and "${NAME}" stand for
+    the option NAME, "$$" and "\\$" for a literal "$".
+    """
+
+    def setUp(self):
+        super().setUp()
+        # What was logged before is self.output()[:self.mark].
+        self.mark = 0
+        self.useFixture(fixtures.MockPatchObject(multicast, '_LOADED',
+                                                 set()))
+        self.useFixture(fixtures.MockPatchObject(
+            multicast_config, '_replication_off', {}))
+
+    def output(self):
+        return self.log.output[self.mark:]
+
+    def send(self, text, payloads=({'name': 'x'},)):
+        """Configure ``text``, send ``payloads`` as a service does."""
+        self.configure(textwrap.dedent("""
+            [oslo_messaging_notifications]
+            driver = messaging-multicast
+            topics = notifications
+            """) + textwrap.dedent(text))
+        notifier = oslo_messaging.Notifier(self.transport,
+                                           publisher_id='image.localhost')
+        for payload in payloads:
+            notifier.info({}, 'image.upload', payload)
+
+    def assertStandardFlowedAndNamed(self, named, hidden=None):
+        self.assertEqual(['notifications.info'], self.topics())
+        self.assertIn('Invalid messaging-multicast configuration, '
+                      'replication is off: ' + named, self.output())
+        self.assertIn('write "$$" for a literal "$"', self.output())
+        if hidden:
+            self.assertNotIn(hidden, self.output())
+
+    def test_dollar_in_a_rule_broker_password(self):
+        self.send(RULE_WITH_URL % 'fake://replicator:Pa$word1@region2:5672/')
+        self.assertStandardFlowedAndNamed(
+            '[multicast_rule_r] transport_url = '
+            'fake://replicator:****@region2:5672/: oslo.config reads',
+            hidden='Pa$word1')
+        self.assertNotIn('option word1', self.output())
+
+    def test_dollar_in_a_selector_value(self):
+        self.send("""
+            [oslo_messaging_multicast]
+            rules = r
+            [multicast_rule_r]
+            selector = payload.name exact $foo
+            targets = t
+            """)
+        self.assertStandardFlowedAndNamed(
+            '[multicast_rule_r] selector = payload.name exact $foo: '
+            'oslo.config reads "$NAME" and "${NAME}" in a value as the '
+            'value of option NAME (no such option foo')
+
+    def test_dollar_in_targets_rules_and_onmcast_options(self):
+        for text, named in [
+                ("""
+                 [oslo_messaging_multicast]
+                 rules = r
+                 [multicast_rule_r]
+                 selector = *
+                 targets = t$x
+                 """, '[multicast_rule_r] targets = t$x: '),
+                ("""
+                 [oslo_messaging_multicast]
+                 rules = r${x}
+                 """, '[oslo_messaging_multicast] rules = r${x}: '),
+                ("""
+                 [oslo_messaging_multicast]
+                 async_fanout = $yes
+                 """, '[oslo_messaging_multicast] async_fanout = $yes: '),
+                ("""
+                 [DEFAULT]
+                 multicast_events = image.upload
+                 image.upload = host$x
+                 """, '[DEFAULT] image.upload = host$x: ')]:
+            with self.subTest(named):
+                self.published.clear()
+                self.mark = len(self.output())
+                self.send(text)
+                self.assertStandardFlowedAndNamed(named)
+
+    def test_compiler_errors_are_load_errors(self):
+        self.send("""
+            [oslo_messaging_multicast]
+            rules = r
+            [multicast_rule_r]
+            selector = payload.name regex a{99999999999}
+            targets = t
+            """)
+        self.assertEqual(['notifications.info'], self.topics())
+        self.assertIn('replication is off: [multicast_rule_r] selector = '
+                      'payload.name regex a{99999999999}: ', self.output())
+
+    def test_double_dollar_is_a_literal_dollar_in_a_password(self):
+        self.send(RULE_WITH_URL % 'fake://replicator:Pa$$word1@region2:5672/')
+        self.assertNotIn('replication is off', self.output())
+        self.assertEqual(['notifications.info'], self.topics())
+        url = oslo_messaging.TransportURL.parse(
+            self.conf, self.conf.multicast_rule_r.transport_url)
+        self.assertEqual('Pa$word1', url.hosts[0].password)
+
+    def replicated(self, pattern, names):
+        """Which of ``names`` the regex selector ``pattern`` replicates."""
+        self.published.clear()
+        self.mark = len(self.output())
+        self.send("""
+            [oslo_messaging_multicast]
+            rules = r
+            [multicast_rule_r]
+            selector = payload.name regex %s
+            targets = t
+            """ % pattern, [{'name': name} for name in names])
+        self.assertNotIn('replication is off', self.output())
+        return [p['message']['payload']['name'] for p in self.published
+                if p['topic'] == 't.info']
+
+    def test_dollar_in_regexes(self):
+        names = ['x', 'xy', '$HOME', 'a$HOME']
+        # "$" before no name is left alone: the end of the value.
+        self.assertEqual(['x'], self.replicated('^x$', names))
+        # "$$" is a literal "$" for oslo.config: the regex sees ^x$.
+        self.assertEqual(['x'], self.replicated('^x$$', names))
+        # A regex's literal dollar, spelled so that oslo.config leaves it.
+        for pattern in (r'^[$]HOME', r'^\x24HOME', r'^\\$HOME'):
+            self.assertEqual(['$HOME'], self.replicated(pattern, names),
+                             pattern)
+            self.assertNotIn('oslo.config reads', self.output())
+
+    def test_backslash_dollar_is_rewritten_and_warned(self):
+        # oslo.config reads "\$" as "$": the regex is $HOME, which matches
+        # nothing, where the operator meant a literal dollar.
+        self.assertEqual([], self.replicated(r'\$HOME', ['$HOME']))
+        self.assertIn(r'[multicast_rule_r] selector = payload.name regex '
+                      r'\$HOME: oslo.config reads "\$" as a literal "$"',
+                      self.output())
+
+
+class LoadValidationTestCase(test_multicast.DriverFixtureMixin,
+                             base.BaseTestCase):
+    """What used to load and fail only at publish, or silently."""
+
+    def problems(self, text):
+        error = self.driver(text).config_error
+        self.assertIsNotNone(error, text)
+        return error.problems
+
+    def url_problems(self, url):
+        return self.problems(RULE_WITH_URL % url)
+
+    def test_port_out_of_range(self):
+        for port in ('99999', '0', '65536'):
+            self.assertEqual(
+                ['[multicast_rule_r] transport_url = rabbit://u:****@h:%s/: '
+                 'port %s is out of range (1-65535)' % (port, port)],
+                self.url_problems('rabbit://u:p@h:%s/' % port))
+
+    def test_host_syntax(self):
+        problems = self.url_problems('rabbit://u:p@my host:5672/')
+        self.assertEqual(1, len(problems), problems)
+        self.assertIn("host 'my host' is not a host name", problems[0])
+        label = 'a' * 64
+        problems = self.url_problems('rabbit://u:p@%s.example.org/' % label)
+        self.assertEqual(1, len(problems), problems)
+        self.assertIn('has a label longer than 63 characters (%r)' % label,
+                      problems[0])
+
+    def test_valid_hosts_accepted(self):
+        for host in ('[::1]:5672', '192.0.2.1:5672', 'rabbit-1.example.org',
+                     'under_score.example.org', 'a' * 63 + '.example.org'):
+            driver = self.driver("""
+                [oslo_messaging_multicast]
+                rules = r
+                [multicast_rule_r]
+                selector = *
+                targets = t
+                transport_url = rabbit://u:p@%s/
+                """ % host)
+            self.assertIsNone(driver.config_error, host)
+
+    def test_operator_without_value(self):
+        for operator in ('regex', '!glob', 'in', 'exact'):
+            problems = self.problems("""
+                [oslo_messaging_multicast]
+                rules = r
+                [multicast_rule_r]
+                selector = payload.name %s
+                targets = t
+                """ % operator)
+            self.assertEqual(
+                ['[multicast_rule_r] selector = payload.name %s: operator '
+                 '%r has no value; to select the word itself, write '
+                 '"payload.name exact %s"' % (operator, operator, operator)],
+                problems)
+
+    def test_standard_sent_twice_warned(self):
+        self.driver("""
+            [oslo_messaging_notifications]
+            driver = messagingv2
+            driver = messaging-multicast
+            [oslo_messaging_multicast]
+            rules = r
+            [multicast_rule_r]
+            selector = *
+            targets = t
+            """)
+        self.assertIn('[oslo_messaging_notifications] driver = messagingv2,'
+                      'messaging-multicast: messaging-multicast and '
+                      'messagingv2 both send the standard notification, so '
+                      'every consumer receives it twice', self.log.output)
+
+    def test_files_read_once_whatever_the_number_of_rules(self):
+        parses = []
+        real = cfg.ConfigParser.parse
+
+        def counting(parser):
+            parses.append(parser.filename)
+            return real(parser)
+
+        self.useFixture(fixtures.MockPatchObject(cfg.ConfigParser, 'parse',
+                                                 counting))
+        for count in (1, 50):
+            del parses[:]
+            names = ['r%d' % i for i in range(count)]
+            text = '[oslo_messaging_multicast]\nrules = %s\n' % ','.join(
+                names) + ''.join(
+                '[multicast_rule_%s]\nselector = event_type exact e%s\n'
+                'targets = t%s\n' % (name, name, name) for name in names)
+            self.configure(text)
+            # oslo.config's own parse of the file is before this point.
+            del parses[:]
+            driver = self.driver()
+            self.assertIsNone(driver.config_error)
+            self.assertEqual(1, len(parses), count)
