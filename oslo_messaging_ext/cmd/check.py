@@ -196,21 +196,22 @@ class Checker:
         """Set control_exchange's default as the service does; say it."""
         project, how = self.project
         self.say('Service: %s (%s).' % (project or 'unknown', how))
-        if 'control_exchange' in self.files.get('DEFAULT', {}):
-            try:
-                value = self.conf.control_exchange
-            except Exception as exc:
-                self.problem('ERROR', '[DEFAULT] control_exchange = %s: %s'
-                             % (self.files['DEFAULT']['control_exchange'][-1],
-                                _multicast_config.read_error(exc)))
-                value = None
-            self.exchange_note = 'set in [DEFAULT] control_exchange'
-            if value is not None:
-                return
-        default, self.exchange_note = _exchange_default(project)
+        default, note = _exchange_default(project)
         # What the service does before reading its files.
         self.conf.set_default('control_exchange', default)
-        self.conf.clear_override('control_exchange')
+        self.exchange_note = note
+        if 'control_exchange' not in self.files.get('DEFAULT', {}):
+            return
+        self.exchange_note = 'set in [DEFAULT] control_exchange'
+        try:
+            self.conf.control_exchange
+        except Exception as exc:
+            self.problem('ERROR', '[DEFAULT] control_exchange = %s: %s'
+                         % (self.files['DEFAULT']['control_exchange'][-1],
+                            _multicast_config.read_error(exc)))
+            # The rest is checked as if it were unset.
+            self.conf.set_override('control_exchange', default)
+            self.exchange_note = note
 
     def check_unix(self):
         """The unix driver's options, through the driver's own validation."""

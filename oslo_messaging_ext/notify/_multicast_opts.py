@@ -43,6 +43,8 @@ class Seconds(types.Float):
 
     def __call__(self, value):
         seconds = super().__call__(value)
+        if seconds is None:
+            raise ValueError('should be a number of seconds')
         if not math.isfinite(seconds):
             raise ValueError('should be a finite number of seconds')
         return seconds

@@ -14,7 +14,10 @@
 what an invalid one leaves running.
 """
 
+import io
 import logging
+import os
+import random
 import textwrap
 
 import fixtures
@@ -23,6 +26,7 @@ from oslo_config import fixture as config_fixture
 import oslo_messaging
 from oslotest import base
 
+from oslo_messaging_ext.cmd import check
 from oslo_messaging_ext.notify import _impl_multicast as multicast
 from oslo_messaging_ext.notify import _multicast_config as multicast_config
 from oslo_messaging_ext.notify import _multicast_opts as multicast_opts
@@ -641,3 +645,122 @@ class LoadValidationTestCase(test_multicast.DriverFixtureMixin,
             driver = self.driver()
             self.assertIsNone(driver.config_error)
             self.assertEqual(1, len(parses), count)
+
+
+class FuzzedConfigurationsTestCase(base.BaseTestCase):
+    """Random configurations never stop the standard notifications.
+
+    Each is written to a file and loaded as a service loads it; a
+    notification is sent through the driver, and the check tool reads the
+    same file. Deterministic: the seed is fixed.
+    """
+
+    SEED = 22
+    COUNT = 80
+
+    VALUES = [
+        '$x', '${y}', '$$', 'a$$b', r'\$HOME', r'\\$HOME', 'Pa$word1', '$',
+        '99999999999999999999', '-1', '0', 'nan', 'inf', '1e400', '0.0001',
+        'true', 'false', 'lots', '', ' ', 'ünïcødé', '☃,☃', 'a' * 300,
+        'x,y,,z', '1.0', '2.0', '3.0', 'clean', 'onmcast',
+        'fake:/', 'fake://u:Pa$$word1@127.0.0.1/', 'fake://u:Pa$word1@h/',
+        'rabbit://u:p@127.0.0.1:99999/', 'rabbit://u:p@my host/',
+        'rabbit://u:p@%s.invalid/' % ('b' * 64), 'nosuch://h/', '://',
+    ]
+    SELECTORS = [
+        '*', 'event_type exact image.upload', 'event_type in a,$x',
+        'payload.name regex a{99999999999}', 'payload.name regex (a',
+        'payload.name regex', 'payload.name regex ^x$$', 'payload.² exact 1',
+        'context.user exact $u', 'priority !glob *', 'nofield exact 1',
+        'payload. exact 1', 'event_type !!exact x', 'payload.size in ',
+        'payload.name regex ' + 'a' * 2000, 'publisher_id prefix ü',
+    ]
+    MAIN_KEYS = ['rules', 'standard_message_format', 'async_fanout',
+                 'async_queue_size', 'async_flush_timeout',
+                 'onmcast_replica_shape', 'rule', 'ünknown']
+    RULE_KEYS = ['targets', 'transport_url', 'publisher_id',
+                 'replica_timeout', 'replica_retry', 'failure_backoff',
+                 'selectors', 'target']
+    DEFAULT_KEYS = ['multicast_events', 'multicast_topic_prefix',
+                    'publisher_id', 'image.upload', 'control_exchange',
+                    'multicast_event']
+
+    def configuration(self, rnd):
+        lines = ['[oslo_messaging_notifications]',
+                 'driver = messaging-multicast', 'topics = notifications',
+                 '[DEFAULT]', 'transport_url = fake:/']
+        names = rnd.sample(['r1', 'r2', 'r.3', 'bad name', 'r$x', 'ü'],
+                           rnd.randint(0, 3))
+        for key in rnd.sample(self.DEFAULT_KEYS, rnd.randint(0, 3)):
+            lines.append('%s = %s' % (key, rnd.choice(
+                self.VALUES + ['image.upload', 'host1,host2'])))
+        lines.append('[oslo_messaging_multicast]')
+        lines.append('rules = %s' % ','.join(names))
+        for key in rnd.sample(self.MAIN_KEYS[1:], rnd.randint(0, 4)):
+            lines.append('%s = %s' % (key, rnd.choice(self.VALUES)))
+        for name in names + rnd.sample(['unlisted', 'r1'], 1):
+            lines.append('[multicast_rule_%s]' % name)
+            for _ in range(rnd.randint(0, 3)):
+                lines.append('selector = %s' % rnd.choice(self.SELECTORS))
+            lines.append('targets = %s' % rnd.choice(
+                ['t1', 't1,x/t2', 'notifications', 'a#b', '/t', 't$x',
+                 'ex/' + 'c' * 300, 'ü']))
+            for key in rnd.sample(self.RULE_KEYS[1:], rnd.randint(0, 3)):
+                lines.append('%s = %s' % (key, rnd.choice(self.VALUES)))
+        return '\n'.join(lines) + '\n'
+
+    def load_and_send(self, path):
+        """Topics the fake transport got for one notification."""
+        conf = cfg.ConfigOpts()
+        transport = oslo_messaging.get_notification_transport(conf,
+                                                              url='fake:/')
+        self.addCleanup(transport.cleanup)
+        conf(['--config-file', path], project='fuzz')
+        sent = []
+        self.useFixture(fixtures.MockPatchObject(
+            transport, '_send_notification',
+            side_effect=lambda target, *a, **k: sent.append(target.topic)))
+        driver = multicast.MulticastDriver(conf, ['notifications'],
+                                           transport)
+        try:
+            driver.notify({}, envelope(), 'INFO', -1)
+            if driver.config_error is None:
+                driver.flush()
+        finally:
+            driver.cleanup()
+        return sent, driver.config_error
+
+    def test_fuzzed_configurations(self):
+        log = self.useFixture(test_utils.FakeLogger(multicast.__name__,
+                                                    level=logging.DEBUG))
+        self.useFixture(fixtures.MockPatchObject(multicast, '_LOADED',
+                                                 set()))
+        rnd = random.Random(self.SEED)
+        directory = self.useFixture(fixtures.TempDir()).path
+        counts = {'configurations': 0, 'with $': 0, 'replication off': 0,
+                  'standard stopped': 0, 'tool tracebacks': 0}
+        for number in range(self.COUNT):
+            text = self.configuration(rnd)
+            path = os.path.join(directory, 'fuzz%d.conf' % number)
+            with open(path, 'w', encoding='utf-8') as f:
+                f.write(text)
+            counts['configurations'] += 1
+            counts['with $'] += '$' in text
+            sent, error = self.load_and_send(path)
+            counts['replication off'] += error is not None
+            if 'notifications.info' not in sent:
+                counts['standard stopped'] += 1
+            out, err = io.StringIO(), io.StringIO()
+            with fixtures.MonkeyPatch('sys.stderr', err):
+                status = check.main(['--config-file', path], out=out)
+            if status not in (0, 1) or 'Traceback' in out.getvalue() + \
+                    err.getvalue():
+                counts['tool tracebacks'] += 1
+            self.assertNotIn('could not be loaded', str(error), text)
+        self.assertNotIn('Traceback', log.output)
+        self.assertEqual(0, counts['standard stopped'], counts)
+        self.assertEqual(0, counts['tool tracebacks'], counts)
+        # The corpus exercises what it claims to.
+        self.assertGreaterEqual(counts['with $'], 30, counts)
+        self.assertGreaterEqual(counts['replication off'], 40, counts)
+        self.assertLess(counts['replication off'], self.COUNT, counts)
