@@ -420,10 +420,9 @@ class _RuleLoader:
         delivery = {_multicast_opts.RULE_DELIVERY_OPTS[option]: value
                     for option, value in options.items()
                     if option in _multicast_opts.RULE_DELIVERY_OPTS}
-        rule_conf = self.conf[group_name]
         destinations = []
-        targets = ','.join(rule_conf.targets)
-        for target in rule_conf.targets:
+        targets = ','.join(options['targets'])
+        for target in options['targets']:
             exchange, _, topic = target.rpartition('/')
             if (not _TOPIC_NAME.match(topic) or
                     (exchange and not _TOPIC_NAME.match(exchange)) or
@@ -439,9 +438,9 @@ class _RuleLoader:
                 key=(id(transport), self._exchange(exchange), topic),
                 transport=transport, exchange=exchange or None, topic=topic,
                 version=2.0, shape='clean',
-                publisher_id=rule_conf.publisher_id, rule=name,
+                publisher_id=options['publisher_id'], rule=name,
                 label=target, **delivery))
-        if not rule_conf.selector:
+        if not options['selector']:
             # A typo ("selectors =") must not replicate everything.
             self.problems.append(_problem(
                 group_name, 'selector', '',
