@@ -280,12 +280,6 @@ def read_delivery_opts(conf):
     return _read(conf, GROUP, DELIVERY_OPTS)
 
 
-def read_rule_delivery_opts(conf, group_name):
-    """The delivery options of a rule group, as Destination arguments."""
-    values = _read(conf, group_name, RULE_DELIVERY_OPTS)
-    return {RULE_DELIVERY_OPTS[name]: value for name, value in values.items()}
-
-
 def register_rule_opts(conf, name):
     """Register the options of rule ``name``; return its group's name."""
     group_name = RULE_GROUP_PREFIX + name
