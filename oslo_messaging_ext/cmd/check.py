@@ -195,7 +195,7 @@ class Checker:
     def exchange(self):
         """Set control_exchange's default as the service does; say it."""
         project, how = self.project
-        self.say('Service: %s (%s).' % (project or 'unknown', how))
+        self.say('Service: {} ({}).'.format(project or 'unknown', how))
         default, note = _exchange_default(project)
         # What the service does before reading its files.
         self.conf.set_default('control_exchange', default)
@@ -304,7 +304,7 @@ class Checker:
         return None
 
     def destination(self, destination):
-        exchange = destination.exchange or '%s (%s)' % (
+        exchange = destination.exchange or '{} ({})'.format(
             self.conf.control_exchange, self.exchange_note)
         return ('exchange %s, routing key %s.<priority>, format %s, on %s'
                 % (exchange, destination.topic, destination.version,

@@ -127,7 +127,7 @@ def read_error(exc, secret=False):
         return ('oslo.config reads "$NAME" and "${NAME}" in a value as the '
                 'value of option NAME%s; write "$$" for a literal "$", '
                 'e.g. Pa$$word1 or ^end$$' % detail)
-    return 'cannot be read: %s%s' % (type(exc).__name__, detail)
+    return f'cannot be read: {type(exc).__name__}{detail}'
 
 
 _SECRETS = frozenset(opt.dest for opt in (_multicast_opts.multicast_opts +
@@ -561,7 +561,7 @@ def _host_problem(host):
             # An internationalized label is checked in its ASCII form.
             label = label.encode('idna').decode('ascii')
         except UnicodeError as exc:
-            return 'host %r is not a host name: %s' % (host, exc)
+            return f'host {host!r} is not a host name: {exc}'
         if not _HOST_LABEL.match(label):
             return ('host %r is not a host name: a label holds letters, '
                     'digits, "-" and "_", and neither starts nor ends with '

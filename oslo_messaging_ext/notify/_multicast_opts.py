@@ -263,7 +263,7 @@ def file_sections(conf):
         sections = {}
         try:
             cfg.ConfigParser(path, sections).parse()
-        except Exception:  # noqa: S112 - reported by oslo.config itself
+        except Exception:  # nosec B112 - oslo.config reported it at load
             continue
         for section, keys in sections.items():
             if section != 'DEFAULT':

@@ -692,12 +692,12 @@ class FuzzedConfigurationsTestCase(base.BaseTestCase):
         names = rnd.sample(['r1', 'r2', 'r.3', 'bad name', 'r$x', 'ü'],
                            rnd.randint(0, 3))
         for key in rnd.sample(self.DEFAULT_KEYS, rnd.randint(0, 3)):
-            lines.append('%s = %s' % (key, rnd.choice(
+            lines.append('{} = {}'.format(key, rnd.choice(
                 self.VALUES + ['image.upload', 'host1,host2'])))
         lines.append('[oslo_messaging_multicast]')
         lines.append('rules = %s' % ','.join(names))
         for key in rnd.sample(self.MAIN_KEYS[1:], rnd.randint(0, 4)):
-            lines.append('%s = %s' % (key, rnd.choice(self.VALUES)))
+            lines.append(f'{key} = {rnd.choice(self.VALUES)}')
         for name in names + rnd.sample(['unlisted', 'r1'], 1):
             lines.append('[multicast_rule_%s]' % name)
             for _ in range(rnd.randint(0, 3)):
@@ -706,7 +706,7 @@ class FuzzedConfigurationsTestCase(base.BaseTestCase):
                 ['t1', 't1,x/t2', 'notifications', 'a#b', '/t', 't$x',
                  'ex/' + 'c' * 300, 'ü']))
             for key in rnd.sample(self.RULE_KEYS[1:], rnd.randint(0, 3)):
-                lines.append('%s = %s' % (key, rnd.choice(self.VALUES)))
+                lines.append(f'{key} = {rnd.choice(self.VALUES)}')
         return '\n'.join(lines) + '\n'
 
     def load_and_send(self, path):
