@@ -40,9 +40,9 @@ from oslo_config import cfg  # noqa: E402
 from oslo_messaging_ext.notify import _multicast_config  # noqa: E402
 from oslo_messaging_ext.notify import _multicast_opts  # noqa: E402
 
-DRIVER = 'messaging-multicast'
+DRIVER = _multicast_config.DRIVER
 UNIX_DRIVER = 'unix'
-NOTIFICATIONS_GROUP = 'oslo_messaging_notifications'
+NOTIFICATIONS_GROUP = _multicast_config.NOTIFICATIONS_GROUP
 
 # control_exchange as each service sets it before reading its files
 # (oslo_messaging.set_transport_defaults); a service not listed keeps
@@ -124,9 +124,11 @@ def _broker(conf, url):
 class Checker:
     """Loads a configuration as the drivers do and reports on it."""
 
-    def __init__(self, conf, out):
+    def __init__(self, conf, out, project=(None, 'unknown')):
         self.conf = conf
         self.out = out
+        # (the service's project, how it was found)
+        self.project = project
         self.problems = 0
         self._said = set()
         self.files = _multicast_opts.file_sections(conf)
@@ -419,8 +421,7 @@ def main(argv=None, out=None):
         print('ERROR: give the service\'s configuration with --config-file '
               '(and --config-dir)', file=sys.stderr)
         return 2
-    checker = Checker(conf, out)
-    checker.project = project, how
+    checker = Checker(conf, out, (project, how))
     try:
         return _check(checker)
     except Exception as exc:
