@@ -656,7 +656,8 @@ class FuzzedConfigurationsTestCase(base.BaseTestCase):
     """
 
     SEED = 22
-    COUNT = 80
+    # Half random, half a valid configuration with one line changed.
+    COUNT = 120
 
     VALUES = [
         '$x', '${y}', '$$', 'a$$b', r'\$HOME', r'\\$HOME', 'Pa$word1', '$',
@@ -709,6 +710,34 @@ class FuzzedConfigurationsTestCase(base.BaseTestCase):
                 lines.append(f'{key} = {rnd.choice(self.VALUES)}')
         return '\n'.join(lines) + '\n'
 
+    VALID = [
+        '[oslo_messaging_notifications]', 'driver = messaging-multicast',
+        'topics = notifications', '[DEFAULT]', 'transport_url = fake:/',
+        'multicast_events = image.upload', 'multicast_topic_prefix = repl.',
+        'image.upload = host1', '[oslo_messaging_multicast]', 'rules = a,b',
+        'async_fanout = false', 'async_queue_size = 100',
+        'async_flush_timeout = 1', 'onmcast_replica_shape = clean',
+        '[multicast_rule_a]', 'selector = event_type exact image.upload',
+        'selector = payload.name regex ^x', 'targets = ta,ex/tb',
+        'publisher_id = P', 'replica_timeout = 0.5', 'replica_retry = 0',
+        'failure_backoff = 1', '[multicast_rule_b]', 'selector = *',
+        'targets = tc', 'transport_url = fake://u:Pa$$word1@127.0.0.1/']
+
+    def mutated(self, rnd):
+        """VALID with one option line's value or name changed."""
+        lines = list(self.VALID)
+        options = [i for i, line in enumerate(lines)
+                   if ' = ' in line and not line.startswith('driver')]
+        number = rnd.choice(options)
+        key, _, value = lines[number].partition(' = ')
+        if rnd.random() < 0.2:
+            key = rnd.choice(self.MAIN_KEYS + self.RULE_KEYS +
+                             self.DEFAULT_KEYS)
+        else:
+            value = rnd.choice(self.VALUES + self.SELECTORS + ['true'])
+        lines[number] = '%s = %s' % (key, value)
+        return '\n'.join(lines) + '\n'
+
     def load_and_send(self, path):
         """Topics the fake transport got for one notification."""
         conf = cfg.ConfigOpts()
@@ -740,7 +769,8 @@ class FuzzedConfigurationsTestCase(base.BaseTestCase):
         counts = {'configurations': 0, 'with $': 0, 'replication off': 0,
                   'standard stopped': 0, 'tool tracebacks': 0}
         for number in range(self.COUNT):
-            text = self.configuration(rnd)
+            text = (self.mutated(rnd) if number % 2 else
+                    self.configuration(rnd))
             path = os.path.join(directory, 'fuzz%d.conf' % number)
             with open(path, 'w', encoding='utf-8') as f:
                 f.write(text)
@@ -763,4 +793,6 @@ class FuzzedConfigurationsTestCase(base.BaseTestCase):
         # The corpus exercises what it claims to.
         self.assertGreaterEqual(counts['with $'], 30, counts)
         self.assertGreaterEqual(counts['replication off'], 40, counts)
-        self.assertLess(counts['replication off'], self.COUNT, counts)
+        # ... and the notify path of loaded configurations.
+        self.assertLessEqual(counts['replication off'], self.COUNT - 15,
+                             counts)
