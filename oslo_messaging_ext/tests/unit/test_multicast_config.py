@@ -735,7 +735,7 @@ class FuzzedConfigurationsTestCase(base.BaseTestCase):
                              self.DEFAULT_KEYS)
         else:
             value = rnd.choice(self.VALUES + self.SELECTORS + ['true'])
-        lines[number] = '%s = %s' % (key, value)
+        lines[number] = f'{key} = {value}'
         return '\n'.join(lines) + '\n'
 
     def load_and_send(self, path):
