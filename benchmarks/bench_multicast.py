@@ -26,6 +26,8 @@ neighbouring blocks (see ``_harness.compare``).
   silenced so that only the call is timed.
 * Regex selectors: the attack corpus on adversarial values (see
   ``_multicast_regex``).
+* Loading the configuration: 1,000 rules from a file, against ten
+  times the load of 100 (loading is linear) and under 0.2 s.
 * RabbitMQ (skipped, with the reason, when unreachable): k=2 targets,
   synchronous, against (k+1) x messagingv2; asynchronous, the time spent in
   the service's thread against messagingv2, and then every replica is
@@ -35,16 +37,20 @@ neighbouring blocks (see ``_harness.compare``).
 import contextlib
 import logging
 import os
+import statistics
 import tempfile
+import time
 import urllib.parse
 
 import kombu
 from oslo_config import cfg
+import oslo_messaging
 from oslo_messaging.notify import _impl_routing
 import yaml
 
 from benchmarks import _harness
 from benchmarks import _multicast_regex
+from oslo_messaging_ext.notify import _impl_multicast
 from oslo_messaging_ext.notify import _multicast_opts
 from oslo_messaging_ext.tests.functional import base
 from oslo_messaging_ext.tests import utils as test_utils
@@ -271,10 +277,63 @@ def _harness_wait(count_now, expected):
         timeout=base.DELIVERY_TIMEOUT) or count_now()
 
 
+# Rules of the configuration load case, and its target.
+LOAD_RULES = 1000
+LOAD_TARGET_S = 0.2
+
+
+def _rules_file(directory, count):
+    """A service's file with ``count`` rules, as operators write them."""
+    path = os.path.join(directory, 'rules%d.conf' % count)
+    names = ['rule%d' % i for i in range(count)]
+    with open(path, 'w') as f:
+        f.write('[oslo_messaging_multicast]\nrules = %s\n' % ','.join(names))
+        for i, name in enumerate(names):
+            f.write('[multicast_rule_%s]\nselector = event_type exact '
+                    'service%d.event\nselector = payload.status exact '
+                    'active\ntargets = replica%d\n' % (name, i, i))
+    return path
+
+
+def _load_seconds(path, repeat):
+    """Median seconds to load the driver of ``path``, as a service does."""
+    timings = []
+    for _ in range(repeat):
+        conf = cfg.ConfigOpts()
+        transport = oslo_messaging.get_notification_transport(conf,
+                                                              url='fake:/')
+        conf(['--config-file', path], project='oslo-messaging-ext-bench')
+        start = time.perf_counter()
+        driver = _impl_multicast.MulticastDriver(conf, ['notifications'],
+                                                 transport)
+        timings.append(time.perf_counter() - start)
+        assert driver.config_error is None, driver.config_error
+        driver.cleanup()
+        transport.cleanup()
+    return statistics.median(timings)
+
+
+def _config_load_table(repeat):
+    table = _harness.Table('messaging-multicast, loading the configuration')
+    with tempfile.TemporaryDirectory() as tmp, _quiet(
+            'oslo_messaging_ext.notify._impl_multicast'):
+        small = _load_seconds(_rules_file(tmp, LOAD_RULES // 10), repeat)
+        large = _load_seconds(_rules_file(tmp, LOAD_RULES), repeat)
+    table.add('%d rules' % (LOAD_RULES // 10), small * 1e3, 'ms')
+    ratio = large / (10 * small)
+    table.add('%d rules (ratio: against 10x the %d-rule load)'
+              % (LOAD_RULES, LOAD_RULES // 10), large * 1e3, 'ms',
+              ratio=ratio,
+              target='< %d ms, linear (<= 1.5x)' % (LOAD_TARGET_S * 1e3),
+              ok=large < LOAD_TARGET_S and ratio <= 1.5)
+    return table
+
+
 def run(args):
     payload = _harness.glance_payload()
     fake_count = 2000 if args.quick else 20000
     broker_count = 300 if args.quick else 3000
-    return [_fake_transport_table(fake_count, payload),
+    return [_config_load_table(3 if args.quick else 9),
+            _fake_transport_table(fake_count, payload),
             _broker_table(broker_count, payload),
             _multicast_regex.table(args.quick)]

@@ -12,15 +12,16 @@
 
 """Configuration options of oslo.messaging-ext, for oslo-config-generator.
 
-Each driver module declares its options at module top; this module only
-gathers them, so that listing options never has side effects on a
+Each driver's options live in a module of definitions only
+(_multicast_opts, _unix_opts): importing this module loads neither driver
+and registers nothing, and listing options never has side effects on a
 configuration object.
 """
 
 import copy
 
-from oslo_messaging_ext.notify import _impl_unix
 from oslo_messaging_ext.notify import _multicast_opts
+from oslo_messaging_ext.notify import _unix_opts
 
 __all__ = [
     'list_opts',
@@ -31,7 +32,7 @@ _opts = [
     (_multicast_opts.GROUP, _multicast_opts.multicast_opts),
     # A dynamic group: one [multicast_rule_NAME] per rule named in rules.
     (_multicast_opts.rule_group, _multicast_opts.rule_opts),
-    (_impl_unix.GROUP, _impl_unix.unix_opts),
+    (_unix_opts.GROUP, _unix_opts.unix_opts),
 ]
 
 

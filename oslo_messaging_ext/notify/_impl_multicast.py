@@ -52,7 +52,6 @@ import collections
 import logging
 import os
 
-from oslo_config import cfg
 from oslo_messaging.notify import messaging
 from oslo_messaging.notify import notifier
 
@@ -97,8 +96,10 @@ class MulticastDriver(notifier.Driver):
         self._index_rules()
         try:
             standard_1_0 = group.standard_message_format == '1.0'
-        except cfg.ConfigFileValueError:
-            # Reported in config_error: send what messagingv2 sends.
+        except Exception:
+            # Unreadable (a wrong value, a "$" oslo.config cannot
+            # interpolate): reported in config_error; send what
+            # messagingv2 sends.
             standard_1_0 = False
         async_fanout = self.config_error is None and group.async_fanout
         if standard_1_0:

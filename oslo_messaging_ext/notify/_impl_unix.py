@@ -115,88 +115,25 @@ import stat
 import sys
 
 from oslo_config import cfg
-from oslo_config import types
 from oslo_messaging.notify import notifier
 
 from oslo_messaging_ext.notify import _unix_encoding
+from oslo_messaging_ext.notify import _unix_opts
 from oslo_messaging_ext.notify import _unix_protocol
 from oslo_messaging_ext.notify import _unix_relay
 from oslo_messaging_ext.notify import _unix_sockfile
 
 LOG = logging.getLogger(__name__)
 
-GROUP = 'oslo_messaging_notifications'
-
-# sock_buffer_size below this would drop most of a burst.
-MIN_BUFFER_SIZE = 65536
-
-
-class _RefusedValue(ValueError):
-    """A value below an option's minimum, kept for the load error."""
-
-    def __init__(self, value, reason):
-        super().__init__(reason)
-        self.value = value
-
-
-class _AtLeast(types.Integer):
-    """An integer with a minimum, shown by the reference and the validator.
-
-    A value below it makes the driver's load error name the value.
-    """
-
-    def __init__(self, minimum, why=''):
-        super().__init__(min=minimum, type_name='integer value')
-        self.why = why
-
-    def __call__(self, value):
-        try:
-            return super().__call__(value)
-        except ValueError:
-            raise _RefusedValue(value, 'it must be at least %d%s'
-                                % (self.min, self.why))
-
+GROUP = _unix_opts.GROUP
+MIN_BUFFER_SIZE = _unix_opts.MIN_BUFFER_SIZE
+_RefusedValue = _unix_opts.RefusedValue
+unix_opts = _unix_opts.unix_opts
+register_opts = _unix_opts.register_opts
 
 # Services build many Notifiers (glance about 14 a process), each loading
 # its own driver: what it serves is said at INFO once per configuration.
 _LOADED = set()
-
-unix_opts = [
-    cfg.StrOpt('sock_path',
-               help='Path of the Unix socket the unix notification driver '
-                    'relays notifications on, e.g. '
-                    '/run/glance/notifications.sock. Required with that '
-                    'driver. Its directory must exist, be owned by root or '
-                    'the service user, and not be writable by others unless '
-                    'sticky; one path per service, whatever its number of '
-                    'processes.'),
-    cfg.StrOpt('sock_mode', default='0660',
-               help='Mode of the socket file, as an octal string. Connecting '
-                    'needs write permission, so 0660 lets the owner and the '
-                    'group subscribe. The owner needs read and write; any '
-                    'permission for others is refused.'),
-    cfg.StrOpt('sock_group',
-               help='Group of the socket file (name or numeric id). The '
-                    'service user must belong to it. Unset means the '
-                    'service\'s primary group.'),
-    cfg.Opt('sock_max_subscribers', type=_AtLeast(1), default=64,
-            help='Subscribers served at once; further ones are closed '
-                 'and logged. The service\'s own processes, which also '
-                 'connect to the socket, do not count.'),
-    cfg.Opt('sock_buffer_size', default=4 * 1024 * 1024,
-            type=_AtLeast(MIN_BUFFER_SIZE, ' bytes, to hold a burst of '
-                          'notifications of a few kilobytes'),
-            help='Bytes of notifications queued at most per subscriber '
-                 'that does not keep up (on top of the kernel socket '
-                 'buffer), and per process on the way to the hub. Past '
-                 'it, notifications are dropped, counted and reported '
-                 'in-band. A single notification larger than this still '
-                 'reaches a subscriber with nothing queued.'),
-    cfg.BoolOpt('sock_include_context', default=False,
-                help='Add the request context to each notification, as '
-                     '"context". Auth tokens and other secrets are always '
-                     'removed from it.'),
-]
 
 
 class UnixSocketConfigError(cfg.Error):
@@ -208,10 +145,6 @@ class UnixSocketConfigError(cfg.Error):
         self.option = name
         self.group = GROUP
         self.value = value
-
-
-def register_opts(conf):
-    conf.register_opts(unix_opts, group=GROUP)
 
 
 def _parse_mode(value):
@@ -337,25 +270,45 @@ def service_identity(conf):
             os.path.basename(sys.argv[0] or 'python'))
 
 
+def validate(conf):
+    """Register and check the driver's options, as the driver loads them.
+
+    Also what oslo-messaging-ext-check runs on a service's files.
+
+    :returns: {'path', 'mode', 'gid', 'max_subscribers', 'buffer_size',
+        'include_context', 'service'}
+    :raises UnixSocketConfigError: naming the option, group and value
+    """
+    register_opts(conf)
+    group = conf[GROUP]
+    path = group.sock_path
+    _check_path(path)
+    settings = {'path': path,
+                'mode': _parse_mode(group.sock_mode),
+                'gid': _resolve_group(group.sock_group),
+                'max_subscribers': _bounded_option(group,
+                                                   'sock_max_subscribers'),
+                'buffer_size': _bounded_option(group, 'sock_buffer_size'),
+                'include_context': group.sock_include_context,
+                'service': service_identity(conf)}
+    try:
+        _check_holders(path, settings['service'])
+    except OSError as exc:
+        raise UnixSocketConfigError('sock_path', path, str(exc))
+    return settings
+
+
 class UnixSocketDriver(notifier.Driver):
     """Relay notifications to subscribers of a local Unix socket."""
 
     def __init__(self, conf, topics, transport):
         super().__init__(conf, topics, transport)
-        register_opts(conf)
-        group = conf[GROUP]
-        path = group.sock_path
-        _check_path(path)
-        mode = _parse_mode(group.sock_mode)
-        gid = _resolve_group(group.sock_group)
-        max_subscribers = _bounded_option(group, 'sock_max_subscribers')
-        buffer_size = _bounded_option(group, 'sock_buffer_size')
-        self._include_context = group.sock_include_context
-        service = service_identity(conf)
-        try:
-            _check_holders(path, service)
-        except OSError as exc:
-            raise UnixSocketConfigError('sock_path', path, str(exc))
+        settings = validate(conf)
+        path, mode, gid, service = (settings['path'], settings['mode'],
+                                    settings['gid'], settings['service'])
+        max_subscribers = settings['max_subscribers']
+        buffer_size = settings['buffer_size']
+        self._include_context = settings['include_context']
         _say_loaded(path, mode, gid, service)
         self._encode = _unix_encoding.make_line_encoder()
         self._sequence = _unix_encoding.sequence(path)

@@ -25,6 +25,7 @@ driver.
 
 import collections
 import difflib
+import ipaddress
 import logging
 import os
 import re
@@ -44,6 +45,9 @@ LOG = logging.getLogger('oslo_messaging_ext.notify._impl_multicast')
 
 _RULE_NAME = re.compile(r'^[A-Za-z0-9_.-]+$')
 _TOPIC_NAME = re.compile(r'^[^\s/]+$')
+# \$ not preceded by a backslash: oslo.config reads it as a literal $.
+_ESCAPED_DOLLAR = re.compile(r'(?<!\\)\\\$')
+_HOST_LABEL = re.compile(r'^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?$')
 
 # AMQP limits names and routing keys to 255 bytes; a replica's routing key
 # is TOPIC.PRIORITY, the longest priority being "critical".
@@ -52,6 +56,10 @@ _MAX_TOPIC_BYTES = _MAX_NAME_BYTES - len('.critical')
 
 # Ports a URL without one means, by transport.
 _DEFAULT_PORTS = {'rabbit': 5672, 'amqp': 5672, 'kafka': 9092}
+
+DRIVER = 'messaging-multicast'
+NOTIFICATIONS_GROUP = 'oslo_messaging_notifications'
+_STANDARD_DRIVERS = ('messaging', 'messagingv2')
 
 # While replication is off, it is said again at most this often.
 REMINDER_INTERVAL = 60.0
@@ -74,30 +82,89 @@ def _problem(group, option, value, reason):
     return f'[{group}] {option} = {value}: {reason}'
 
 
-def invalid_options(conf, group_name):
-    """Problems of the options of ``group_name`` that cannot be read.
+def mask_url(text):
+    """``text`` with the password of each host of a transport URL masked."""
+    scheme, sep, rest = text.partition('://')
+    netloc, slash, path = rest.partition('/')
+    if not sep:
+        return '****' if '@' in text else text
+    if '@' not in netloc:
+        return text
+    hosts = []
+    for host in netloc.split(','):
+        if '@' not in host:
+            if ':' in host and '@' in netloc.split(host, 1)[1]:
+                # A "," inside a password: mask the credentials whole.
+                return f'{scheme}://****@{netloc.rpartition("@")[2]}' \
+                       f'{slash}{path}'
+            hosts.append(host)
+            continue
+        user_info, _, address = host.rpartition('@')
+        user, colon, _ = user_info.partition(':')
+        hosts.append(f'{user}{colon}{"****" if colon else ""}@{address}')
+    return '{}://{}{}{}'.format(scheme, ','.join(hosts), slash, path)
+
+
+def shown_value(name, text, secret=()):
+    """How a value is named in an error: URLs and secrets masked."""
+    if text is None:
+        return ''
+    if name == 'transport_url' or '://' in text:
+        return mask_url(text)
+    return '****' if name in secret else text
+
+
+def read_error(exc, secret=False):
+    """Why oslo.config could not read a value, for an operator.
+
+    :param secret: whether the value is secret: oslo.config's message
+        quotes part of it ("no such option word1" for Pa$word1)
+    """
+    if isinstance(exc, cfg.ConfigFileValueError):
+        return 'invalid value: %s' % str(exc).rpartition(' is not valid: ')[2]
+    detail = '' if secret else ' (%s)' % exc
+    if isinstance(exc, (cfg.NoSuchOptError, cfg.TemplateSubstitutionError)):
+        return ('oslo.config reads "$NAME" and "${NAME}" in a value as the '
+                'value of option NAME%s; write "$$" for a literal "$", '
+                'e.g. Pa$$word1 or ^end$$' % detail)
+    return f'cannot be read: {type(exc).__name__}{detail}'
+
+
+_SECRETS = frozenset(opt.dest for opt in (_multicast_opts.multicast_opts +
+                                          _multicast_opts.rule_opts)
+                     if opt.secret)
+
+
+def read_options(conf, group_name, files):
+    """({option: value}, problems) of every option of ``group_name``.
 
     oslo.config only checks a value when it is read: an option of a
     feature that is off (async_queue_size = lots) would otherwise never
-    be.
+    be. Whatever reading raises (a wrong type, a "$" that interpolation
+    cannot resolve, anything) is a problem naming group, option and the
+    value as written, never an exception.
+
+    :param files: file_sections() of ``conf``
     """
-    problems = []
-    raw = raw_sections(conf).get(group_name, {})
-    secret = {opt.dest for opt in (_multicast_opts.multicast_opts +
-                                   _multicast_opts.rule_opts) if opt.secret}
+    values, problems = {}, []
+    raw = files.get(group_name, {})
     for name in sorted(conf[group_name].keys()):
         try:
-            getattr(conf[group_name], name)
-        except cfg.ConfigFileValueError as exc:
-            reason = str(exc).rpartition(' is not valid: ')[2]
-            value = '****' if name in secret else raw.get(name, '')
-            problems.append(_problem(group_name, name, value,
-                                     'invalid value: %s' % reason))
-    return problems
+            values[name] = conf[group_name][name]
+        except Exception as exc:
+            text = raw.get(name, [None])[-1]
+            problems.append(_problem(group_name, name,
+                                     shown_value(name, text, _SECRETS),
+                                     read_error(exc, name in _SECRETS)))
+    return values, problems
 
 
 def load(conf, group, topics, transports):
     """Return the LoadedRules of ``conf``: its rules, in order, and warnings.
+
+    Whatever goes wrong while reading or compiling the options is a
+    MulticastConfigError, never another exception: a bad configuration
+    turns replication off, never the driver.
 
     :param group: the [oslo_messaging_multicast] group of ``conf``
     :param topics: the notifier's topics, which replicas may not use on
@@ -105,14 +172,54 @@ def load(conf, group, topics, transports):
     :param transports: the RuleTransports the rules publish on
     :raises MulticastConfigError: naming every problem found
     """
-    loader = _RuleLoader(conf, topics, transports)
-    loader.problems += invalid_options(conf, _multicast_opts.GROUP)
-    rules = loader.load_rule_groups(group)
-    rules += loader.load_onmcast(group, len(rules))
-    warnings = unknown_keys(conf, group.rules)
+    try:
+        loader = _RuleLoader(conf, topics, transports)
+        options, loader.problems = read_options(conf, _multicast_opts.GROUP,
+                                                loader.files)
+        names = options.get('rules') or []
+        rules = loader.load_rule_groups(names)
+        rules += loader.load_onmcast(
+            options.get('onmcast_replica_shape', 'onmcast'), len(rules))
+        warnings = (loader.warnings + _listed_drivers_warnings(conf) +
+                    unknown_keys(conf, names, loader.files))
+    except Exception as exc:
+        # A defect of ours, not of the configuration: still never the
+        # driver's failure.
+        LOG.debug('messaging-multicast: loading failed', exc_info=True)
+        raise MulticastConfigError(['[%s]: the configuration could not be '
+                                    'loaded: %s: %s'
+                                    % (_multicast_opts.GROUP,
+                                       type(exc).__name__, exc)])
     if loader.problems:
         raise MulticastConfigError(loader.problems, warnings)
     return LoadedRules(rules, warnings)
+
+
+def driver_warnings(drivers):
+    """Warnings about the [oslo_messaging_notifications] driver list."""
+    doubled = [name for name in _STANDARD_DRIVERS if name in drivers]
+    if DRIVER not in drivers or not doubled:
+        return []
+    return ['[%s] driver = %s: %s and %s both send the standard '
+            'notification, so every consumer receives it twice; %s alone '
+            'sends it once (standard_message_format = 1.0 for the format '
+            'of messaging)' % (NOTIFICATIONS_GROUP, ','.join(drivers),
+                               DRIVER, ' and '.join(doubled), DRIVER)]
+
+
+def _listed_drivers_warnings(conf):
+    try:
+        drivers = conf[NOTIFICATIONS_GROUP].driver
+    except Exception:
+        # Not registered (a bare ConfigOpts) or unreadable: the service
+        # reports it.
+        return []
+    return driver_warnings(drivers)
+
+
+def onmcast_configured(files):
+    """Whether the files hold onmcast's multicast_events."""
+    return 'multicast_events' in files.get('DEFAULT', {})
 
 
 def broker_of(conf, url):
@@ -157,14 +264,17 @@ class _RuleLoader:
         self.topics = topics
         self.transports = transports
         self.problems = []
+        self.warnings = []
+        # The files are read once, whatever the number of rules.
+        self.files = _multicast_opts.file_sections(conf)
         standard_url = getattr(transports.standard._driver, '_url', None)
         if standard_url is not None:
             self.standard_broker = broker_of(conf, standard_url)
         else:
             # A transport that does not say: only itself is the same.
             self.standard_broker = ('', frozenset([(id(transports), None)]))
-        # (broker, topic) -> (exchange, where) of the targets loaded so far.
-        self._targets = []
+        # topic -> [(broker, exchange, where)] of the targets loaded so far.
+        self._targets = collections.defaultdict(list)
 
     def _register_compatible(self, opts):
         conflicts = _multicast_opts.register_compatible(self.conf, opts)
@@ -207,8 +317,8 @@ class _RuleLoader:
                    'consumer would receive duplicates. Use another topic or '
                    'another broker.' % (topic, topic))
         exchange = self._exchange(exchange)
-        for other_broker, other_topic, other_exchange, where in self._targets:
-            if (other_topic == topic and other_exchange != exchange and
+        for other_broker, other_exchange, where in self._targets[topic]:
+            if (other_exchange != exchange and
                     same_broker(broker, other_broker)):
                 refuse('topic %r is also a target under another exchange '
                        '(%s): queues belong to the virtual host, so the '
@@ -217,50 +327,69 @@ class _RuleLoader:
                 break
         if len(self.problems) > before:
             return False
-        self._targets.append((broker, topic, exchange,
-                              f'[{group}] {option} = {value}'))
+        self._targets[topic].append((broker, exchange,
+                                     f'[{group}] {option} = {value}'))
         return True
 
-    def load_rule_groups(self, group):
-        """The rules named in [oslo_messaging_multicast] rules."""
+    def load_rule_groups(self, names):
+        """The rules ``names`` of [oslo_messaging_multicast] rules."""
         rules = []
-        names = group.rules
         seen = set()
+        listed = ','.join(names)
         for name in names:
             if name in seen:
                 self.problems.append(_problem(
-                    _multicast_opts.GROUP, 'rules', ','.join(names),
+                    _multicast_opts.GROUP, 'rules', listed,
                     'rule %r is listed twice' % name))
                 continue
             seen.add(name)
             if not _RULE_NAME.match(name):
                 self.problems.append(_problem(
-                    _multicast_opts.GROUP, 'rules', ','.join(names),
+                    _multicast_opts.GROUP, 'rules', listed,
                     'rule name %r may only hold letters, digits, "_", '
                     '"." and "-"' % name))
                 continue
             group_name = _multicast_opts.register_rule_opts(self.conf, name)
-            invalid = invalid_options(self.conf, group_name)
+            options, invalid = read_options(self.conf, group_name,
+                                            self.files)
             if invalid:
                 self.problems += invalid
                 continue
-            rule = self._load_rule(name, group_name, len(rules))
+            try:
+                rule = self._load_rule(name, group_name, len(rules), options)
+            except Exception as exc:
+                LOG.debug('messaging-multicast: rule %s', name,
+                          exc_info=True)
+                self.problems.append('[%s]: the rule could not be loaded: '
+                                     '%s: %s' % (group_name,
+                                                 type(exc).__name__, exc))
+                continue
             if rule is not None:
                 rules.append(rule)
         return rules
 
-    def _load_rule(self, name, group_name, ordinal):
-        rule_conf = self.conf[group_name]
+    def _load_rule(self, name, group_name, ordinal, options):
+        """The Rule of ``group_name``, whose ``options`` could be read."""
         before = len(self.problems)
         selectors = []
-        for text in rule_conf.selector:
+        raw_selectors = self.files.get(group_name, {}).get('selector', ())
+        for text in options['selector']:
             try:
+                check_selector_text(text)
                 selectors.append(_multicast_rules.Selector.parse(text))
-            except ValueError as exc:
+            except Exception as exc:
+                # ValueError, or what a compiler raises (OverflowError).
                 self.problems.append(_problem(group_name, 'selector', text,
                                               exc))
-        if not rule_conf.targets:
-            if group_name not in self.conf.list_all_sections():
+        for text in raw_selectors:
+            if _ESCAPED_DOLLAR.search(text):
+                self.warnings.append(
+                    '[%s] selector = %s: oslo.config reads "\\$" as a '
+                    'literal "$" (as "$$"), so a regex sees "$" (the end of '
+                    'the value) there; write "[$]" or "\\x24" for a '
+                    'regex\'s literal dollar' % (group_name, text))
+        if not options['targets']:
+            if group_name not in self.files:
                 self.problems.append(_problem(
                     _multicast_opts.GROUP, 'rules',
                     ','.join(self.conf[_multicast_opts.GROUP].rules),
@@ -271,25 +400,29 @@ class _RuleLoader:
                     group_name, 'targets', '',
                     'a rule needs at least one target'))
             return None
+        url = options['transport_url']
+        problems = url_problems(self.conf, url) if url else []
+        for reason in problems:
+            self.problems.append(_problem(group_name, 'transport_url',
+                                          mask_url(url), reason))
+        if problems:
+            return None
         try:
-            transport = self.transports.get(rule_conf.transport_url)
-            broker = (broker_of(self.conf, rule_conf.transport_url)
-                      if rule_conf.transport_url else self.standard_broker)
+            transport = self.transports.get(url)
+            broker = (broker_of(self.conf, url) if url
+                      else self.standard_broker)
         except Exception as exc:
-            # The URL is secret: name the option, never print its value.
             self.problems.append(_problem(
-                group_name, 'transport_url', '****',
-                'invalid transport URL: %s' % exc))
+                group_name, 'transport_url', mask_url(url),
+                'invalid transport URL: %s'
+                % str(exc).replace(url, mask_url(url))))
             return None
-        try:
-            delivery = _multicast_opts.read_rule_delivery_opts(self.conf,
-                                                               group_name)
-        except ValueError as exc:
-            self.problems.append(str(exc))
-            return None
+        delivery = {_multicast_opts.RULE_DELIVERY_OPTS[option]: value
+                    for option, value in options.items()
+                    if option in _multicast_opts.RULE_DELIVERY_OPTS}
         destinations = []
-        targets = ','.join(rule_conf.targets)
-        for target in rule_conf.targets:
+        targets = ','.join(options['targets'])
+        for target in options['targets']:
             exchange, _, topic = target.rpartition('/')
             if (not _TOPIC_NAME.match(topic) or
                     (exchange and not _TOPIC_NAME.match(exchange)) or
@@ -305,9 +438,9 @@ class _RuleLoader:
                 key=(id(transport), self._exchange(exchange), topic),
                 transport=transport, exchange=exchange or None, topic=topic,
                 version=2.0, shape='clean',
-                publisher_id=rule_conf.publisher_id, rule=name,
+                publisher_id=options['publisher_id'], rule=name,
                 label=target, **delivery))
-        if not rule_conf.selector:
+        if not options['selector']:
             # A typo ("selectors =") must not replicate everything.
             self.problems.append(_problem(
                 group_name, 'selector', '',
@@ -318,21 +451,46 @@ class _RuleLoader:
             return None
         return _multicast_rules.Rule(name, ordinal, selectors, destinations)
 
-    def load_onmcast(self, group, first_ordinal):
-        """The rules of onmcast's multicast_events, in [DEFAULT]."""
+    def _read_default(self, name):
+        """A [DEFAULT] value; None, with the problem, if unreadable."""
+        try:
+            return self.conf[name]
+        except Exception as exc:
+            text = self.files.get('DEFAULT', {}).get(name, [None])[-1]
+            self.problems.append(_problem('DEFAULT', name,
+                                          shown_value(name, text),
+                                          read_error(exc)))
+            return None
+
+    def load_onmcast(self, shape, first_ordinal):
+        """The rules of onmcast's multicast_events, in [DEFAULT].
+
+        Its options are registered in [DEFAULT] only when the files set
+        multicast_events (or the service registered it already): a
+        service that does not use onmcast gets no option of it.
+        """
         conf = self.conf
-        if (not self._register_compatible(_multicast_opts.onmcast_opts) or
-                not conf.multicast_events):
+        if (not onmcast_configured(self.files) and
+                'multicast_events' not in conf):
             return []
-        shape = group.onmcast_replica_shape
-        prefix = conf.multicast_topic_prefix or ''
-        publisher_id = (conf.publisher_id or
+        if not self._register_compatible(_multicast_opts.onmcast_opts):
+            return []
+        values = {opt.dest: self._read_default(opt.dest)
+                  for opt in _multicast_opts.onmcast_opts}
+        if None in (values['multicast_events'],
+                    values['multicast_topic_prefix']):
+            # Unreadable: named by _read_default (publisher_id is optional).
+            return []
+        if not values['multicast_events']:
+            return []
+        prefix = values['multicast_topic_prefix']
+        publisher_id = (values['publisher_id'] or
                         '%s-MULTICAST' % socket.gethostname())
-        events = ','.join(conf.multicast_events)
+        events = ','.join(values['multicast_events'])
         standard = self.transports.standard
         rules = []
         seen = set()
-        for key in conf.multicast_events:
+        for key in values['multicast_events']:
             key = key.strip().lower()
             if not key or key in seen:
                 self.problems.append(_problem(
@@ -345,7 +503,9 @@ class _RuleLoader:
                 help='(onmcast compatibility) Targets of event key %s.' % key)
             if not self._register_compatible([event_opt]):
                 continue
-            hosts = conf[key]
+            hosts = self._read_default(key)
+            if hosts is None:
+                continue
             if not hosts:
                 self.problems.append(_problem(
                     'DEFAULT', key, '',
@@ -382,24 +542,68 @@ def _close(name, candidates):
     return ' (did you mean %r?)' % match[0] if match else ''
 
 
-def raw_sections(conf):
-    """{section: {key: text}} of the configuration files ``conf`` parsed.
+def _host_problem(host):
+    """Why ``host`` (a transport URL's host name) is not one, or None."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    labels = host.rstrip('.').split('.')
+    for label in labels:
+        if len(label) > 63:
+            return ('host name %r has a label longer than 63 characters '
+                    '(%r)' % (host, label))
+    if len(host.rstrip('.')) > 253:
+        return 'host name %r is longer than 253 characters' % host
+    for label in labels:
+        try:
+            # An internationalized label is checked in its ASCII form.
+            label = label.encode('idna').decode('ascii')
+        except UnicodeError as exc:
+            return f'host {host!r} is not a host name: {exc}'
+        if not _HOST_LABEL.match(label):
+            return ('host %r is not a host name: a label holds letters, '
+                    'digits, "-" and "_", and neither starts nor ends with '
+                    '"-"' % host)
+    return None
 
-    oslo.config only answers for the options registered: what the files
-    hold besides them is in its namespace's parsed sections.
+
+def url_problems(conf, url):
+    """Why a rule's transport URL cannot be published to; [] if it can."""
+    try:
+        parsed = oslo_messaging.TransportURL.parse(conf, url)
+    except Exception as exc:
+        return ['invalid transport URL: %s'
+                % str(exc).replace(url, mask_url(url))]
+    problems = []
+    for host in parsed.hosts:
+        if host.port is not None and not 0 < host.port < 65536:
+            problems.append('port %d is out of range (1-65535)' % host.port)
+        if host.hostname:
+            problem = _host_problem(host.hostname)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def check_selector_text(text):
+    """Refuse an operator without value, which parse reads as a value.
+
+    "payload.x regex" would otherwise select payload.x equal to the word
+    "regex".
+
+    :raises ValueError: naming the operator
     """
-    sections = collections.defaultdict(dict)
-    namespace = getattr(conf, '_namespace', None)
-    # Parsed last file first: the first value read is the one that applies.
-    for parsed in reversed(getattr(namespace, '_parsed', None) or ()):
-        for section, keys in parsed.items():
-            sections[section].update(
-                (key, values[-1] if values else '')
-                for key, values in keys.items())
-    return sections
+    parts = text.split()
+    if len(parts) == 2 and (parts[1].lstrip('!') in
+                            _multicast_rules.OPERATORS):
+        raise ValueError(
+            'operator %r has no value; to select the word itself, write '
+            '"%s exact %s"' % (parts[1], parts[0], parts[1]))
 
 
-def unknown_keys(conf, rule_names):
+def unknown_keys(conf, rule_names, files):
     """Warnings about what the driver would silently ignore in the files.
 
     Options of [oslo_messaging_multicast] and of the rule groups it does
@@ -409,7 +613,7 @@ def unknown_keys(conf, rule_names):
     warnings = []
     rule_groups = {_multicast_opts.RULE_GROUP_PREFIX + name
                    for name in rule_names if _RULE_NAME.match(name)}
-    for section, keys in sorted(raw_sections(conf).items()):
+    for section, keys in sorted(files.items()):
         if section == _multicast_opts.GROUP or section in rule_groups:
             known = set(conf[section].keys())
             for key in sorted(set(keys) - known):

@@ -18,7 +18,9 @@ The driver registers them when it loads: [oslo_messaging_multicast], one
 the docs.
 """
 
+import glob
 import math
+import os
 import threading
 
 from oslo_config import cfg
@@ -41,6 +43,8 @@ class Seconds(types.Float):
 
     def __call__(self, value):
         seconds = super().__call__(value)
+        if seconds is None:
+            raise ValueError('should be a number of seconds')
         if not math.isfinite(seconds):
             raise ValueError('should be a finite number of seconds')
         return seconds
@@ -221,22 +225,59 @@ def _read(conf, group_name, names):
 
 
 def _raw_value(conf, group_name, name):
-    for section in (conf._namespace._parsed if conf._namespace else ()):
-        values = section.get(group_name, {}).get(name)
-        if values:
-            return values[-1]
-    return '?'
+    values = file_sections(conf).get(group_name, {}).get(name)
+    return values[-1] if values else '?'
+
+
+def config_files(conf):
+    """The configuration files ``conf`` was loaded from, in order.
+
+    Those of --config-file (or the service's default files), then those
+    of each --config-dir, as oslo.config reads them.
+    """
+    files = []
+    for name in ('config_file', 'config_dir'):
+        try:
+            value = conf[name]
+        except cfg.NoSuchOptError:
+            # A ConfigOpts that was never called has no file.
+            continue
+        if name == 'config_file':
+            files += list(value or ())
+            continue
+        for directory in [value] if isinstance(value, str) else value or ():
+            files += sorted(glob.glob(os.path.join(directory, '*.conf')))
+    return files
+
+
+def file_sections(conf):
+    """{section: {key: [text, ...]}} as the configuration files hold them.
+
+    The text before oslo.config's interpolation of "$", for options
+    registered or not. Group names are normalized as oslo.config does.
+    A file that cannot be read is left out: oslo.config reported it
+    when it loaded the configuration.
+    """
+    merged = {}
+    for path in config_files(conf):
+        sections = {}
+        try:
+            cfg.ConfigParser(path, sections).parse()
+        except Exception:  # nosec B112 - oslo.config reported it at load
+            continue
+        for section, keys in sections.items():
+            if section != 'DEFAULT':
+                section = section.lower()
+            target = merged.setdefault(section, {})
+            for key, values in keys.items():
+                # A later file overrides the earlier ones.
+                target[key] = list(values)
+    return merged
 
 
 def read_delivery_opts(conf):
     """The async options of [oslo_messaging_multicast], validated."""
     return _read(conf, GROUP, DELIVERY_OPTS)
-
-
-def read_rule_delivery_opts(conf, group_name):
-    """The delivery options of a rule group, as Destination arguments."""
-    values = _read(conf, group_name, RULE_DELIVERY_OPTS)
-    return {RULE_DELIVERY_OPTS[name]: value for name, value in values.items()}
 
 
 def register_rule_opts(conf, name):

@@ -113,3 +113,31 @@ class StandardTopicGuardTestCase(test_multicast.MulticastBrokerTestCase):
         # the time the standard one arrived every replica would have been
         # sent (synchronously, before the next standard notification).
         self.assertEqual([], target_collector.received)
+
+    def test_dollar_in_a_rule_password_keeps_the_standard_flowing(self):
+        # oslo.config reads "$word1" as the option word1: a load error
+        # naming the option, the password masked; the standard
+        # notifications still reach the real broker.
+        standard = base.unique_name('notifications')
+        target = base.unique_name('tt')
+        self.load_config("""
+            [oslo_messaging_notifications]
+            driver = messaging-multicast
+            topics = %(standard)s
+            [oslo_messaging_multicast]
+            rules = dollar
+            [multicast_rule_dollar]
+            selector = *
+            targets = %(target)s
+            transport_url = rabbit://replicator:Pa$word1@127.0.0.1:5672/
+            """ % {'standard': standard, 'target': target})
+        collector = self.start_listener(standard)
+        notifier, driver = self.notifier()
+        self.assertIn('[multicast_rule_dollar] transport_url = '
+                      'rabbit://replicator:****@127.0.0.1:5672/: '
+                      'oslo.config reads "$NAME"', str(driver.config_error))
+        self.assertNotIn('Pa$word1', str(driver.config_error))
+
+        self.send(notifier)
+
+        self.assertNoMore(collector, COUNT)

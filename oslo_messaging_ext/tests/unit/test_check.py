@@ -81,7 +81,8 @@ class CheckTestCase(base.BaseTestCase):
         self.assertIn(
             'Rule glance_replication: event_type in image.upload,'
             'image.delete\n'
-            '  -> exchange glance (default), routing key '
+            '  -> exchange glance (set in [DEFAULT] control_exchange), '
+            'routing key '
             'glance.repl.host1.<priority>, format 2.0, on the notification '
             'transport\n', out)
         self.assertIn('on fake://region2:5672/glance', out)
@@ -110,9 +111,10 @@ class CheckTestCase(base.BaseTestCase):
             'driver = (unset) the service sends no notification at all. Set '
             '[oslo_messaging_notifications] driver = messaging-multicast',
             out)
-        # What it would do once the driver line moves.
+        # What it would do once the driver line moves, on glance's
+        # exchange (the file is glance-api.conf).
         self.assertIn('[DEFAULT] image.upload -> '
-                      'openstack/glance.repl.host1.image.upload.info', out)
+                      'glance/glance.repl.host1.image.upload.info', out)
 
     def test_moved_driver_line(self):
         status, out = self.check(
@@ -122,17 +124,22 @@ class CheckTestCase(base.BaseTestCase):
         self.assertEqual(0, status, out)
         self.assertIn('Rule [DEFAULT] image.upload: event_type, priority, '
                       "message_id or publisher_id equals 'image.upload'\n"
-                      '  -> exchange openstack (default), routing key '
+                      "  -> exchange glance (the default: glance's own "
+                      'control_exchange default), routing key '
                       'glance.repl.host1.image.upload.<priority>, format 1.0',
                       out)
+        self.assertIn('Service: glance (guessed from the file name '
+                      'glance-api.conf).', out)
 
     def test_driver_not_selected(self):
         status, out = self.check(RULES.replace('driver = messaging-multicast',
                                                'driver = messagingv2'))
         self.assertEqual(1, status)
-        self.assertIn('ERROR: [oslo_messaging_notifications] driver = '
-                      'messagingv2: messaging-multicast is not selected',
+        self.assertIn('WARNING: [oslo_messaging_multicast] is configured, '
+                      'but [oslo_messaging_notifications] driver does not '
+                      'list messaging-multicast: its rules do not apply',
                       out)
+        self.assertNotIn('ERROR', out)
 
     def test_invalid_rule_and_typos(self):
         status, out = self.check(RULES.replace(
@@ -142,8 +149,8 @@ class CheckTestCase(base.BaseTestCase):
         self.assertIn("ERROR: [multicast_rule_region2] selector = "
                       "payload.name regex ^(?!x): regex '^(?!x)' is "
                       "refused", out)
-        self.assertIn('WARNING: messaging-multicast: [multicast_rule_region2] '
-                      'selectors is not an option', out)
+        self.assertIn('WARNING: [multicast_rule_region2] selectors is not '
+                      'an option', out)
         self.assertIn('Replication would be OFF: the standard notifications '
                       'would still be sent.', out)
         self.assertEqual(1, out.count('ERROR'), out)
@@ -186,3 +193,119 @@ class CheckTestCase(base.BaseTestCase):
         self.assertEqual(0, result.returncode, result.stdout)
         self.assertEqual('', result.stderr)
         self.assertIn('Problems: 0', result.stdout)
+
+
+class NotificationsSectionTestCase(base.BaseTestCase):
+    """The tool checks every listed driver, not only multicast."""
+
+    def setUp(self):
+        super().setUp()
+        self.dir = self.useFixture(fixtures.TempDir()).path
+
+    def check(self, text, name='glance-api.conf', *args):
+        path = os.path.join(self.dir, name)
+        with open(path, 'w') as f:
+            f.write(textwrap.dedent(text))
+        out = io.StringIO()
+        status = check.main(['--config-file', path] + list(args), out=out)
+        return status, out.getvalue()
+
+    def unix(self, **options):
+        lines = ''.join('%s = %s\n' % item for item in sorted(options.items()))
+        return ('[oslo_messaging_notifications]\ndriver = unix\n'
+                'sock_path = %s\n' % os.path.join(self.dir, 'n.sock') + lines)
+
+    def test_valid_unix_only_configuration(self):
+        status, out = self.check(self.unix())
+        self.assertEqual(0, status, out)
+        self.assertIn('Notification drivers: unix.', out)
+        self.assertIn('unix: socket %s, mode 0660'
+                      % os.path.join(self.dir, 'n.sock'), out)
+        self.assertNotIn('messaging-multicast', out)
+        self.assertTrue(out.endswith('Problems: 0\n'), out)
+
+    def test_unix_options_checked_by_the_driver(self):
+        for options, expected in [
+                ({'sock_mode': '0666'}, "Invalid value '0666' for option "
+                 'sock_mode in group [oslo_messaging_notifications]: the '
+                 'socket must not be accessible to others'),
+                ({'sock_buffer_size': '10'}, '[oslo_messaging_notifications] '
+                 'sock_buffer_size = 10: invalid value: it must be at least '
+                 '65536 bytes'),
+                ({'sock_max_subscribers': 'many'},
+                 '[oslo_messaging_notifications] sock_max_subscribers = '
+                 'many: invalid value'),
+                ({'sock_group': 'no$group'},
+                 '[oslo_messaging_notifications] sock_group = no$group: '
+                 'oslo.config reads "$NAME"')]:
+            with self.subTest(options):
+                status, out = self.check(self.unix(**options))
+                self.assertEqual(1, status, out)
+                self.assertIn(expected, out)
+        status, out = self.check('[oslo_messaging_notifications]\n'
+                                 'driver = unix\nsock_path = relative.sock\n')
+        self.assertIn("ERROR: unix driver: Invalid value 'relative.sock' for "
+                      'option sock_path', out)
+
+    def test_drivers_listed(self):
+        status, out = self.check("""
+            [DEFAULT]
+            transport_url = fake:/
+            notification_driver = messaging
+            [oslo_messaging_notifications]
+            driver = messagingv2
+            driver = messaging-multicast
+            driver = messaging-multicast
+            driver = log,noop
+            """)
+        self.assertEqual(1, status)
+        self.assertIn('messaging-multicast is listed 2 times; oslo.messaging '
+                      'loads it once', out)
+        self.assertIn('messaging-multicast and messagingv2 both send the '
+                      'standard notification, so every consumer receives it '
+                      'twice', out)
+        self.assertEqual(1, out.count('both send the standard'), out)
+        self.assertIn("there is no notification driver 'log,noop': the "
+                      'service logs an error and sends nothing through it '
+                      '(driver is a multi-valued option', out)
+        self.assertIn('WARNING: [DEFAULT] notification_driver is not read by '
+                      'oslo.messaging any more and is ignored', out)
+
+    def test_no_driver_and_messagingv2_only(self):
+        status, out = self.check('[DEFAULT]\ntransport_url = fake:/\n')
+        self.assertEqual(0, status, out)
+        self.assertIn('No notification driver: the service sends no '
+                      'notification.', out)
+        status, out = self.check('[oslo_messaging_notifications]\n'
+                                 'driver = messagingv2\n')
+        self.assertEqual(0, status, out)
+
+    def exchange_line(self, name, *args, text=RULES):
+        text = text.replace('control_exchange = glance\n', '')
+        status, out = self.check(text, name, *args)
+        self.assertEqual(0, status, out)
+        return [line for line in out.splitlines()
+                if line.startswith(('Service:', '  -> exchange'))][:2]
+
+    def test_exchange_as_the_service_uses_it(self):
+        self.assertEqual(
+            ['Service: nova (guessed from the file name nova.conf).',
+             "  -> exchange nova (the default: nova's own control_exchange "
+             'default), routing key glance.repl.host1.<priority>, format '
+             '2.0, on the notification transport'],
+            self.exchange_line('nova.conf'))
+        self.assertEqual(
+            ['Service: cinder (given with --project).',
+             "  -> exchange openstack (the default: cinder's own "
+             'control_exchange default), routing key '
+             'glance.repl.host1.<priority>, format 2.0, on the notification '
+             'transport'],
+            self.exchange_line('service.conf', '--project', 'cinder'))
+        lines = self.exchange_line('service.conf')
+        self.assertEqual('Service: service (guessed from the file name '
+                         'service.conf).', lines[0])
+        self.assertIn("exchange openstack (the default: oslo.messaging's; "
+                      'service may set its own: if so, pass --project or '
+                      'set [DEFAULT] control_exchange)', lines[1])
+        self.assertIn('exchange glance (set in [DEFAULT] control_exchange)',
+                      self.check(RULES, 'nova.conf')[1])

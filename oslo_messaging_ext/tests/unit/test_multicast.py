@@ -630,8 +630,8 @@ class ValidationTestCase(DriverFixtureMixin, base.BaseTestCase):
             selector = *
             targets = t
             transport_url = nosuchdriver://user:s3cret@host/
-            """, '[multicast_rule_r] transport_url = ****',
-            'invalid transport URL')
+            """, '[multicast_rule_r] transport_url = '
+                 'nosuchdriver://user:****@host/: invalid transport URL')
         self.assertNotIn('s3cret', str(exc))
 
     def test_invalid_rule_name(self):

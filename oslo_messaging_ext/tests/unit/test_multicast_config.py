@@ -14,7 +14,11 @@
 what an invalid one leaves running.
 """
 
+import io
 import logging
+import os
+import random
+import textwrap
 
 import fixtures
 from oslo_config import cfg
@@ -22,6 +26,7 @@ from oslo_config import fixture as config_fixture
 import oslo_messaging
 from oslotest import base
 
+from oslo_messaging_ext.cmd import check
 from oslo_messaging_ext.notify import _impl_multicast as multicast
 from oslo_messaging_ext.notify import _multicast_config as multicast_config
 from oslo_messaging_ext.notify import _multicast_opts as multicast_opts
@@ -388,3 +393,406 @@ class ReplicationOffTestCase(test_multicast.DriverFixtureMixin,
         driver.notify({}, envelope(), 'INFO', -1)
         self.assertEqual([('notifications.info', 1.0)],
                          [(p['topic'], p['version']) for p in self.published])
+
+
+RULE_WITH_URL = """
+[oslo_messaging_multicast]
+rules = r
+[multicast_rule_r]
+selector = *
+targets = t
+transport_url = %s
+"""
+
+
+class DollarTestCase(test_multicast.DriverFixtureMixin, base.BaseTestCase):
+    """"$" in values, through real files, as a service loads them.
+
+    oslo.config interpolates every value: "$NAME" and "${NAME}" stand for
+    the option NAME, "$$" and "\\$" for a literal "$".
+    """
+
+    def setUp(self):
+        super().setUp()
+        # What was logged before is self.output()[:self.mark].
+        self.mark = 0
+        self.useFixture(fixtures.MockPatchObject(multicast, '_LOADED',
+                                                 set()))
+        self.useFixture(fixtures.MockPatchObject(
+            multicast_config, '_replication_off', {}))
+
+    def output(self):
+        return self.log.output[self.mark:]
+
+    def send(self, text, payloads=({'name': 'x'},)):
+        """Configure ``text``, send ``payloads`` as a service does."""
+        self.configure(textwrap.dedent("""
+            [oslo_messaging_notifications]
+            driver = messaging-multicast
+            topics = notifications
+            """) + textwrap.dedent(text))
+        notifier = oslo_messaging.Notifier(self.transport,
+                                           publisher_id='image.localhost')
+        for payload in payloads:
+            notifier.info({}, 'image.upload', payload)
+
+    def assertStandardFlowedAndNamed(self, named, hidden=None):
+        self.assertEqual(['notifications.info'], self.topics())
+        self.assertIn('Invalid messaging-multicast configuration, '
+                      'replication is off: ' + named, self.output())
+        self.assertIn('write "$$" for a literal "$"', self.output())
+        if hidden:
+            self.assertNotIn(hidden, self.output())
+
+    def test_dollar_in_a_rule_broker_password(self):
+        self.send(RULE_WITH_URL % 'fake://replicator:Pa$word1@region2:5672/')
+        self.assertStandardFlowedAndNamed(
+            '[multicast_rule_r] transport_url = '
+            'fake://replicator:****@region2:5672/: oslo.config reads',
+            hidden='Pa$word1')
+        self.assertNotIn('option word1', self.output())
+
+    def test_dollar_in_a_selector_value(self):
+        self.send("""
+            [oslo_messaging_multicast]
+            rules = r
+            [multicast_rule_r]
+            selector = payload.name exact $foo
+            targets = t
+            """)
+        self.assertStandardFlowedAndNamed(
+            '[multicast_rule_r] selector = payload.name exact $foo: '
+            'oslo.config reads "$NAME" and "${NAME}" in a value as the '
+            'value of option NAME (no such option foo')
+
+    def test_dollar_in_targets_rules_and_onmcast_options(self):
+        for text, named in [
+                ("""
+                 [oslo_messaging_multicast]
+                 rules = r
+                 [multicast_rule_r]
+                 selector = *
+                 targets = t$x
+                 """, '[multicast_rule_r] targets = t$x: '),
+                ("""
+                 [oslo_messaging_multicast]
+                 rules = r${x}
+                 """, '[oslo_messaging_multicast] rules = r${x}: '),
+                ("""
+                 [oslo_messaging_multicast]
+                 async_fanout = $yes
+                 """, '[oslo_messaging_multicast] async_fanout = $yes: '),
+                ("""
+                 [DEFAULT]
+                 multicast_events = image.upload
+                 image.upload = host$x
+                 """, '[DEFAULT] image.upload = host$x: ')]:
+            with self.subTest(named):
+                self.published.clear()
+                self.mark = len(self.output())
+                self.send(text)
+                self.assertStandardFlowedAndNamed(named)
+
+    def test_compiler_errors_are_load_errors(self):
+        self.send("""
+            [oslo_messaging_multicast]
+            rules = r
+            [multicast_rule_r]
+            selector = payload.name regex a{99999999999}
+            targets = t
+            """)
+        self.assertEqual(['notifications.info'], self.topics())
+        self.assertIn('replication is off: [multicast_rule_r] selector = '
+                      'payload.name regex a{99999999999}: ', self.output())
+
+    def test_double_dollar_is_a_literal_dollar_in_a_password(self):
+        self.send(RULE_WITH_URL % 'fake://replicator:Pa$$word1@region2:5672/')
+        self.assertNotIn('replication is off', self.output())
+        self.assertEqual(['notifications.info'], self.topics())
+        url = oslo_messaging.TransportURL.parse(
+            self.conf, self.conf.multicast_rule_r.transport_url)
+        self.assertEqual('Pa$word1', url.hosts[0].password)
+
+    def replicated(self, pattern, names):
+        """Which of ``names`` the regex selector ``pattern`` replicates."""
+        self.published.clear()
+        self.mark = len(self.output())
+        self.send("""
+            [oslo_messaging_multicast]
+            rules = r
+            [multicast_rule_r]
+            selector = payload.name regex %s
+            targets = t
+            """ % pattern, [{'name': name} for name in names])
+        self.assertNotIn('replication is off', self.output())
+        return [p['message']['payload']['name'] for p in self.published
+                if p['topic'] == 't.info']
+
+    def test_dollar_in_regexes(self):
+        names = ['x', 'xy', '$HOME', 'a$HOME']
+        # "$" before no name is left alone: the end of the value.
+        self.assertEqual(['x'], self.replicated('^x$', names))
+        # "$$" is a literal "$" for oslo.config: the regex sees ^x$.
+        self.assertEqual(['x'], self.replicated('^x$$', names))
+        # A regex's literal dollar, spelled so that oslo.config leaves it.
+        for pattern in (r'^[$]HOME', r'^\x24HOME', r'^\\$HOME'):
+            self.assertEqual(['$HOME'], self.replicated(pattern, names),
+                             pattern)
+            self.assertNotIn('oslo.config reads', self.output())
+
+    def test_backslash_dollar_is_rewritten_and_warned(self):
+        # oslo.config reads "\$" as "$": the regex is $HOME, which matches
+        # nothing, where the operator meant a literal dollar.
+        self.assertEqual([], self.replicated(r'\$HOME', ['$HOME']))
+        self.assertIn(r'[multicast_rule_r] selector = payload.name regex '
+                      r'\$HOME: oslo.config reads "\$" as a literal "$"',
+                      self.output())
+
+
+class LoadValidationTestCase(test_multicast.DriverFixtureMixin,
+                             base.BaseTestCase):
+    """What used to load and fail only at publish, or silently."""
+
+    def problems(self, text):
+        error = self.driver(text).config_error
+        self.assertIsNotNone(error, text)
+        return error.problems
+
+    def url_problems(self, url):
+        return self.problems(RULE_WITH_URL % url)
+
+    def test_port_out_of_range(self):
+        for port in ('99999', '0', '65536'):
+            self.assertEqual(
+                ['[multicast_rule_r] transport_url = rabbit://u:****@h:%s/: '
+                 'port %s is out of range (1-65535)' % (port, port)],
+                self.url_problems('rabbit://u:p@h:%s/' % port))
+
+    def test_host_syntax(self):
+        problems = self.url_problems('rabbit://u:p@my host:5672/')
+        self.assertEqual(1, len(problems), problems)
+        self.assertIn("host 'my host' is not a host name", problems[0])
+        label = 'a' * 64
+        problems = self.url_problems('rabbit://u:p@%s.example.org/' % label)
+        self.assertEqual(1, len(problems), problems)
+        self.assertIn('has a label longer than 63 characters (%r)' % label,
+                      problems[0])
+
+    def test_valid_hosts_accepted(self):
+        for host in ('[::1]:5672', '192.0.2.1:5672', 'rabbit-1.example.org',
+                     'under_score.example.org', 'a' * 63 + '.example.org'):
+            driver = self.driver("""
+                [oslo_messaging_multicast]
+                rules = r
+                [multicast_rule_r]
+                selector = *
+                targets = t
+                transport_url = rabbit://u:p@%s/
+                """ % host)
+            self.assertIsNone(driver.config_error, host)
+
+    def test_operator_without_value(self):
+        for operator in ('regex', '!glob', 'in', 'exact'):
+            problems = self.problems("""
+                [oslo_messaging_multicast]
+                rules = r
+                [multicast_rule_r]
+                selector = payload.name %s
+                targets = t
+                """ % operator)
+            self.assertEqual(
+                ['[multicast_rule_r] selector = payload.name %s: operator '
+                 '%r has no value; to select the word itself, write '
+                 '"payload.name exact %s"' % (operator, operator, operator)],
+                problems)
+
+    def test_standard_sent_twice_warned(self):
+        self.driver("""
+            [oslo_messaging_notifications]
+            driver = messagingv2
+            driver = messaging-multicast
+            [oslo_messaging_multicast]
+            rules = r
+            [multicast_rule_r]
+            selector = *
+            targets = t
+            """)
+        self.assertIn('[oslo_messaging_notifications] driver = messagingv2,'
+                      'messaging-multicast: messaging-multicast and '
+                      'messagingv2 both send the standard notification, so '
+                      'every consumer receives it twice', self.log.output)
+
+    def test_files_read_once_whatever_the_number_of_rules(self):
+        parses = []
+        real = cfg.ConfigParser.parse
+
+        def counting(parser):
+            parses.append(parser.filename)
+            return real(parser)
+
+        self.useFixture(fixtures.MockPatchObject(cfg.ConfigParser, 'parse',
+                                                 counting))
+        for count in (1, 50):
+            del parses[:]
+            names = ['r%d' % i for i in range(count)]
+            text = '[oslo_messaging_multicast]\nrules = %s\n' % ','.join(
+                names) + ''.join(
+                '[multicast_rule_%s]\nselector = event_type exact e%s\n'
+                'targets = t%s\n' % (name, name, name) for name in names)
+            self.configure(text)
+            # oslo.config's own parse of the file is before this point.
+            del parses[:]
+            driver = self.driver()
+            self.assertIsNone(driver.config_error)
+            self.assertEqual(1, len(parses), count)
+
+
+class FuzzedConfigurationsTestCase(base.BaseTestCase):
+    """Random configurations never stop the standard notifications.
+
+    Each is written to a file and loaded as a service loads it; a
+    notification is sent through the driver, and the check tool reads the
+    same file. Deterministic: the seed is fixed.
+    """
+
+    SEED = 22
+    # Half random, half a valid configuration with one line changed.
+    COUNT = 120
+
+    VALUES = [
+        '$x', '${y}', '$$', 'a$$b', r'\$HOME', r'\\$HOME', 'Pa$word1', '$',
+        '99999999999999999999', '-1', '0', 'nan', 'inf', '1e400', '0.0001',
+        'true', 'false', 'lots', '', ' ', 'ünïcødé', '☃,☃', 'a' * 300,
+        'x,y,,z', '1.0', '2.0', '3.0', 'clean', 'onmcast',
+        'fake:/', 'fake://u:Pa$$word1@127.0.0.1/', 'fake://u:Pa$word1@h/',
+        'rabbit://u:p@127.0.0.1:99999/', 'rabbit://u:p@my host/',
+        'rabbit://u:p@%s.invalid/' % ('b' * 64), 'nosuch://h/', '://',
+    ]
+    SELECTORS = [
+        '*', 'event_type exact image.upload', 'event_type in a,$x',
+        'payload.name regex a{99999999999}', 'payload.name regex (a',
+        'payload.name regex', 'payload.name regex ^x$$', 'payload.² exact 1',
+        'context.user exact $u', 'priority !glob *', 'nofield exact 1',
+        'payload. exact 1', 'event_type !!exact x', 'payload.size in ',
+        'payload.name regex ' + 'a' * 2000, 'publisher_id prefix ü',
+    ]
+    MAIN_KEYS = ['rules', 'standard_message_format', 'async_fanout',
+                 'async_queue_size', 'async_flush_timeout',
+                 'onmcast_replica_shape', 'rule', 'ünknown']
+    RULE_KEYS = ['targets', 'transport_url', 'publisher_id',
+                 'replica_timeout', 'replica_retry', 'failure_backoff',
+                 'selectors', 'target']
+    DEFAULT_KEYS = ['multicast_events', 'multicast_topic_prefix',
+                    'publisher_id', 'image.upload', 'control_exchange',
+                    'multicast_event']
+
+    def configuration(self, rnd):
+        lines = ['[oslo_messaging_notifications]',
+                 'driver = messaging-multicast', 'topics = notifications',
+                 '[DEFAULT]', 'transport_url = fake:/']
+        names = rnd.sample(['r1', 'r2', 'r.3', 'bad name', 'r$x', 'ü'],
+                           rnd.randint(0, 3))
+        for key in rnd.sample(self.DEFAULT_KEYS, rnd.randint(0, 3)):
+            lines.append('{} = {}'.format(key, rnd.choice(
+                self.VALUES + ['image.upload', 'host1,host2'])))
+        lines.append('[oslo_messaging_multicast]')
+        lines.append('rules = %s' % ','.join(names))
+        for key in rnd.sample(self.MAIN_KEYS[1:], rnd.randint(0, 4)):
+            lines.append(f'{key} = {rnd.choice(self.VALUES)}')
+        for name in names + rnd.sample(['unlisted', 'r1'], 1):
+            lines.append('[multicast_rule_%s]' % name)
+            for _ in range(rnd.randint(0, 3)):
+                lines.append('selector = %s' % rnd.choice(self.SELECTORS))
+            lines.append('targets = %s' % rnd.choice(
+                ['t1', 't1,x/t2', 'notifications', 'a#b', '/t', 't$x',
+                 'ex/' + 'c' * 300, 'ü']))
+            for key in rnd.sample(self.RULE_KEYS[1:], rnd.randint(0, 3)):
+                lines.append(f'{key} = {rnd.choice(self.VALUES)}')
+        return '\n'.join(lines) + '\n'
+
+    VALID = [
+        '[oslo_messaging_notifications]', 'driver = messaging-multicast',
+        'topics = notifications', '[DEFAULT]', 'transport_url = fake:/',
+        'multicast_events = image.upload', 'multicast_topic_prefix = repl.',
+        'image.upload = host1', '[oslo_messaging_multicast]', 'rules = a,b',
+        'async_fanout = false', 'async_queue_size = 100',
+        'async_flush_timeout = 1', 'onmcast_replica_shape = clean',
+        '[multicast_rule_a]', 'selector = event_type exact image.upload',
+        'selector = payload.name regex ^x', 'targets = ta,ex/tb',
+        'publisher_id = P', 'replica_timeout = 0.5', 'replica_retry = 0',
+        'failure_backoff = 1', '[multicast_rule_b]', 'selector = *',
+        'targets = tc', 'transport_url = fake://u:Pa$$word1@127.0.0.1/']
+
+    def mutated(self, rnd):
+        """VALID with one option line's value or name changed."""
+        lines = list(self.VALID)
+        options = [i for i, line in enumerate(lines)
+                   if ' = ' in line and not line.startswith('driver')]
+        number = rnd.choice(options)
+        key, _, value = lines[number].partition(' = ')
+        if rnd.random() < 0.2:
+            key = rnd.choice(self.MAIN_KEYS + self.RULE_KEYS +
+                             self.DEFAULT_KEYS)
+        else:
+            value = rnd.choice(self.VALUES + self.SELECTORS + ['true'])
+        lines[number] = f'{key} = {value}'
+        return '\n'.join(lines) + '\n'
+
+    def load_and_send(self, path):
+        """Topics the fake transport got for one notification."""
+        conf = cfg.ConfigOpts()
+        transport = oslo_messaging.get_notification_transport(conf,
+                                                              url='fake:/')
+        self.addCleanup(transport.cleanup)
+        conf(['--config-file', path], project='fuzz')
+        sent = []
+        self.useFixture(fixtures.MockPatchObject(
+            transport, '_send_notification',
+            side_effect=lambda target, *a, **k: sent.append(target.topic)))
+        driver = multicast.MulticastDriver(conf, ['notifications'],
+                                           transport)
+        try:
+            driver.notify({}, envelope(), 'INFO', -1)
+            if driver.config_error is None:
+                driver.flush()
+        finally:
+            driver.cleanup()
+        return sent, driver.config_error
+
+    def test_fuzzed_configurations(self):
+        log = self.useFixture(test_utils.FakeLogger(multicast.__name__,
+                                                    level=logging.DEBUG))
+        self.useFixture(fixtures.MockPatchObject(multicast, '_LOADED',
+                                                 set()))
+        rnd = random.Random(self.SEED)
+        directory = self.useFixture(fixtures.TempDir()).path
+        counts = {'configurations': 0, 'with $': 0, 'replication off': 0,
+                  'standard stopped': 0, 'tool tracebacks': 0}
+        for number in range(self.COUNT):
+            text = (self.mutated(rnd) if number % 2 else
+                    self.configuration(rnd))
+            path = os.path.join(directory, 'fuzz%d.conf' % number)
+            with open(path, 'w', encoding='utf-8') as f:
+                f.write(text)
+            counts['configurations'] += 1
+            counts['with $'] += '$' in text
+            sent, error = self.load_and_send(path)
+            counts['replication off'] += error is not None
+            if 'notifications.info' not in sent:
+                counts['standard stopped'] += 1
+            out, err = io.StringIO(), io.StringIO()
+            with fixtures.MonkeyPatch('sys.stderr', err):
+                status = check.main(['--config-file', path], out=out)
+            if status not in (0, 1) or 'Traceback' in out.getvalue() + \
+                    err.getvalue():
+                counts['tool tracebacks'] += 1
+            self.assertNotIn('could not be loaded', str(error), text)
+        self.assertNotIn('Traceback', log.output)
+        self.assertEqual(0, counts['standard stopped'], counts)
+        self.assertEqual(0, counts['tool tracebacks'], counts)
+        # The corpus exercises what it claims to.
+        self.assertGreaterEqual(counts['with $'], 30, counts)
+        self.assertGreaterEqual(counts['replication off'], 40, counts)
+        # ... and the notify path of loaded configurations.
+        self.assertLessEqual(counts['replication off'], self.COUNT - 15,
+                             counts)

@@ -31,7 +31,6 @@ from oslotest import base
 from oslo_messaging_ext.notify import _impl_multicast as multicast
 from oslo_messaging_ext.notify import _multicast_config as multicast_config
 from oslo_messaging_ext.notify import _multicast_lanes as multicast_lanes
-from oslo_messaging_ext.notify import _multicast_opts as multicast_opts
 from oslo_messaging_ext.notify import _multicast_report as multicast_report
 from oslo_messaging_ext.tests.unit import test_multicast
 from oslo_messaging_ext.tests import utils as test_utils
@@ -283,21 +282,6 @@ class ValidationTestCase(test_multicast.DriverFixtureMixin, base.BaseTestCase):
             '[multicast_rule_r] replica_timeout = nan',
             '[multicast_rule_r] replica_retry = -2',
             '[multicast_rule_r] failure_backoff = 0')
-
-    def test_delivery_options_read_alone_name_group_option_and_value(self):
-        # What the rule loader reads for each destination, called on a
-        # rule whose values the driver's validation would refuse.
-        self.configure("""
-            [multicast_rule_r]
-            replica_timeout = soon
-            replica_retry = 1
-            """)
-        group = multicast_opts.register_rule_opts(self.conf, 'r')
-        exc = self.assertRaises(ValueError,
-                                multicast_opts.read_rule_delivery_opts,
-                                self.conf, group)
-        self.assertIn('[multicast_rule_r] replica_timeout = soon', str(exc))
-        self.assertNotIn('replica_retry', str(exc))
 
 
 class ExitTestCase(base.BaseTestCase):

@@ -10,6 +10,10 @@
 #    License for the specific language governing permissions and limitations
 #    under the License.
 
+import json
+import subprocess
+import sys
+
 from oslotest import base
 import stevedore
 
@@ -48,6 +52,41 @@ class ListOptsTestCase(base.BaseTestCase):
     @staticmethod
     def _reraise(manager, entrypoint, exc):
         raise exc
+
+
+# Run in a fresh interpreter: what importing opts (and listing its
+# options, as oslo-config-generator does) loads and registers.
+_IMPORT_OPTS = """
+import json, sys
+from oslo_config import cfg
+before = set(cfg.CONF)
+import oslo_messaging_ext.opts
+oslo_messaging_ext.opts.list_opts()
+print(json.dumps({
+    'modules': sorted(m for m in sys.modules
+                      if m.startswith('oslo_messaging')),
+    'conf': sorted(set(cfg.CONF) - before),
+}))
+"""
+
+
+class ImportSideEffectsTestCase(base.BaseTestCase):
+
+    def test_opts_loads_option_definitions_only(self):
+        result = subprocess.run([sys.executable, '-c', _IMPORT_OPTS],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(0, result.returncode, result.stderr)
+        loaded = json.loads(result.stdout)
+        # No driver module, not even oslo.messaging: oslo-config-generator
+        # lists the options without loading either driver.
+        self.assertEqual(['oslo_messaging_ext',
+                          'oslo_messaging_ext.notify',
+                          'oslo_messaging_ext.notify._multicast_opts',
+                          'oslo_messaging_ext.notify._unix_opts',
+                          'oslo_messaging_ext.opts'], loaded['modules'])
+        # Nothing registered on the process-wide configuration, in
+        # [DEFAULT] (onmcast's options) or any group.
+        self.assertEqual([], loaded['conf'])
 
 
 class SamplesTestCase(base.BaseTestCase):
