@@ -242,6 +242,11 @@ class Fanout:
         states = {id(d.state): d.state for d in self._destinations}
         return sum(state.failures.total for state in states.values())
 
+    @property
+    def pending(self):
+        """Replicas queued for, or being published by, the lanes."""
+        return sum(lane.stats()['pending'] for lane in self._lanes)
+
     def stats(self):
         """The counters of this driver's brokers in the process."""
         return [lane.stats() for lane in self._lanes]
