@@ -201,6 +201,29 @@ class SyncOutageTestCase(OutageTestCase):
         self.assertEqual(count, self.drops(driver, 'hung'))
         self.assertEqual(count, self.reported('hung'))
 
+    def test_unresolvable_target_broker(self):
+        standard = base.unique_name('notifications')
+        healthy = base.unique_name('healthy')
+        self.load_config(self.rules_config(
+            {'unresolvable': ('rabbit://guest:guest@broker.invalid:5672/',
+                              base.unique_name('unresolvable')),
+             'healthy': (None, healthy)}, standard))
+        standard_collector = self.start_listener(standard)
+        healthy_collector = self.start_listener(healthy)
+        notifier, driver = self.notifier(retry=0)
+
+        count = 10
+        durations = self.notify_all(notifier, count,
+                                    count * (REPLICA_TIMEOUT + SLACK))
+
+        self.assertLess(max(durations), REPLICA_TIMEOUT + SLACK)
+        self.assertEqual(count, len(healthy_collector.wait_for(count)))
+        self.assertEqual(count, len(standard_collector.wait_for(count)))
+        self.assertEqual(count,
+                         self.wait_for_drops(driver, 'unresolvable', count))
+        driver.cleanup()
+        self.assertEqual(count, self.reported('unresolvable'))
+
 
 class AsyncOutageTestCase(OutageTestCase):
 

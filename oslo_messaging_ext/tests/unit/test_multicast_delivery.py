@@ -126,6 +126,33 @@ class SyncBoundTestCase(DeliveryTestCase):
         self.assertEqual({'broker_failed': 6},
                          remote[0]['dropped_by_cause'])
 
+    def test_notification_broker_replicas_published_on_the_callers_thread(
+            self):
+        threads = {}
+        remote, local = self._remote, self._record
+
+        def remote_thread(transport, target, *args, **kwargs):
+            threads[target.topic] = threading.current_thread()
+            return remote(transport, target, *args, **kwargs)
+
+        def local_thread(target, *args, **kwargs):
+            threads[target.topic] = threading.current_thread()
+            return local(target, *args, **kwargs)
+
+        om_transport.Transport._send_notification.side_effect = (
+            remote_thread)
+        self.transport._send_notification.side_effect = local_thread
+        driver = self.two_brokers()
+        driver.notify({}, envelope(), 'INFO', -1)
+        self.assertEqual(0, driver.flush())
+        # No handoff for the broker the standard notification went to;
+        # the other broker's replica is isolated on its lane's thread.
+        self.assertIs(threading.current_thread(), threads['local.info'])
+        self.assertIs(threading.current_thread(),
+                      threads['notifications.info'])
+        self.assertEqual(multicast_lanes.THREAD_PREFIX + 'publish',
+                         threads['remote.info'].name)
+
     def test_slow_broker_publishes_everything_in_the_background(self):
         driver = self.two_brokers(timeout=0.05)
         self.remote_gate.clear()
