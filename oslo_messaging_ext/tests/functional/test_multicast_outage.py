@@ -173,25 +173,40 @@ class SyncOutageTestCase(OutageTestCase):
         driver.cleanup()
         self.assertEqual(dropped_before + count, self.reported('lost'))
 
-    def test_hung_target_broker(self):
-        tarpit = self.useFixture(outage.Tarpit())
+    COUNT = 10
+
+    def next_to_a_healthy_target(self, rule, url):
+        """Send COUNT with a healthy rule and ``rule`` to ``url``.
+
+        :returns: (driver, each call's duration), once the standard and
+            healthy targets received everything
+        """
         standard = base.unique_name('notifications')
         healthy = base.unique_name('healthy')
         self.load_config(self.rules_config(
-            {'hung': (tarpit.url(), base.unique_name('hung')),
+            {rule: (url, base.unique_name(rule)),
              'healthy': (None, healthy)}, standard))
         standard_collector = self.start_listener(standard)
         healthy_collector = self.start_listener(healthy)
         notifier, driver = self.notifier(retry=0)
 
-        count = 10
-        durations = self.notify_all(notifier, count,
-                                    count * (REPLICA_TIMEOUT + SLACK))
+        durations = self.notify_all(notifier, self.COUNT,
+                                    self.COUNT * (REPLICA_TIMEOUT + SLACK))
 
         self.assertLess(max(durations), REPLICA_TIMEOUT + SLACK)
+        self.assertEqual(self.COUNT,
+                         len(healthy_collector.wait_for(self.COUNT)))
+        self.assertEqual(self.COUNT,
+                         len(standard_collector.wait_for(self.COUNT)))
+        return driver, durations
+
+    def test_hung_target_broker(self):
+        tarpit = self.useFixture(outage.Tarpit())
+        count = self.COUNT
+        driver, durations = self.next_to_a_healthy_target('hung',
+                                                          tarpit.url())
+
         self.assertLess(sum(durations), REPLICA_TIMEOUT + count * 0.1)
-        self.assertEqual(count, len(healthy_collector.wait_for(count)))
-        self.assertEqual(count, len(standard_collector.wait_for(count)))
         # The first publish never ends: declared stuck after STUCK_AFTER,
         # the queued ones are dropped then; its own fate is counted at
         # cleanup (unknown).
@@ -202,23 +217,10 @@ class SyncOutageTestCase(OutageTestCase):
         self.assertEqual(count, self.reported('hung'))
 
     def test_unresolvable_target_broker(self):
-        standard = base.unique_name('notifications')
-        healthy = base.unique_name('healthy')
-        self.load_config(self.rules_config(
-            {'unresolvable': ('rabbit://guest:guest@broker.invalid:5672/',
-                              base.unique_name('unresolvable')),
-             'healthy': (None, healthy)}, standard))
-        standard_collector = self.start_listener(standard)
-        healthy_collector = self.start_listener(healthy)
-        notifier, driver = self.notifier(retry=0)
+        count = self.COUNT
+        driver, _ = self.next_to_a_healthy_target(
+            'unresolvable', 'rabbit://guest:guest@broker.invalid:5672/')
 
-        count = 10
-        durations = self.notify_all(notifier, count,
-                                    count * (REPLICA_TIMEOUT + SLACK))
-
-        self.assertLess(max(durations), REPLICA_TIMEOUT + SLACK)
-        self.assertEqual(count, len(healthy_collector.wait_for(count)))
-        self.assertEqual(count, len(standard_collector.wait_for(count)))
         self.assertEqual(count,
                          self.wait_for_drops(driver, 'unresolvable', count))
         driver.cleanup()
