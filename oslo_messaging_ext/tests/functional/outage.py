@@ -40,9 +40,12 @@ from oslo_messaging_ext.tests import utils as test_utils
 POLL = 0.1
 
 
-def _listener():
+def _listener(port=0):
     listener = socket.socket()
-    listener.bind(('127.0.0.1', 0))
+    # A broker back on its port, while connections of its previous life
+    # are in TIME_WAIT.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(('127.0.0.1', port))
     listener.listen(64)
     listener.settimeout(POLL)
     return listener
@@ -62,7 +65,7 @@ class _Acceptor(fixtures.Fixture):
         self._ended = threading.Event()
         self._sockets = []
         self._lock = threading.Lock()
-        self._listener = _listener()
+        self._listener = _listener(getattr(self, 'port', 0))
         self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._accept_loop, daemon=True,
                          name='test-' + type(self).__name__).start()
@@ -136,10 +139,12 @@ class TcpProxy(_Acceptor):
     throughput cost (a delay queue, not a sleep per chunk).
     """
 
-    def __init__(self, upstream, delay=0.0):
+    def __init__(self, upstream, delay=0.0, port=0):
         super().__init__()
         self.upstream = upstream
         self.delay = delay
+        # A given port: the same broker back after a kill().
+        self.port = port
 
     def accepted(self, conn):
         try:

@@ -226,6 +226,38 @@ class SyncOutageTestCase(OutageTestCase):
         driver.cleanup()
         self.assertEqual(count, self.reported('unresolvable'))
 
+    def test_target_broker_back_after_an_outage(self):
+        proxy = self.useFixture(outage.TcpProxy(self.upstream()))
+        standard = base.unique_name('notifications')
+        flaky = base.unique_name('flaky')
+        self.load_config(self.rules_config(
+            {'flaky': (proxy.url(), flaky)}, standard).replace(
+            '[multicast_rule_flaky]\n',
+            '[multicast_rule_flaky]\nfailure_backoff = 0.5\n'))
+        flaky_collector = self.start_listener(flaky)
+        notifier, driver = self.notifier(retry=0)
+        sent = self.notify_all(notifier, 1, base.DELIVERY_TIMEOUT)
+        self.assertEqual(1, len(flaky_collector.wait_for(1)))
+
+        proxy.kill()
+        sent += self.notify_all(notifier, 5, 5 * (REPLICA_TIMEOUT + SLACK))
+        self.wait_for_drops(driver, 'flaky', 1)
+        self.useFixture(outage.TcpProxy(self.upstream(), port=proxy.port))
+
+        # Once the backoff expired, replicas flow again.
+        def back():
+            sent.extend(self.notify_all(notifier, 1, base.DELIVERY_TIMEOUT))
+            return len(flaky_collector.wait_for(2, timeout=0.5)) >= 2
+
+        self.assertTrue(test_utils.wait_until(back, base.DELIVERY_TIMEOUT))
+        self.assertLess(max(sent), REPLICA_TIMEOUT + SLACK)
+        driver.cleanup()
+        # Each replica was delivered or counted as dropped, never both.
+        dropped = self.drops(driver, 'flaky')
+        delivered = len(flaky_collector.wait_for(len(sent) - dropped))
+        self.assertEqual(len(sent), delivered + dropped)
+        self.assertEqual(self.drops(driver, 'flaky'), self.reported('flaky'))
+
 
 class AsyncOutageTestCase(OutageTestCase):
 
