@@ -230,8 +230,11 @@ class Fanout:
                 lane.submit(lane_jobs, self._queue_size)
             return
         started = time.monotonic()
+        # The other brokers' lanes get their replicas before the
+        # notification broker's are published on this thread.
         waits = [lane.run(lane_jobs, self._queue_size, started)
-                 for lane, lane_jobs in by_lane.items()]
+                 for lane, lane_jobs in sorted(
+                     by_lane.items(), key=lambda item: item[0].inline)]
         for wait in waits:
             if wait is not None:
                 _multicast_lanes.Lane.wait(*wait)
