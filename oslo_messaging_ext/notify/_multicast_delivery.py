@@ -258,12 +258,19 @@ class Fanout:
         return _multicast_lanes.flush(self._lanes)
 
     def close(self):
+        """Wait for the lanes, then give them back.
+
+        The last driver of a lane drops and logs what is still pending.
+        """
         if not self._release.alive:
             return
-        _multicast_lanes.flush(self._lanes, stop=True, when=' at cleanup')
-        self._release()
+        self._release.detach()
+        _multicast_lanes.flush(self._lanes)
+        _release_lanes(self._lanes, 'not published within '
+                       'async_flush_timeout = %(timeout)s s at cleanup')
 
 
-def _release_lanes(lanes):
+def _release_lanes(lanes, cause='pending when its last driver was '
+                   'garbage-collected without cleanup()'):
     for lane in lanes:
-        _multicast_lanes.release(lane)
+        _multicast_lanes.release(lane, cause)

@@ -152,7 +152,9 @@ class _State:
     """A lane's locks, queue, thread and counters in one process."""
 
     def __init__(self):
-        self.cond = threading.Condition(threading.Lock())
+        # Reentrant: a driver collected while this thread holds it
+        # releases its lanes.
+        self.cond = threading.Condition(threading.RLock())
         self.queue = collections.deque()
         self.thread = None
         # When the publish in progress started, and its job.
@@ -468,38 +470,41 @@ def acquire(transport, label='', inline=False):
         return lane
 
 
-def release(lane):
-    """Count one user less; the last one ends the lane's thread."""
+def release(lane, cause):
+    """Count one user less; the last one ends the lane's thread.
+
+    What is still pending then is dropped with ``cause`` (with a
+    %(timeout)s key for the flush timeout) and logged at once, with every
+    count not logged yet.
+    """
     with _registry.get():
         lane.users -= 1
         if lane.users > 0:
             return
         if _lanes.get(id(lane.transport)) is lane:
             del _lanes[id(lane.transport)]
+    _discard(lane, cause)
     lane.stop()
 
 
-def flush(lanes, stop=False, when='', now=False):
-    """Wait for what ``lanes`` still publish; return what is left.
+def _discard(lane, cause):
+    lane.discard(cause % {'timeout': lane.flush_timeout}, now=True)
+    lane.report_now()
 
-    With ``stop``, what is still pending after the flush timeout is
-    dropped and every count not logged yet is logged.
-    """
+
+def flush(lanes):
+    """Wait for what ``lanes`` still publish; return what is left."""
     started = time.monotonic()
-    left = 0
-    for lane in lanes:
-        left += lane.flush(started + lane.flush_timeout)
-        if stop:
-            lane.discard('not published within async_flush_timeout = %s s%s'
-                         % (lane.flush_timeout, when), now=now)
-            lane.report_now()
-    return left
+    return sum(lane.flush(started + lane.flush_timeout) for lane in lanes)
 
 
 def _flush_at_exit():
     with _registry.get():
         lanes = list(_lanes.values())
-    flush(lanes, stop=True, when=' at exit', now=True)
+    flush(lanes)
+    for lane in lanes:
+        _discard(lane, 'not published within async_flush_timeout = '
+                 '%(timeout)s s at exit')
 
 
 def _register_exit_handler():

@@ -243,6 +243,29 @@ class AsyncIsolationTestCase(DeliveryTestCase):
         self.assertEqual(count, driver.dropped)
 
 
+class SharedLaneTestCase(DeliveryTestCase):
+
+    def test_cleanup_of_one_driver_keeps_the_others_replicas(self):
+        first = self.two_brokers(timeout=30, async_fanout='true',
+                                 async_flush_timeout=0.2)
+        second = multicast.MulticastDriver(self.conf, ['notifications'],
+                                           self.transport)
+        self.addCleanup(second.cleanup)
+        self.remote_gate.clear()
+        for _ in range(3):
+            second.notify({}, envelope(), 'INFO', -1)
+        self.assertTrue(test_utils.wait_until(
+            lambda: self.remote_attempts == 1, 10))
+        # It waits for the lane within its flush timeout, and leaves what
+        # is pending to the lane's other user.
+        first.cleanup()
+        self.assertEqual(0, first.dropped)
+        self.remote_gate.set()
+        self.assertEqual(0, second.flush())
+        self.assertEqual(3, self.topics().count('remote.info'))
+        self.assertEqual(0, second.dropped)
+
+
 class ReportTestCase(DeliveryTestCase):
 
     def test_every_drop_reported_at_error_within_the_interval(self):
