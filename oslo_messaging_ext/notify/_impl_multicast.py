@@ -29,8 +29,9 @@ Delivery semantics:
   never the publish: a replica still being published then goes on in the
   background and counts as published if it lands.
 * Replicas to the notification transport's own broker are published on
-  the service's thread while that broker is idle and healthy (one
-  attempt; a failure leaves the rest to the publisher thread).
+  the service's thread, with their rule's ``replica_retry``, while that
+  broker's lane is idle and healthy: a thread could not protect the
+  service from the broker its standard notification was just sent to.
 * A broker is skipped only after it failed: a target whose publish
   raised is skipped without any network attempt for ``failure_backoff``
   (doubling while it keeps failing); a broker whose publish, connecting

@@ -161,7 +161,6 @@ class _State:
         self.busy_since = None
         self.busy = None
         self.stuck_tripped = False
-        self.inline = 0
         self.maxsize = 0
         self.last_submit = 0.0
         self.watched = False
@@ -259,14 +258,11 @@ class Lane:
             if (self._stopped or st.queue or st.busy is not None or
                     self.breaker.is_open(time.monotonic())):
                 return jobs
-            st.inline += 1
-        try:
-            for job in jobs:
-                self._publish(st, job)
-            return []
-        finally:
-            with st.cond:
-                st.inline -= 1
+        # Other service threads may publish inline at the same time, each
+        # on a connection of the transport's pool, as messagingv2 does.
+        for job in jobs:
+            self._publish(st, job)
+        return []
 
     @staticmethod
     def wait(waiter, deadline):
@@ -285,7 +281,7 @@ class Lane:
                     st.cond.wait()
                 if st.queue[0][1].waiter is None:
                     self._yield_to_service(st)
-                queued_at, job = st.queue.popleft()
+                _, job = st.queue.popleft()
                 st.busy, st.busy_since = job, time.monotonic()
                 st.stuck_tripped = False
             try:
