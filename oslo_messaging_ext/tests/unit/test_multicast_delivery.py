@@ -348,7 +348,7 @@ class SharedWorkersTestCase(test_multicast.DriverFixtureMixin,
         driver = notifiers[0]._driver_mgr['messaging-multicast'].obj
         driver.flush()
         self.assertEqual(600, len(self.published))
-        # One publisher and one async feeder for the one broker.
+        # One publisher for the one broker, and the monitor thread.
         self.assertLessEqual(threading.active_count(), threads + 2)
         self.assertLessEqual(atexit._ncallbacks(), handlers + 1)
         del notifiers, notifier, driver
