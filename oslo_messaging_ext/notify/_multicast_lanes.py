@@ -226,10 +226,7 @@ class Lane:
             cap = None
             if st.busy_since is not None:
                 cap = st.busy_since + st.busy.destination.timeout
-            if not st.watched:
-                st.watched = True
-                _multicast_report.watch(self)
-                _register_exit_handler()
+            self._watch(st)
         self._drop_stuck(stuck)
         for kind, cause, dropped in refused:
             drop_all(dropped, kind, cause)
@@ -258,11 +255,20 @@ class Lane:
             if (self._stopped or st.queue or st.busy is not None or
                     self.breaker.is_open(time.monotonic())):
                 return jobs
+            self._watch(st)
         # Other service threads may publish inline at the same time, each
         # on a connection of the transport's pool, as messagingv2 does.
         for job in jobs:
             self._publish(st, job)
         return []
+
+    def _watch(self, st):
+        # At the lane's first use in a process: the monitor's ticks, and
+        # the report at exit.
+        if not st.watched:
+            st.watched = True
+            _multicast_report.watch(self)
+            _register_exit_handler()
 
     @staticmethod
     def wait(waiter, deadline):

@@ -314,6 +314,25 @@ class ReportTestCase(DeliveryTestCase):
                      'oslo.messaging._drivers.amqpdriver'):
             self.assertEqual([], logging.getLogger(name).filters)
 
+    def test_counters_logged_at_info_while_they_change(self):
+        self.useFixture(fixtures.MockPatchObject(
+            multicast_lanes, 'STATS_INTERVAL', 0.2))
+        driver = self.two_brokers()
+        for _ in range(3):
+            driver.notify({}, envelope(), 'INFO', -1)
+        for broker in ('region2', 'notification transport'):
+            self.assertTrue(test_utils.wait_until(
+                lambda: 'messaging-multicast broker %s: 3 replicas '
+                'published, 0 dropped, 0 pending, breaker closed' % broker
+                in self.log.output, 10), self.log.output)
+        self.assertEqual(
+            [{'broker': 'notification transport', 'published': 3,
+              'dropped': 0, 'dropped_by_cause': {}, 'pending': 0,
+              'breaker': 'closed'},
+             {'broker': 'region2', 'published': 3, 'dropped': 0,
+              'dropped_by_cause': {}, 'pending': 0, 'breaker': 'closed'}],
+            sorted(driver.stats(), key=lambda s: s['broker']))
+
     def test_counters_logged_at_info_on_cleanup(self):
         driver = self.two_brokers()
         self.remote_fails = True
