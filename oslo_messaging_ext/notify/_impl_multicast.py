@@ -21,24 +21,35 @@ Delivery semantics:
   ``messagingv2`` driver (or ``messaging``, for the 1.0 format) sends it,
   on the notifier's transport and topics, at most once.
 * Then every replica is published, at most once, to each distinct target
-  of the rules the notification matches, by the publisher thread of its
-  broker (one per broker and process, shared by the driver instances).
-  notify() waits for them at most the largest ``replica_timeout`` of the
-  matched rules; a publish still running then is abandoned to the
-  background and counted as dropped. A target that fails (broker down,
-  hung, refused publish) is skipped without any network attempt for
-  ``failure_backoff``, its skipped replicas counted as dropped; it never
-  raises into the service nor delays the other brokers' replicas.
-  Replicas use their rule's ``replica_retry``; the standard notification
-  keeps the notifier's ``retry``.
-* With ``async_fanout``, replicas join a bounded queue per broker: the
-  service's call returns once the original is sent, and a dead or slow
-  broker only fills its own queue. Replicas that do not fit are dropped.
-  The queues are flushed, within ``async_flush_timeout``, on driver
-  cleanup and at interpreter exit (not when a signal kills the process).
-* Every drop is counted per target and logged at ERROR with the true
-  count since the previous line, at most once a minute per target and at
-  most a minute after it happened.
+  of the rules the notification matches, in order, by the publisher
+  thread of its broker (one per broker and process, shared by the driver
+  instances). notify() waits for them at most the largest
+  ``replica_timeout`` of the matched rules, and not at all for a broker
+  whose current publish is already late. The timeout bounds the wait,
+  never the publish: a replica still being published then goes on in the
+  background and counts as published if it lands.
+* Replicas to the notification transport's own broker are published on
+  the service's thread, with their rule's ``replica_retry``, while that
+  broker's lane is idle and healthy: a thread could not protect the
+  service from the broker its standard notification was just sent to.
+* A broker is skipped only after it failed: a target whose publish
+  raised is skipped without any network attempt for ``failure_backoff``
+  (doubling while it keeps failing); a broker whose publish, connecting
+  included, made no progress for 5 s is skipped likewise, with what was
+  queued for it. Skipped replicas count as dropped. A slow broker is
+  never skipped. Replicas use their rule's ``replica_retry``; the
+  standard notification keeps the notifier's ``retry``.
+* With ``async_fanout``, notify() does not wait: the service's call
+  returns once the original is sent, and a dead or slow broker only fills
+  its own queue (``async_queue_size``). Replicas that do not fit are
+  dropped. The queues are flushed, within ``async_flush_timeout``, on
+  driver cleanup and at interpreter exit (not when a signal kills the
+  process).
+* Every drop is counted per target and cause and logged at ERROR with the
+  true count per cause since the previous line, at most once a minute per
+  target, at most a minute after it happened, and at once on cleanup()
+  and at exit. Per-broker counters are logged at INFO at most every 10
+  minutes while they change, and returned by ``stats()``.
 
 Configuration is validated completely when the driver is loaded; an error
 names the group, the option and the value, and no half-configured driver
@@ -65,6 +76,11 @@ LOG = logging.getLogger(__name__)
 
 # (pid, summary) of the configurations already reported at INFO.
 _LOADED = set()
+# The defaults of async_queue_size and async_flush_timeout.
+_QUEUE_SIZE, _FLUSH_TIMEOUT = (
+    {opt.name: opt.default
+     for opt in _multicast_opts.multicast_opts}[name]
+    for name in ('async_queue_size', 'async_flush_timeout'))
 
 
 class MulticastDriver(notifier.Driver):
@@ -108,15 +124,16 @@ class MulticastDriver(notifier.Driver):
         else:
             self._standard = messaging.MessagingV2Driver(
                 conf, topics=topics, transport=transport)
-        async_settings = None
-        if async_fanout:
+        queue_size, flush_timeout = _QUEUE_SIZE, _FLUSH_TIMEOUT
+        if self.config_error is None:
             # load() has validated every option of the group already.
             delivery = _multicast_opts.read_delivery_opts(conf)
-            async_settings = (delivery['async_queue_size'],
-                              delivery['async_flush_timeout'])
+            queue_size = delivery['async_queue_size']
+            flush_timeout = delivery['async_flush_timeout']
         self._fanout = _multicast_delivery.Fanout(
             [d for rule in self._rules for d in rule.destinations],
-            async_settings)
+            queue_size, flush_timeout, async_fanout, standard=transport,
+            labels=self._transports.labels)
         summary = {'rules': len(self._rules),
                    'targets': len({d.key for r in self._rules
                                    for d in r.destinations}),
@@ -229,6 +246,16 @@ class MulticastDriver(notifier.Driver):
         """Replicas of this driver's targets dropped in the process."""
         return self._fanout.dropped
 
+    def stats(self):
+        """The counters of this driver's brokers in the process.
+
+        One dict per broker: ``broker``, ``published``, ``dropped``,
+        ``dropped_by_cause``, ``pending`` and ``breaker``. The driver also
+        logs them at INFO, at most every 10 minutes while they change, and
+        on cleanup() and at exit.
+        """
+        return self._fanout.stats()
+
     def flush(self):
         """Wait, within async_flush_timeout, for queued replicas.
 
@@ -237,7 +264,11 @@ class MulticastDriver(notifier.Driver):
         return self._fanout.flush()
 
     def cleanup(self):
-        """Flush queued replicas, then release the rules' transports.
+        """Flush pending replicas, log what is left, release transports.
+
+        What is still pending after async_flush_timeout is dropped and
+        logged at once with its count by cause, as are the drops not
+        logged yet.
 
         The brokers' publisher threads and transports shared with other
         instances of this driver in the process end with the last of them.

@@ -14,8 +14,8 @@
 
 A Destination publishes the replicas of one target; a Fanout hands a
 driver's replicas to the per-broker lanes of the process (see
-_multicast_lanes), synchronously within the rules' replica_timeout or
-through the lanes' async queues; RuleTransports hands the rules the
+_multicast_lanes), waiting for them at most the rules' replica_timeout,
+or not at all with async_fanout; RuleTransports hands the rules the
 transports of their brokers, shared by the drivers of a process.
 """
 
@@ -51,13 +51,13 @@ class _SharedTransport:
 
 # (id(conf), TransportURL) -> _SharedTransport
 _shared_transports = {}
-_shared_transports_lock = threading.Lock()
+_shared_transports_lock = _multicast_report.ForkLocal(threading.Lock)
 
 
 def _acquire_transport(conf, parsed_url, url):
     """Return (key, transport) for ``url``, made once per conf and broker."""
     key = (id(conf), parsed_url)
-    with _shared_transports_lock:
+    with _shared_transports_lock.get():
         shared = _shared_transports.get(key)
         if shared is None:
             shared = _SharedTransport(
@@ -70,7 +70,7 @@ def _acquire_transport(conf, parsed_url, url):
 
 def _release_transport(key):
     """Drop a use of a shared transport; the last one cleans it up."""
-    with _shared_transports_lock:
+    with _shared_transports_lock.get():
         shared = _shared_transports.get(key)
         if shared is None:
             return
@@ -96,6 +96,8 @@ class RuleTransports:
         self._standard_url = getattr(standard._driver, '_url', None)
         self._by_url = {}
         self._shared_keys = []
+        # id(transport) -> the broker's host:port, for the counters' lines.
+        self.labels = {id(standard): 'notification transport'}
 
     def get(self, url):
         """The transport for ``url``: one per distinct broker and process."""
@@ -108,6 +110,10 @@ class RuleTransports:
             key, transport = _acquire_transport(self.conf, parsed, url)
             self._by_url[parsed] = transport
             self._shared_keys.append(key)
+            self.labels[id(transport)] = ','.join(
+                (host.hostname or '') + (':%s' % host.port if host.port
+                                         else '')
+                for host in parsed.hosts) or url.split('://')[0]
         return self._by_url[parsed]
 
     def release(self):
@@ -184,49 +190,54 @@ class Destination:
 class Fanout:
     """A driver's replicas, handed to the lanes of their brokers.
 
-    Synchronously, the brokers are published to in parallel and the call
-    waits at most the largest replica_timeout of the replicas; with
-    async_fanout, each broker's replicas join that broker's queue.
+    Synchronously, every lane is given its replicas and then the call
+    waits for them at most the largest replica_timeout of the replicas;
+    with async_fanout, the call does not wait.
     """
 
-    def __init__(self, destinations, async_settings=None):
-        self._async = async_settings
+    def __init__(self, destinations, queue_size, flush_timeout,
+                 async_fanout=False, standard=None, labels=None):
+        self._async = async_fanout
+        self._queue_size = queue_size
         lanes = {}
         for destination in destinations:
-            lane = lanes.get(id(destination.transport))
+            transport = destination.transport
+            lane = lanes.get(id(transport))
             if lane is None:
-                lane = lanes[id(destination.transport)] = (
-                    _multicast_lanes.acquire(destination.transport))
-            destination.bind(lane)
+                lane = lanes[id(transport)] = _multicast_lanes.acquire(
+                    transport, (labels or {}).get(id(transport), 'default'),
+                    inline=transport is standard)
+                lane.flush_timeout = max(lane.flush_timeout, flush_timeout)
             destination.lane = lane
+            destination.bind(lane)
         self._lanes = list(lanes.values())
         self._destinations = list(destinations)
         # Drivers a service drops without cleanup() give their lanes back
         # when collected.
         self._release = weakref.finalize(self, _release_lanes, self._lanes)
-        # At exit, the lanes' own handler flushes and reports the queues.
+        # At exit, the lanes' own handler flushes and reports them.
         self._release.atexit = False
 
     def publish(self, jobs):
         if len(self._lanes) == 1:
-            if self._async is not None:
-                self._lanes[0].enqueue(jobs, self._async)
-            else:
-                self._lanes[0].run(jobs)
-            return
-        by_lane = {}
-        for job in jobs:
-            by_lane.setdefault(job.destination.lane, []).append(job)
-        if self._async is not None:
+            by_lane = {self._lanes[0]: jobs}
+        else:
+            by_lane = {}
+            for job in jobs:
+                by_lane.setdefault(job.destination.lane, []).append(job)
+        if self._async:
             for lane, lane_jobs in by_lane.items():
-                lane.enqueue(lane_jobs, self._async)
+                lane.submit(lane_jobs, self._queue_size)
             return
         started = time.monotonic()
-        batches = [(lane, lane.start(lane_jobs))
-                   for lane, lane_jobs in by_lane.items()]
-        for lane, batch in batches:
-            if batch is not None:
-                lane.finish(batch, started + batch.timeout)
+        # The other brokers' lanes get their replicas before the
+        # notification broker's are published on this thread.
+        waits = [lane.run(lane_jobs, self._queue_size, started)
+                 for lane, lane_jobs in sorted(
+                     by_lane.items(), key=lambda item: item[0].inline)]
+        for wait in waits:
+            if wait is not None:
+                _multicast_lanes.Lane.wait(*wait)
 
     @property
     def dropped(self):
@@ -236,20 +247,30 @@ class Fanout:
 
     @property
     def pending(self):
-        """Replicas waiting in, or in flight from, the async queues."""
-        return sum(lane.feed.pending for lane in self._lanes
-                   if lane.feed is not None)
+        """Replicas queued for, or being published by, the lanes."""
+        return sum(lane.stats()['pending'] for lane in self._lanes)
+
+    def stats(self):
+        """The counters of this driver's brokers in the process."""
+        return [lane.stats() for lane in self._lanes]
 
     def flush(self):
-        return _multicast_lanes.flush_feeds(self._lanes)
+        return _multicast_lanes.flush(self._lanes)
 
     def close(self):
+        """Wait for the lanes, then give them back.
+
+        The last driver of a lane drops and logs what is still pending.
+        """
         if not self._release.alive:
             return
-        _multicast_lanes.flush_feeds(self._lanes)
-        self._release()
+        self._release.detach()
+        _multicast_lanes.flush(self._lanes)
+        _release_lanes(self._lanes, 'not published within '
+                       'async_flush_timeout = %(timeout)s s at cleanup')
 
 
-def _release_lanes(lanes):
+def _release_lanes(lanes, cause='pending when its last driver was '
+                   'garbage-collected without cleanup()'):
     for lane in lanes:
-        _multicast_lanes.release(lane)
+        _multicast_lanes.release(lane, cause)

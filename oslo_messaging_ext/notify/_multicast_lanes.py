@@ -12,27 +12,28 @@
 
 """Per-broker lanes: where the multicast driver's replicas are published.
 
-A Lane is one transport's publisher thread, shared by every driver of the
-process that publishes on that transport and ended with its last user.
-Publishing on a thread of its own is what bounds a replica: the caller
-(the service's thread, or the lane's async feeder) waits for it at most
-the rule's replica_timeout. A publish still running then is abandoned: it
-runs on in the background while the lane is skipped, and the broker is
-skipped until a backoff expires (a circuit breaker), each skip counted as
-a drop of its target. A dead or hung broker thus never delays another
-broker's replicas nor, beyond the bound, the service.
+A Lane is one transport's queue and publisher thread, shared by every
+driver of the process that publishes on that transport. The fate of a
+replica is what happens to it:
 
-oslo.messaging's rabbit driver logs each failed connection attempt at
-ERROR: on the lanes' threads those lines are demoted to DEBUG, the
-driver's own count-carrying line saying what was lost; the standard
-notification's lines are untouched.
+* It is published once, in order, by the lane's thread; the service's
+  call waits for it at most replica_timeout, and a publish still running
+  then goes on in the background and counts as published if it lands.
+* The caller does not wait for a lane whose current publish has already
+  outlasted replica_timeout: its replicas queue behind it.
+* A publish that raises trips its target's breaker; one that makes no
+  progress for STUCK_AFTER seconds (connecting included) trips the
+  broker's: what is queued and what comes during the backoff is dropped
+  without any network attempt. A slow broker is never skipped.
+* On the notification transport, the service's own broker, a sync
+  replica is published on the service's thread while the lane is idle
+  and healthy, with no handoff: a thread could not isolate the service
+  from the broker its standard notification has just been sent to,
+  synchronously and with the notifier's retry.
 """
 
 import atexit
 import collections
-import logging
-import os
-import queue
 import threading
 import time
 
@@ -42,29 +43,35 @@ LOG = _multicast_report.LOG
 
 THREAD_PREFIX = 'messaging-multicast-'
 
-# The async feeder shares the interpreter lock with the service: while
-# the service has submitted replicas within BUSY_WINDOW seconds, it sleeps
-# (at least BACKOFF seconds at a time) instead of competing with it, so
-# that a burst of the service's calls is not slowed by the fan-out it
-# caused. A replica waits at most MAX_DEFER seconds for a lull, and none
-# waits once the queue is half full.
+# In async mode the publisher shares the interpreter lock with the
+# service: while the service has submitted replicas within BUSY_WINDOW
+# seconds, it sleeps (at least BACKOFF seconds at a time) instead of
+# competing with it. A replica waits at most MAX_DEFER seconds for a lull,
+# and none waits once the queue is half full.
 BUSY_WINDOW = 0.005
 BACKOFF = 0.001
 MAX_DEFER = 0.5
-# Replicas a feeder hands to the publisher at once.
-FEED_BATCH = 64
+# A publish that has not returned after this many seconds, the connection
+# it may open included, means a failed broker.
+STUCK_AFTER = 5.0
 # The failure backoff doubles up to this factor.
 MAX_BACKOFF_FACTOR = 16
+# How often, at most, a lane logs its counters at INFO (when they moved).
+STATS_INTERVAL = 600.0
 
 DROP_MESSAGE = ('messaging-multicast dropped %(count)d replicas of rule '
                 '%(rule)s to target %(target)s since the last report: '
                 '%(cause)s')
+STATS_MESSAGE = ('messaging-multicast broker %(broker)s: %(published)d '
+                 'replicas published, %(dropped)d dropped%(causes)s, '
+                 '%(pending)d pending, breaker %(breaker)s')
 
 
 class Job:
     """One replica to publish to one destination."""
 
-    __slots__ = ('destination', 'ctxt', 'original', 'event_key', 'priority')
+    __slots__ = ('destination', 'ctxt', 'original', 'event_key', 'priority',
+                 'waiter', 'done')
 
     def __init__(self, destination, ctxt, original, event_key, priority):
         self.destination = destination
@@ -72,22 +79,28 @@ class Job:
         self.original = original
         self.event_key = event_key
         self.priority = priority
+        self.waiter = None
+        self.done = False
 
-    def drop(self, cause, now=False):
-        drop_all([self], cause, now=now)
 
-
-def drop_all(jobs, cause, now=False):
+def drop_all(jobs, kind, cause, now=False):
     """Count ``jobs`` as dropped: one report per target, not per job."""
+    drop_entries([(job, kind, cause) for job in jobs], now=now)
+
+
+def drop_entries(entries, now=False):
+    """Count (job, kind, cause) entries: one report per target."""
     by_target = {}
-    for job in jobs:
-        entry = by_target.setdefault(id(job.destination.state),
-                                     [job.destination, 0])
-        entry[1] += 1
-    for destination, count in by_target.values():
+    for job, kind, cause in entries:
+        destination, counts = by_target.setdefault(
+            id(job.destination.state), (job.destination, {}))
+        counts[kind, cause] = counts.get((kind, cause), 0) + 1
+    for destination, counts in by_target.values():
+        for (kind, _), count in counts.items():
+            destination.lane.count_drop(kind, count)
         destination.failures.report(
-            {'rule': destination.rule, 'target': destination.label,
-             'cause': cause}, count=count, now=now)
+            {'rule': destination.rule, 'target': destination.label},
+            {cause: count for (_, cause), count in counts.items()}, now=now)
 
 
 class Breaker:
@@ -111,6 +124,11 @@ class Breaker:
         self.failures = 0
         self.open_until = 0.0
 
+    def describe(self, moment):
+        if self.is_open(moment):
+            return 'open for %.1f s' % (self.open_until - moment)
+        return 'closed'
+
 
 class TargetState:
     """What the lanes of a process know of one target of one broker."""
@@ -120,394 +138,380 @@ class TargetState:
         self.failures = _multicast_report.Reporter(DROP_MESSAGE)
 
 
-class _Batch:
-    """Jobs the publisher runs in order, and who waits for them."""
+class Waiter:
+    """A caller waiting for its replicas to one lane."""
 
-    __slots__ = ('jobs', 'done', 'resolved', 'abandoned')
+    __slots__ = ('left', 'done')
 
-    def __init__(self, jobs):
-        self.jobs = jobs
+    def __init__(self, count):
+        self.left = count
         self.done = threading.Event()
-        # Jobs before this index have been published or dropped.
-        self.resolved = 0
-        self.abandoned = False
 
-    @property
-    def timeout(self):
-        return max(job.destination.timeout for job in self.jobs)
+
+class _State:
+    """A lane's locks, queue, thread and counters in one process."""
+
+    def __init__(self):
+        # Reentrant: a driver collected while this thread holds it
+        # releases its lanes.
+        self.cond = threading.Condition(threading.RLock())
+        self.queue = collections.deque()
+        self.thread = None
+        # When the publish in progress started, and its job.
+        self.busy_since = None
+        self.busy = None
+        self.stuck_tripped = False
+        self.maxsize = 0
+        self.last_submit = 0.0
+        self.watched = False
+        self.published = 0
+        self.dropped = collections.Counter()
+        self.stats_line = _multicast_report.StatsLine(STATS_MESSAGE,
+                                                      STATS_INTERVAL)
 
 
 class Lane:
-    """The publisher thread of one transport, shared in the process."""
+    """The queue and publisher thread of one transport."""
 
-    def __init__(self, transport):
+    def __init__(self, transport, label='', inline=False):
         self.transport = transport
+        self.label = label
+        self.inline = inline
         self.users = 0
         self.breaker = Breaker()
+        self.flush_timeout = 0.0
         self._targets = {}
-        self._lock = threading.Lock()
-        self._pid = None
-        self._inbox = None
-        # The abandoned batch the publisher is still running, if any.
-        self._stuck = None
-        self._feed = None
         self._stopped = False
+        self._state = _multicast_report.ForkLocal(_State)
 
     def target_state(self, exchange, topic):
-        with self._lock:
+        with self._state.get().cond:
             return self._targets.setdefault((exchange, topic), TargetState())
-
-    # The publisher thread.
-
-    def _ensure_started(self):
-        # A forked child inherits the lane but not its thread: start anew.
-        if self._pid == os.getpid():
-            return True
-        with self._lock:
-            if self._pid == os.getpid():
-                return True
-            if self._stopped:
-                return False
-            self._inbox = queue.SimpleQueue()
-            self._stuck = None
-            threading.Thread(target=self._publish_loop, args=(self._inbox,),
-                             name=THREAD_PREFIX + 'publish',
-                             daemon=True).start()
-            if self._feed is not None:
-                self._feed.restart()
-            self._pid = os.getpid()
-            return True
-
-    def _publish_loop(self, inbox):
-        while True:
-            batch = inbox.get()
-            if batch is None:
-                return
-            try:
-                self._run(batch)
-            except Exception:
-                LOG.exception('messaging-multicast publisher error')
-            finally:
-                batch.done.set()
-
-    def _run(self, batch):
-        for index, job in enumerate(batch.jobs):
-            if batch.abandoned:
-                # Its waiter gave up before the publisher reached it.
-                with self._lock:
-                    if self._stuck is batch:
-                        self._stuck = None
-                return
-            destination = job.destination
-            if destination.state.breaker.is_open(time.monotonic()):
-                error = None
-            else:
-                try:
-                    destination.send(job)
-                    error = False
-                except Exception as exc:
-                    error = f'{type(exc).__name__}: {exc}'
-            with self._lock:
-                if batch.abandoned:
-                    # The waiter counted this job and the rest as dropped.
-                    if self._stuck is batch:
-                        self._stuck = None
-                    return
-                batch.resolved = index + 1
-                moment = time.monotonic()
-                if error is False:
-                    destination.state.breaker.reset()
-                    self.breaker.reset()
-                elif error:
-                    destination.state.breaker.trip(destination.backoff,
-                                                   moment)
-            if error is None:
-                job.drop('skipped: the target failed recently (circuit '
-                         'breaker open)')
-            elif error:
-                job.drop('publish failed: %s' % error)
 
     # Callers.
 
-    def start(self, jobs):
-        """Hand ``jobs`` to the publisher; return the batch to wait for.
+    def submit(self, jobs, maxsize, waiter=None):
+        """Queue ``jobs``; return until when their waiter should wait."""
+        st = self._state.get()
+        refused = []
+        with st.cond:
+            now = st.last_submit = time.monotonic()
+            st.maxsize = maxsize
+            stuck = self._check_stuck(st, now)
+            if self._stopped:
+                refused = [('stopped', 'the driver was cleaned up', jobs)]
+            elif self.breaker.is_open(now):
+                refused = [('broker_failed', 'skipped: the broker made no '
+                            'progress for %s s lately (circuit breaker '
+                            'open)' % STUCK_AFTER, jobs)]
+            else:
+                room = max(0, maxsize - len(st.queue))
+                for job in jobs[:room]:
+                    job.waiter = waiter
+                    st.queue.append((now, job))
+                if room < len(jobs):
+                    refused = [('queue_full', 'the queue of its broker is '
+                                'full (async_queue_size = %d)' % maxsize,
+                                jobs[room:])]
+                if st.thread is None:
+                    st.thread = threading.Thread(
+                        target=self._publish_loop, args=(st,), daemon=True,
+                        name=THREAD_PREFIX + 'publish')
+                    st.thread.start()
+                st.cond.notify_all()
+            if waiter is not None:
+                waiter.left -= sum(len(item[2]) for item in refused)
+                if waiter.left <= 0:
+                    waiter.done.set()
+            cap = None
+            if st.busy_since is not None:
+                cap = st.busy_since + st.busy.destination.timeout
+            self._watch(st)
+        self._drop_stuck(stuck)
+        for kind, cause, dropped in refused:
+            drop_all(dropped, kind, cause)
+        return cap
 
-        Jobs of a broker that did not answer lately, or whose publisher is
-        still busy with an abandoned publish, are dropped at once, without
-        any network attempt. Returns None when no job is left.
+    def run(self, jobs, maxsize, started):
+        """Publish ``jobs`` of a synchronous call; return what to wait for.
+
+        :returns: (waiter, deadline) or None when nothing is left to wait
         """
-        if not jobs:
-            return None
-        started = self._ensure_started()
-        with self._lock:
-            cause = None
-            if not started:
-                cause = 'the driver was cleaned up'
-            elif self._stuck is not None:
-                cause = ('skipped: a publish to this broker abandoned '
-                         'after replica_timeout is still running')
-            elif self.breaker.is_open(time.monotonic()):
-                cause = ('skipped: the broker did not answer within '
-                         'replica_timeout lately (circuit breaker open)')
-        if cause is not None:
-            drop_all(jobs, cause)
-            return None
-        batch = _Batch(jobs)
-        self._inbox.put(batch)
-        return batch
+        if self.inline:
+            jobs = self._run_inline(jobs)
+            if not jobs:
+                return None
+        waiter = Waiter(len(jobs))
+        cap = self.submit(jobs, maxsize, waiter)
+        deadline = started + max(job.destination.timeout for job in jobs)
+        if cap is not None:
+            # Behind a publish that is late already: do not wait for it.
+            deadline = min(deadline, cap)
+        return waiter, deadline
 
-    def finish(self, batch, deadline):
-        """Wait for ``batch`` until ``deadline``; abandon it then."""
-        if not batch.done.wait(max(0.0, deadline - time.monotonic())):
-            drop_all(self.abandon(batch),
-                     'not published within replica_timeout = %s s (the '
-                     'broker is skipped for a while)' % batch.timeout)
+    def _run_inline(self, jobs):
+        st = self._state.get()
+        with st.cond:
+            if (self._stopped or st.queue or st.busy is not None or
+                    self.breaker.is_open(time.monotonic())):
+                return jobs
+            self._watch(st)
+        # Other service threads may publish inline at the same time, each
+        # on a connection of the transport's pool, as messagingv2 does.
+        for job in jobs:
+            self._publish(st, job)
+        return []
 
-    def abandon(self, batch):
-        """Give up ``batch``; return its jobs not published, to drop.
+    def _watch(self, st):
+        # At the lane's first use in a process: the monitor's ticks, and
+        # the report at exit.
+        if not st.watched:
+            st.watched = True
+            _multicast_report.watch(self)
+            _register_exit_handler()
 
-        The publish in flight runs on in the background; until it ends,
-        the lane's replicas are dropped without an attempt, and the broker
-        is skipped for its failure backoff.
-        """
-        with self._lock:
-            if (batch.abandoned or batch.done.is_set() or
-                    batch.resolved == len(batch.jobs)):
-                return []
-            batch.abandoned = True
-            left = batch.jobs[batch.resolved:]
-            self._stuck = batch
-            self.breaker.trip(left[0].destination.backoff, time.monotonic())
-        return left
+    @staticmethod
+    def wait(waiter, deadline):
+        if waiter.left > 0:
+            waiter.done.wait(max(0.0, deadline - time.monotonic()))
 
-    def run(self, jobs):
-        """Publish ``jobs``, waiting at most their largest timeout."""
-        batch = self.start(jobs)
-        if batch is not None:
-            self.finish(batch, time.monotonic() + batch.timeout)
+    # The publisher thread.
 
-    def enqueue(self, jobs, settings):
-        """Queue ``jobs`` for the async feeder of this lane."""
-        if not self._ensure_started():
-            drop_all(jobs, 'the driver was cleaned up')
-            return
-        feed = self._feed
-        if feed is None:
-            with self._lock:
-                if self._feed is None:
-                    self._feed = _Feed(self, *settings)
-                    self._feed.restart()
-                    _register_exit_handler()
-                feed = self._feed
-        feed.submit(jobs)
-
-    @property
-    def feed(self):
-        return self._feed
-
-    def stop(self):
-        """End the threads once what they were given is done."""
-        with self._lock:
-            self._stopped = True
-            inbox, feed = self._inbox, self._feed
-        if feed is not None:
-            feed.discard('not published within async_flush_timeout = %s s'
-                         % feed.flush_timeout)
-            feed.stop()
-        if inbox is not None:
-            inbox.put(None)
-
-
-class _Feed:
-    """The async queue of a lane and the thread that feeds its publisher."""
-
-    def __init__(self, lane, maxsize, flush_timeout):
-        self.lane = lane
-        self.maxsize = maxsize
-        self.flush_timeout = flush_timeout
-        self._cond = threading.Condition()
-        self._queue = collections.deque()
-        self.pending = 0
-        self._last_submit = 0.0
-        self._pid = None
-        # The batch the feeder waits for, abandoned by a stop.
-        self._current = None
-
-    def restart(self):
-        with self._cond:
-            self._queue.clear()
-            self.pending = 0
-            self._pid = os.getpid()
-        threading.Thread(target=self._feed_loop,
-                         name=THREAD_PREFIX + 'fanout', daemon=True).start()
-
-    def submit(self, jobs):
-        moment = self._last_submit = time.monotonic()
-        with self._cond:
-            room = self.maxsize - len(self._queue)
-            accepted = jobs[:room] if room < len(jobs) else jobs
-            for job in accepted:
-                self._queue.append((moment, job))
-            self.pending += len(accepted)
-            self._cond.notify_all()
-        if len(accepted) < len(jobs):
-            drop_all(jobs[len(accepted):],
-                     'the async_fanout queue of its broker is full '
-                     '(async_queue_size = %d)' % self.maxsize)
-
-    def _feed_loop(self):
-        lane = self.lane
+    def _publish_loop(self, st):
         while True:
-            with self._cond:
-                while not self._queue:
-                    self._cond.wait()
-                if self._queue[0] is None:
-                    return
-                queued_at = self._queue[0][0]
-            self._yield_to_service(queued_at)
-            with self._cond:
-                jobs = []
-                while (self._queue and self._queue[0] is not None and
-                       len(jobs) < FEED_BATCH):
-                    jobs.append(self._queue.popleft()[1])
+            with st.cond:
+                while not st.queue:
+                    if self._stopped:
+                        st.thread = None
+                        return
+                    st.cond.wait()
+                if st.queue[0][1].waiter is None:
+                    self._yield_to_service(st)
+                _, job = st.queue.popleft()
+                st.busy, st.busy_since = job, time.monotonic()
+                st.stuck_tripped = False
             try:
-                batch = lane.start(jobs)
-                if batch is not None:
-                    self._current = batch
-                    lane.finish(batch, time.monotonic() + batch.timeout)
+                self._publish(st, job)
             except Exception:
-                LOG.exception('messaging-multicast fan-out error')
+                LOG.exception('messaging-multicast publisher error')
             finally:
-                with self._cond:
-                    self._current = None
-                    self.pending -= len(jobs)
-                    self._cond.notify_all()
+                with st.cond:
+                    st.busy = st.busy_since = None
+                    st.cond.notify_all()
 
-    def _yield_to_service(self, queued_at):
-        while len(self._queue) < self.maxsize // 2:
+    def _yield_to_service(self, st):
+        # Called with st.cond held; waiting releases it.
+        while st.queue and len(st.queue) < st.maxsize // 2:
             moment = time.monotonic()
-            idle = moment - self._last_submit
-            waited = moment - queued_at
+            idle = moment - st.last_submit
+            waited = moment - st.queue[0][0]
             if idle >= BUSY_WINDOW or waited >= MAX_DEFER:
                 return
-            time.sleep(min(MAX_DEFER - waited,
-                           max(BACKOFF, BUSY_WINDOW - idle)))
+            st.cond.wait(min(MAX_DEFER - waited,
+                             max(BACKOFF, BUSY_WINDOW - idle)))
+
+    def _publish(self, st, job):
+        """Publish ``job`` unless its target is skipped; count its fate."""
+        destination = job.destination
+        breaker = destination.state.breaker
+        error = None
+        if breaker.is_open(time.monotonic()):
+            error = ('breaker_open', 'skipped: the target failed recently '
+                     '(circuit breaker open)')
+        else:
+            try:
+                destination.send(job)
+            except Exception as exc:
+                error = ('publish_failed', 'publish failed: %s: %s'
+                         % (type(exc).__name__, exc))
+        with st.cond:
+            if job.done:
+                # Counted as dropped at exit while still in flight.
+                return
+            job.done = True
+            if error is None:
+                st.published += 1
+                breaker.reset()
+                self.breaker.reset()
+            elif error[0] == 'publish_failed':
+                breaker.trip(destination.backoff, time.monotonic())
+            self._resolve(job)
+        if error is not None:
+            drop_all([job], *error)
+
+    @staticmethod
+    def _resolve(job):
+        waiter = job.waiter
+        if waiter is not None:
+            waiter.left -= 1
+            if waiter.left <= 0:
+                waiter.done.set()
+
+    def _check_stuck(self, st, now):
+        """Trip the broker's breaker if its publish made no progress.
+
+        Called with st.cond held: returns the queued jobs to drop with
+        _drop_stuck once it is released.
+        """
+        if (st.busy_since is None or st.stuck_tripped or
+                now - st.busy_since < STUCK_AFTER):
+            return []
+        st.stuck_tripped = True
+        self.breaker.trip(st.busy.destination.backoff, now)
+        return self._take_queued(st)
+
+    @staticmethod
+    def _drop_stuck(jobs):
+        if jobs:
+            drop_all(jobs, 'broker_failed', 'skipped: a publish to its '
+                     'broker made no progress for %s s (circuit breaker '
+                     'open)' % STUCK_AFTER)
+
+    def _take_queued(self, st):
+        left = []
+        for _, job in st.queue:
+            job.done = True
+            self._resolve(job)
+            left.append(job)
+        st.queue.clear()
+        return left
+
+    # Counters, the monitor, flush and stop.
+
+    def count_drop(self, kind, count):
+        st = self._state.get()
+        with st.cond:
+            st.dropped[kind] += count
+
+    def stats(self):
+        """The counters of this lane in this process."""
+        st = self._state.get()
+        with st.cond:
+            return {'broker': self.label, 'published': st.published,
+                    'dropped': sum(st.dropped.values()),
+                    'dropped_by_cause': dict(st.dropped),
+                    'pending': len(st.queue) + (st.busy is not None),
+                    'breaker': self.breaker.describe(time.monotonic())}
+
+    def tick(self, moment):
+        st = self._state.get()
+        with st.cond:
+            stuck = self._check_stuck(st, moment)
+        self._drop_stuck(stuck)
+        st.stats_line.log(self.stats())
+        for target in list(self._targets.values()):
+            target.failures.tick(moment)
+        return self.users > 0
 
     def flush(self, deadline):
         """Wait until nothing is pending or ``deadline``; return the rest."""
-        with self._cond:
-            if self._pid != os.getpid():
-                return 0
-            while self.pending:
+        st = self._state.current
+        if st is None:
+            return 0
+        stuck = []
+        with st.cond:
+            while st.queue or st.busy is not None:
                 remaining = deadline - time.monotonic()
+                stuck = self._check_stuck(st, time.monotonic())
+                if stuck or (st.stuck_tripped and not st.queue):
+                    # Not worth waiting for: a publish that is stuck.
+                    break
                 if remaining <= 0:
                     break
-                self._cond.wait(remaining)
-            return self.pending
+                st.cond.wait(min(remaining, _multicast_report.TICK))
+            pending = len(st.queue) + (st.busy is not None)
+        self._drop_stuck(stuck)
+        return pending
 
     def discard(self, cause, now=False):
         """Drop what is still queued or in flight, counting it."""
-        with self._cond:
-            if self._pid != os.getpid():
-                return
-            left = [item[1] for item in self._queue if item is not None]
-            self._queue = collections.deque(
-                item for item in self._queue if item is None)
-            self.pending -= len(left)
-            current = self._current
-            self._cond.notify_all()
-        if current is not None:
-            left = self.lane.abandon(current) + left
-        drop_all(left, cause, now=now)
+        st = self._state.current
+        if st is None:
+            return
+        with st.cond:
+            left = self._take_queued(st)
+            busy = st.busy
+            if busy is not None and not busy.done:
+                busy.done = True
+                self._resolve(busy)
+        entries = [(job, 'flush_timeout', cause) for job in left]
+        if busy is not None:
+            entries.append((busy, 'in_flight', cause + ' (still being '
+                            'published: whether it lands is unknown)'))
+        drop_entries(entries, now=now)
+
+    def report_now(self):
+        """Log every count not logged yet."""
+        moment = time.monotonic()
+        for target in list(self._targets.values()):
+            target.failures.tick(moment, force=True)
+        self._state.get().stats_line.log(self.stats(), force=True)
 
     def stop(self):
-        with self._cond:
-            self._queue.append(None)
-            self._cond.notify_all()
+        """End the thread once what it was given is done."""
+        self._stopped = True
+        st = self._state.current
+        if st is not None:
+            with st.cond:
+                st.cond.notify_all()
 
 
+_registry = _multicast_report.ForkLocal(threading.Lock)
 # id(transport) -> Lane
 _lanes = {}
-_lanes_lock = threading.Lock()
 _exit_handler_registered = False
 
 
-def acquire(transport):
+def acquire(transport, label='', inline=False):
     """The lane of ``transport``, counting one more user."""
-    with _lanes_lock:
+    with _registry.get():
         lane = _lanes.get(id(transport))
         if lane is None:
-            lane = _lanes[id(transport)] = Lane(transport)
-            _quiet_replica_driver_logs()
+            lane = _lanes[id(transport)] = Lane(transport, label, inline)
         lane.users += 1
         return lane
 
 
-def release(lane):
-    """Count one user less; the last one ends the lane's threads."""
-    with _lanes_lock:
+def release(lane, cause):
+    """Count one user less; the last one ends the lane's thread.
+
+    What is still pending then is dropped with ``cause`` (with a
+    %(timeout)s key for the flush timeout) and logged at once, with every
+    count not logged yet.
+    """
+    with _registry.get():
         lane.users -= 1
         if lane.users > 0:
             return
         if _lanes.get(id(lane.transport)) is lane:
             del _lanes[id(lane.transport)]
+    _discard(lane, cause)
     lane.stop()
 
 
-def flush_feeds(lanes, stop=False, at_exit=False):
-    """Wait for the async queues of ``lanes``; return what is left.
+def _discard(lane, cause):
+    lane.discard(cause % {'timeout': lane.flush_timeout}, now=True)
+    lane.report_now()
 
-    With ``stop``, what is still queued after async_flush_timeout is
-    dropped and reported (at once ``at_exit``).
-    """
-    feeds = [lane.feed for lane in lanes if lane.feed is not None]
-    if not feeds:
-        return 0
+
+def flush(lanes):
+    """Wait for what ``lanes`` still publish; return what is left."""
     started = time.monotonic()
-    left = 0
-    for feed in feeds:
-        left += feed.flush(started + feed.flush_timeout)
-        if stop:
-            feed.discard('not published within async_flush_timeout = %s s%s'
-                         % (feed.flush_timeout,
-                            ' at exit' if at_exit else ''), now=at_exit)
-    return left
+    return sum(lane.flush(started + lane.flush_timeout) for lane in lanes)
 
 
 def _flush_at_exit():
-    with _lanes_lock:
+    with _registry.get():
         lanes = list(_lanes.values())
-    flush_feeds(lanes, stop=True, at_exit=True)
+    flush(lanes)
+    for lane in lanes:
+        _discard(lane, 'not published within async_flush_timeout = '
+                 '%(timeout)s s at exit')
 
 
 def _register_exit_handler():
     # One handler for the whole process, however many drivers it loads.
     global _exit_handler_registered
-    with _lanes_lock:
-        if not _exit_handler_registered:
-            atexit.register(_flush_at_exit)
-            _exit_handler_registered = True
-
-
-class _ReplicaThreadFilter(logging.Filter):
-    """Demote the transport's ERROR and WARNING lines of replica threads."""
-
-    def filter(self, record):
-        if (record.levelno > logging.DEBUG and
-                threading.current_thread().name.startswith(THREAD_PREFIX)):
-            record.levelno, record.levelname = logging.DEBUG, 'DEBUG'
-        return True
-
-
-_replica_filter = _ReplicaThreadFilter()
-# The loggers oslo.messaging's AMQP drivers report connection failures on
-# (oslo.log names the loggers of oslo_* modules oslo.*).
-_TRANSPORT_LOGGERS = ('oslo.messaging._drivers.impl_rabbit',
-                      'oslo.messaging._drivers.amqpdriver')
-
-
-def _quiet_replica_driver_logs():
-    for name in _TRANSPORT_LOGGERS:
-        logger = logging.getLogger(name)
-        if _replica_filter not in logger.filters:
-            logger.addFilter(_replica_filter)
+    if not _exit_handler_registered:
+        _exit_handler_registered = True
+        atexit.register(_flush_at_exit)

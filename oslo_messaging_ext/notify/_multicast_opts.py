@@ -137,30 +137,30 @@ rule_opts = [
     cfg.Opt('replica_timeout',
             type=Seconds(min=0.001, max=300),
             default=0.5,
-            help='Longest time, in seconds, the replicas of this rule may '
-                 'hold the service\'s notify() call (or, with async_fanout, '
-                 'the worker of their broker). A publish still running then '
-                 'is abandoned to the background, counted as dropped, and '
-                 'its broker is skipped for failure_backoff. A notification '
-                 'matching several rules waits at most their largest '
-                 'replica_timeout, the brokers being published to in '
-                 'parallel.'),
+            help='Longest time, in seconds, the service\'s notify() call '
+                 'waits for the replicas of this rule (with async_fanout, it '
+                 'never waits). It bounds the wait, not the publish: a '
+                 'replica still being published then is published in the '
+                 'background. A notification matching several rules waits '
+                 'at most their largest replica_timeout, the brokers being '
+                 'published to in parallel.'),
     cfg.IntOpt('replica_retry',
                default=1,
                min=0,
                help='How many times a replica publish is retried after a '
                     'connection failure (oslo.messaging\'s retry, for the '
                     'replicas only: the standard notification keeps the '
-                    'notifier\'s retry). Bounded by replica_timeout '
-                    'whatever its value.'),
+                    'notifier\'s retry). notify() waits at most '
+                    'replica_timeout whatever its value.'),
     cfg.Opt('failure_backoff',
             type=Seconds(min=0.001, max=3600),
             default=10.0,
-            help='Seconds during which a target that failed (or a broker '
-                 'that did not answer within replica_timeout) is skipped '
-                 'without any network attempt, its replicas counted as '
-                 'dropped. Doubles at each consecutive failure, up to 16 '
-                 'times this value; a successful publish resets it.'),
+            help='Seconds during which a target whose publish failed (or '
+                 'a broker whose publish made no progress for 5 s) is '
+                 'skipped without any network attempt, its replicas counted '
+                 'as dropped. A slow broker is never skipped. Doubles at '
+                 'each consecutive failure, up to 16 times this value; a '
+                 'successful publish resets it.'),
 ]
 
 # onmcast's options, kept in [DEFAULT] unchanged so that its configuration

@@ -22,11 +22,13 @@
 """
 
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import threading
+import time
 import uuid
 
 import fixtures
@@ -38,9 +40,12 @@ from oslo_messaging_ext.tests import utils as test_utils
 POLL = 0.1
 
 
-def _listener():
+def _listener(port=0):
     listener = socket.socket()
-    listener.bind(('127.0.0.1', 0))
+    # A broker back on its port, while connections of its previous life
+    # are in TIME_WAIT.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(('127.0.0.1', port))
     listener.listen(64)
     listener.settimeout(POLL)
     return listener
@@ -60,7 +65,7 @@ class _Acceptor(fixtures.Fixture):
         self._ended = threading.Event()
         self._sockets = []
         self._lock = threading.Lock()
-        self._listener = _listener()
+        self._listener = _listener(getattr(self, 'port', 0))
         self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._accept_loop, daemon=True,
                          name='test-' + type(self).__name__).start()
@@ -127,11 +132,19 @@ class Tarpit(_Acceptor):
 
 
 class TcpProxy(_Acceptor):
-    """Forwards connections to ``upstream`` (host, port) until kill()."""
+    """Forwards connections to ``upstream`` (host, port) until kill().
 
-    def __init__(self, upstream):
+    With ``delay``, every chunk is forwarded ``delay`` seconds after it
+    arrived, in order: a WAN link's latency each way, without its
+    throughput cost (a delay queue, not a sleep per chunk).
+    """
+
+    def __init__(self, upstream, delay=0.0, port=0):
         super().__init__()
         self.upstream = upstream
+        self.delay = delay
+        # A given port: the same broker back after a kill().
+        self.port = port
 
     def accepted(self, conn):
         try:
@@ -143,8 +156,15 @@ class TcpProxy(_Acceptor):
         conn.settimeout(None)
         self._track(upstream)
         for source, sink in ((conn, upstream), (upstream, conn)):
-            threading.Thread(target=self._pump, args=(source, sink),
-                             daemon=True, name='test-proxy-pump').start()
+            if not self.delay:
+                threading.Thread(target=self._pump, args=(source, sink),
+                                 daemon=True, name='test-proxy-pump').start()
+                continue
+            line = queue.SimpleQueue()
+            threading.Thread(target=self._read, args=(source, sink, line),
+                             daemon=True, name='test-proxy-read').start()
+            threading.Thread(target=self._write, args=(source, sink, line),
+                             daemon=True, name='test-proxy-write').start()
 
     @staticmethod
     def _pump(source, sink):
@@ -159,6 +179,37 @@ class TcpProxy(_Acceptor):
         # The other pump reads the sink: wake it, it closes the sink.
         _shutdown(sink)
         source.close()
+
+    def _read(self, source, sink, line):
+        # Stamps each chunk with when it is due; the writer sends it then.
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                line.put((time.monotonic() + self.delay, data))
+        except OSError:
+            pass
+        line.put((time.monotonic() + self.delay, None))
+        source.close()
+
+    @staticmethod
+    def _write(source, sink, line):
+        while True:
+            due, data = line.get()
+            pause = due - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            if data is None:
+                break
+            try:
+                sink.sendall(data)
+            except OSError:
+                # Wake the reader of this direction: it closes the source.
+                _shutdown(source)
+                break
+        # The other direction's reader reads the sink: wake it.
+        _shutdown(sink)
 
     def closed(self, sockets):
         """The pumps close their sockets once the shutdown woke them."""

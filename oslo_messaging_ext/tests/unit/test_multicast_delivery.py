@@ -88,22 +88,81 @@ class DeliveryTestCase(test_multicast.DriverFixtureMixin, base.BaseTestCase):
 
 class SyncBoundTestCase(DeliveryTestCase):
 
-    def test_hung_broker_bounded_then_skipped_without_attempt(self):
+    def test_hung_broker_bounded_then_skipped_once_stuck(self):
+        self.useFixture(fixtures.MockPatchObject(
+            multicast_lanes, 'STUCK_AFTER', 1.0))
         driver = self.two_brokers(timeout=0.2)
         self.remote_gate.clear()
 
         first = self.timed_notify(driver)
+        # Queued behind a publish already late: not waited for.
         later = [self.timed_notify(driver) for _ in range(5)]
 
         # Without the bound, the first call would wait for the gate.
         self.assertGreaterEqual(first, 0.2)
         self.assertLess(first, 2.0)
         self.assertLess(max(later), 0.1)
-        self.assertEqual(1, self.remote_attempts)
-        self.assertEqual(6, self.topics().count('local.info'))
+        self.assertEqual(0, driver.dropped)
+        # No progress for STUCK_AFTER: the queued five are dropped, and
+        # what comes during the backoff, without any attempt.
+        self.assertTrue(test_utils.wait_until(
+            lambda: driver.dropped == 5, 10), driver.dropped)
+        self.timed_notify(driver)
         self.assertEqual(6, driver.dropped)
-        self.assertIn('not published within replica_timeout = 0.2 s',
-                      self.log.output)
+        self.assertEqual(1, self.remote_attempts)
+        self.assertEqual(7, self.topics().count('local.info'))
+        self.assertIn('5 replicas of rule remote to target remote since the '
+                      'last report: skipped: a publish to its broker made '
+                      'no progress for 1.0 s', self.log.output)
+        # The publish in flight lands: published, not dropped.
+        self.remote_gate.set()
+        self.assertTrue(test_utils.wait_until(
+            lambda: 'remote.info' in self.topics(), 10))
+        self.assertEqual(6, driver.dropped)
+        remote = [s for s in driver.stats() if s['broker'] != (
+            'notification transport')]
+        self.assertEqual(1, remote[0]['published'])
+        self.assertEqual({'broker_failed': 6},
+                         remote[0]['dropped_by_cause'])
+
+    def test_notification_broker_replicas_published_on_the_callers_thread(
+            self):
+        threads = {}
+        remote, local = self._remote, self._record
+
+        def remote_thread(transport, target, *args, **kwargs):
+            threads[target.topic] = threading.current_thread()
+            return remote(transport, target, *args, **kwargs)
+
+        def local_thread(target, *args, **kwargs):
+            threads[target.topic] = threading.current_thread()
+            return local(target, *args, **kwargs)
+
+        om_transport.Transport._send_notification.side_effect = (
+            remote_thread)
+        self.transport._send_notification.side_effect = local_thread
+        driver = self.two_brokers()
+        driver.notify({}, envelope(), 'INFO', -1)
+        self.assertEqual(0, driver.flush())
+        # No handoff for the broker the standard notification went to;
+        # the other broker's replica is isolated on its lane's thread.
+        self.assertIs(threading.current_thread(), threads['local.info'])
+        self.assertIs(threading.current_thread(),
+                      threads['notifications.info'])
+        self.assertEqual(multicast_lanes.THREAD_PREFIX + 'publish',
+                         threads['remote.info'].name)
+
+    def test_slow_broker_publishes_everything_in_the_background(self):
+        driver = self.two_brokers(timeout=0.05)
+        self.remote_gate.clear()
+        durations = [self.timed_notify(driver) for _ in range(10)]
+        self.assertLess(max(durations), 1.0)
+        self.remote_gate.set()
+        self.assertEqual(0, driver.flush())
+        # Late, not lost, and the broker was never skipped.
+        self.assertEqual(10, self.topics().count('remote.info'))
+        self.assertEqual(0, driver.dropped)
+        self.assertEqual(10, self.remote_attempts)
 
     def test_breaker_skips_until_the_backoff_expires(self):
         driver = self.two_brokers(backoff=0.05)
@@ -162,16 +221,48 @@ class AsyncIsolationTestCase(DeliveryTestCase):
         self.assertEqual(0, driver.flush())
         self.assertEqual(count, self.topics().count('remote.info'))
 
-    def test_hung_broker_bounded_in_async_mode_too(self):
+    def test_hung_broker_dropped_once_stuck_in_async_mode_too(self):
+        self.useFixture(fixtures.MockPatchObject(
+            multicast_lanes, 'STUCK_AFTER', 0.5))
         driver = self.two_brokers(timeout=0.2, async_fanout='true')
         self.remote_gate.clear()
         count = 20
         for _ in range(count):
             driver.notify({}, envelope(), 'INFO', -1)
-        self.assertEqual(0, driver.flush())
+        self.assertTrue(test_utils.wait_until(
+            lambda: driver.dropped == count - 1, 10), driver.dropped)
+        # Only the stuck publish is left, and not waited for.
+        self.assertEqual(1, driver.flush())
         self.assertEqual(count, self.topics().count('local.info'))
         self.assertEqual(1, self.remote_attempts)
+        driver.cleanup()
+        # Its fate unknown at cleanup: counted, once.
         self.assertEqual(count, driver.dropped)
+        self.remote_gate.set()
+        self.assertEqual(count, driver.dropped)
+
+
+class SharedLaneTestCase(DeliveryTestCase):
+
+    def test_cleanup_of_one_driver_keeps_the_others_replicas(self):
+        first = self.two_brokers(timeout=30, async_fanout='true',
+                                 async_flush_timeout=0.2)
+        second = multicast.MulticastDriver(self.conf, ['notifications'],
+                                           self.transport)
+        self.addCleanup(second.cleanup)
+        self.remote_gate.clear()
+        for _ in range(3):
+            second.notify({}, envelope(), 'INFO', -1)
+        self.assertTrue(test_utils.wait_until(
+            lambda: self.remote_attempts == 1, 10))
+        # It waits for the lane within its flush timeout, and leaves what
+        # is pending to the lane's other user.
+        first.cleanup()
+        self.assertEqual(0, first.dropped)
+        self.remote_gate.set()
+        self.assertEqual(0, second.flush())
+        self.assertEqual(3, self.topics().count('remote.info'))
+        self.assertEqual(0, second.dropped)
 
 
 class ReportTestCase(DeliveryTestCase):
@@ -197,21 +288,63 @@ class ReportTestCase(DeliveryTestCase):
                  if 'dropped' in line]
         self.assertEqual(2, len(lines), lines)
 
-    def test_replica_transport_errors_demoted_on_replica_threads_only(self):
+    def test_deferred_line_counts_each_cause(self):
+        self.useFixture(fixtures.MockPatchObject(
+            multicast_report, 'REPORT_INTERVAL', 0.3))
+        driver = self.two_brokers(backoff=60)
+        self.remote_fails = True
+        for _ in range(4):
+            driver.notify({}, envelope(), 'INFO', -1)
+        self.assertTrue(test_utils.wait_until(
+            lambda: 'skipped: the target failed recently' in
+            self.log.output, 5))
+        lines = [line for line in self.log.output.splitlines()
+                 if 'dropped' in line]
+        self.assertEqual(2, len(lines), lines)
+        self.assertIn('dropped 1 replicas of rule remote to target remote '
+                      'since the last report: publish failed', lines[0])
+        self.assertIn('dropped 3 replicas of rule remote to target remote '
+                      'since the last report: skipped: the target failed '
+                      'recently', lines[1])
+
+    def test_transport_log_records_left_alone(self):
         self.driver(test_multicast.GLANCE_RULE)
-        logger = logging.getLogger('oslo.messaging._drivers.impl_rabbit')
-        self.useFixture(fixtures.MockPatchObject(logger, 'disabled', False))
-        with self.assertLogs(logger, logging.DEBUG) as logs:
-            logger.error('from the service')
-            thread = threading.Thread(
-                target=logger.error, args=('from a replica',),
-                name=multicast_lanes.THREAD_PREFIX + 'publish')
-            thread.start()
-            thread.join()
-        self.assertEqual([('ERROR', 'from the service'),
-                          ('DEBUG', 'from a replica')],
-                         [(r.levelname, r.getMessage())
-                          for r in logs.records])
+        for name in ('oslo.messaging._drivers.impl_rabbit',
+                     'oslo.messaging._drivers.amqpdriver'):
+            self.assertEqual([], logging.getLogger(name).filters)
+
+    def test_counters_logged_at_info_while_they_change(self):
+        self.useFixture(fixtures.MockPatchObject(
+            multicast_lanes, 'STATS_INTERVAL', 0.2))
+        driver = self.two_brokers()
+        for _ in range(3):
+            driver.notify({}, envelope(), 'INFO', -1)
+        for broker in ('region2', 'notification transport'):
+            self.assertTrue(test_utils.wait_until(
+                lambda: 'messaging-multicast broker %s: 3 replicas '
+                'published, 0 dropped, 0 pending, breaker closed' % broker
+                in self.log.output, 10), self.log.output)
+        self.assertEqual(
+            [{'broker': 'notification transport', 'published': 3,
+              'dropped': 0, 'dropped_by_cause': {}, 'pending': 0,
+              'breaker': 'closed'},
+             {'broker': 'region2', 'published': 3, 'dropped': 0,
+              'dropped_by_cause': {}, 'pending': 0, 'breaker': 'closed'}],
+            sorted(driver.stats(), key=lambda s: s['broker']))
+
+    def test_counters_logged_at_info_on_cleanup(self):
+        driver = self.two_brokers()
+        self.remote_fails = True
+        for _ in range(3):
+            driver.notify({}, envelope(), 'INFO', -1)
+        driver.cleanup()
+        self.assertIn('messaging-multicast broker region2: 0 replicas '
+                      'published, 3 dropped (2 breaker_open, 1 '
+                      'publish_failed), 0 pending, breaker closed',
+                      self.log.output)
+        self.assertIn('messaging-multicast broker notification transport: '
+                      '3 replicas published, 0 dropped, 0 pending',
+                      self.log.output)
 
 
 class SharedWorkersTestCase(test_multicast.DriverFixtureMixin,
@@ -233,7 +366,7 @@ class SharedWorkersTestCase(test_multicast.DriverFixtureMixin,
         driver = notifiers[0]._driver_mgr['messaging-multicast'].obj
         driver.flush()
         self.assertEqual(600, len(self.published))
-        # One publisher and one async feeder for the one broker.
+        # One publisher for the one broker, and the monitor thread.
         self.assertLessEqual(threading.active_count(), threads + 2)
         self.assertLessEqual(atexit._ncallbacks(), handlers + 1)
         del notifiers, notifier, driver
@@ -294,9 +427,14 @@ class ExitTestCase(base.BaseTestCase):
         self.assertEqual(0, result.returncode, result.stderr)
         lost = re.findall(r'dropped (\d+) replicas of rule '
                           r'glance_replication to target (\S+) since the '
-                          r'last report: not published within '
-                          r'async_flush_timeout = 0.2 s at exit',
-                          result.stderr)
-        self.assertEqual({('50', 'glance.repl.host1'),
-                          ('50', 'glance.repl.host2')}, set(lost),
-                         result.stderr)
+                          r'last report: (.*)', result.stderr)
+        self.assertEqual({'glance.repl.host1', 'glance.repl.host2'},
+                         {target for _, target, _ in lost}, result.stderr)
+        # Every replica of the 50 calls, by cause, in one line per target.
+        for count, target, causes in lost:
+            self.assertEqual('50', count, result.stderr)
+            self.assertIn('not published within async_flush_timeout = '
+                          '0.2 s at exit', causes)
+            self.assertEqual(50, sum(
+                int(n) for n in re.findall(r'(?:^|; )(\d+) not published',
+                                           causes) or [count]))
