@@ -19,8 +19,8 @@ configuration object.
 
 import copy
 
-from oslo_messaging_ext.notify import _impl_unix
 from oslo_messaging_ext.notify import _multicast_opts
+from oslo_messaging_ext.notify import _unix_opts
 
 __all__ = [
     'list_opts',
@@ -31,7 +31,7 @@ _opts = [
     (_multicast_opts.GROUP, _multicast_opts.multicast_opts),
     # A dynamic group: one [multicast_rule_NAME] per rule named in rules.
     (_multicast_opts.rule_group, _multicast_opts.rule_opts),
-    (_impl_unix.GROUP, _impl_unix.unix_opts),
+    (_unix_opts.GROUP, _unix_opts.unix_opts),
 ]
 
 

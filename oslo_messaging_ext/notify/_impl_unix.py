@@ -17,201 +17,113 @@ Configured in [oslo_messaging_notifications]: ``driver = unix`` and
 object a line (UTF-8, ``\\n``-terminated): the envelope oslo.messaging
 builds (message_id, publisher_id, event_type, priority, payload, timestamp),
 plus ``context`` only when ``sock_include_context`` is set, and then without
-auth tokens or secrets, and ``sequence``, the emitting process's sequence
-number. The payload and the context are masked as oslo.messaging's log
-driver masks them (``strutils.mask_dict_password``). Nothing else is ever
-written on the stream, so ``socat - UNIX-CONNECT:PATH | jq .`` works with
-no handshake.
+auth tokens or secrets, and last ``"sequence": {"source": S, "number":
+N}``: S is unique to the emitting process (new after a fork or restart),
+N counts from 1 every notification it was asked to send, delivered or
+not. Every value is a JSON primitive (oslo.serialization's to_primitive),
+and the envelope is masked as oslo.messaging's log driver masks it
+(``strutils.mask_dict_password``). Nothing else is written on the stream:
+``socat - UNIX-CONNECT:PATH | jq .`` works with no handshake.
+
+How: one hub process per ``sock_path``, started on demand, as oslo.privsep
+starts its daemon. The service's processes start no thread and register
+no hook. The first one that finds no hub (at driver load or at a
+notify()) runs ``python -m oslo_messaging_ext.notify._unix_hub`` in its
+own session (the real interpreter, also under uWSGI), stdin and stdout on
+/dev/null, stderr kept. The hub holds ``sock_path + '.lock'`` for its whole
+life (a second hub exits at once), binds ``sock_path`` for subscribers and
+``sock_path + '.ingest'`` (mode 0600) for the service's processes, and
+exits 2 s after the last of them disconnected, removing both. It masks,
+relays and counts; it imports neither oslo.messaging nor eventlet. The
+process that started it reaps it at a later notify(); once that process is
+gone, whoever adopts orphans does (init, a container's PID 1, a
+subreaper), or uWSGI's master, or oslo.service's parent when the hub is
+its child (it logs the pid as unknown).
 
 Delivery semantics:
 
-* With no subscriber, a notification is dropped at near-zero cost: it is
-  not serialized.
+* notify() makes non-blocking system calls only and never waits for
+  another process: it encodes the envelope and sends it as one message
+  (SOCK_SEQPACKET, which the hub reads whole) to the hub.
+* With no subscriber, a notification is not serialized nor sent: the
+  process reads the count from a memory page the hub shares with it.
+  Then, at most every 0.1 s (time.monotonic()), notify() checks with one
+  non-blocking recv(MSG_PEEK) that the hub is alive.
+* A dead or killed hub is replaced at the next notify() (spawns are tried
+  at most once a second per process); what the dead hub held is lost,
+  which the sequence numbers show.
+* What a process cannot hand over (hub absent, its send buffer to the hub
+  full, a notification larger than that buffer: sock_buffer_size as far as
+  net.core.wmem_max allows) is counted by cause and sent to the hub before
+  its next notification that goes through.
 * Each subscriber receives every notification in order, per emitting
-  process, as long as it keeps up. Notifications of several processes are
-  interleaved in the order the hub receives them.
-* notify() never blocks on a subscriber or on the hub. Past a subscriber's
-  buffer bound (``sock_buffer_size`` bytes, on top of the kernel's socket
-  buffer) its notifications are dropped and counted; the next one it gets
-  is preceded by a notification of event_type
-  ``oslo_messaging_ext.unix.dropped`` whose payload ``dropped`` is the count
-  (and ``sources`` the count per emitting process).
-  A process whose own queue to the hub overflows reports its drops the same
-  way. A count is reported within about 0.1 s even when no notification
-  follows, as soon as the subscriber has room for the notice, and a
-  process that stops reports what it counted before it goes. One
-  notification larger than ``sock_buffer_size`` still goes to a subscriber
-  with nothing queued.
-* Every line on the wire ends with ``\\n``: a stopping hub gives a slow
-  subscriber the rest of a line it has started (1 s more); only one that
-  reads nothing at all then sees a cut line, which the subscriber library
-  counts as dropped.
-* Disconnected or crashed subscribers are cleaned up silently.
-* When every subscriber's buffer is full, notify() counts the notification
-  instead of serializing it; the count is reported like any other drop.
+  process, as long as it keeps up. Past its buffer bound
+  (``sock_buffer_size`` bytes on top of the kernel's) notifications are
+  dropped for it and counted; before the next one it gets, or as soon as
+  it has room, it receives a notification of event_type
+  ``oslo_messaging_ext.unix.dropped`` whose payload ``dropped`` is the
+  count, ``sources`` the count per emitting process and ``where`` the
+  causes (the processes' counts included). A subscriber never blocks
+  the service nor another subscriber.
 * Nothing is stored: a subscriber receives what is emitted after the hub
-  accepted its connection (in the hub's process), or after a publisher
-  process learned of it from the hub (one status line later).
-
-Multi-process services share one ``sock_path``. Each process takes a
-short lock on ``sock_path + '.lock'``; the one that binds the path is the
-hub, the others connect to it as publishers and introduce themselves with a
-handshake line (subscribers send nothing; a new connection that says
-nothing within 50 ms is a subscriber, and what was emitted meanwhile is
-held for it; a publisher that introduces itself later still becomes
-one). The hub relays the publishers' lines,
-already serialized, to every subscriber, and tells the publishers how many
-subscribers there are, so that a process with none serializes nothing.
-Only processes of the same user may publish, and a process publishes
-only to a hub of its own user (SO_PEERCRED, checked before anything is
-sent): a path bound by another user is an error at driver load, and at
-run time is retried with backoff while notifications are counted as
-dropped. ``sock_max_subscribers`` counts subscribers only; the service's
-own processes are always let in. The lock is only ever tried, never
-waited for, so a process holding it delays the election and never blocks
-the service (fork and notify included).
+  accepted it. When the hub leaves, subscribers get whole lines then EOF,
+  and reconnect (the subscriber library and ``oslo-notify-tail --follow``
+  do).
+* A forked process (os.fork, multiprocessing, uWSGI workers, with or
+  without at-fork hooks) notices its new pid at notify(), closes the
+  connection it inherited (in itself only) and opens its own.
 
 The directory of ``sock_path`` must be owned by root or the service user
-and must not be writable by others unless sticky (as /tmp): otherwise
-anyone could replace the socket. Members of a group that may write the
-directory are trusted as the owner is.
-
-The relay thread never takes a lock of the logging module: in a process
-eventlet patched, its log records are handed to the service's side and
-logged from a green thread within a second.
-
-A process joins when the driver is loaded, and a forked child (os.fork,
-multiprocessing, uWSGI workers) joins again at fork, never using what it
-inherited; a process that forks parks its relay thread meanwhile. uWSGI's
-master, which loads the application before forking its workers (without
-``--lazy-apps``) and forks them without Python's at-fork hooks, never
-starts a relay thread: what it emits while loading is not relayed (no
-process serves the socket yet). A worker makes the relay its own through
-uWSGI's post-fork hook, or as soon as it notices its new process id. If
-the hub process exits, the publishers elect a new hub and subscribers
-must reconnect (the subscriber library and ``oslo-notify-tail --follow``
-do so with backoff). During the switch-over, what a publisher had not
-yet handed to the departing hub is counted and reported as dropped to the
-next hub's subscribers; what it had handed over but the hub had not
-relayed yet is lost with the hub, and shows as a gap in the sequence
-numbers of its process to a subscriber that hears from it again.
-A hub relays the last lines of an exiting publisher before dropping it.
-
-A stale socket file never blocks start-up, nor does a hub exiting, paused
-or busy, or of another service: driver load never waits for another
-process, and only what another user holds for good (the socket, its lock
-file, a stale socket in a sticky directory) is an error at load. A process
-sends notifications only to a hub that answered its handshake. The
-socket is bound in a private directory, given its group and mode, then
-renamed into place: it is never reachable with a wider mode than
-configured. It is removed on clean shutdown (exit, or driver close()).
-Nothing is ever unlinked, chmod'ed or chown'ed through a symlink.
+and must not be writable by others unless sticky (as /tmp). Sockets are
+bound in a private directory, given their group and mode, then renamed
+into place: never reachable with a wider mode than configured. Nothing is
+changed through a symlink. A process sends only to a hub of its own uid,
+and the hub accepts only processes of its uid (SO_PEERCRED). A path
+removed while the hub serves is bound again within a second.
 """
 
+import errno
+import functools
 import grp
+import itertools
+import json
 import logging
+import math
+import mmap
 import os
+import socket
 import stat
+import subprocess
 import sys
+import threading
+import time
 
-from oslo_config import cfg
-from oslo_config import types
 from oslo_messaging.notify import notifier
+from oslo_serialization import jsonutils
 
-from oslo_messaging_ext.notify import _unix_encoding
-from oslo_messaging_ext.notify import _unix_protocol
-from oslo_messaging_ext.notify import _unix_relay
-from oslo_messaging_ext.notify import _unix_sockfile
+from oslo_messaging_ext.notify import _unix_opts as opts
+from oslo_messaging_ext.notify import _unix_protocol as proto
+from oslo_messaging_ext.notify import _unix_sockfile as sockfile
+try:
+    import orjson
+except ImportError:  # the stdlib encoder is as correct, only slower
+    orjson = None
 
 LOG = logging.getLogger(__name__)
 
-GROUP = 'oslo_messaging_notifications'
+GROUP = opts.GROUP
+unix_opts = opts.unix_opts
+register_opts = opts.register_opts
+UnixSocketConfigError = opts.UnixSocketConfigError
 
-# sock_buffer_size below this would drop most of a burst.
-MIN_BUFFER_SIZE = 65536
-
-
-class _RefusedValue(ValueError):
-    """A value below an option's minimum, kept for the load error."""
-
-    def __init__(self, value, reason):
-        super().__init__(reason)
-        self.value = value
-
-
-class _AtLeast(types.Integer):
-    """An integer with a minimum, shown by the reference and the validator.
-
-    A value below it makes the driver's load error name the value.
-    """
-
-    def __init__(self, minimum, why=''):
-        super().__init__(min=minimum, type_name='integer value')
-        self.why = why
-
-    def __call__(self, value):
-        try:
-            return super().__call__(value)
-        except ValueError:
-            raise _RefusedValue(value, 'it must be at least %d%s'
-                                % (self.min, self.why))
-
-
-# Services build many Notifiers (glance about 14 a process), each loading
-# its own driver: what it serves is said at INFO once per configuration.
-_LOADED = set()
-
-unix_opts = [
-    cfg.StrOpt('sock_path',
-               help='Path of the Unix socket the unix notification driver '
-                    'relays notifications on, e.g. '
-                    '/run/glance/notifications.sock. Required with that '
-                    'driver. Its directory must exist, be owned by root or '
-                    'the service user, and not be writable by others unless '
-                    'sticky; one path per service, whatever its number of '
-                    'processes.'),
-    cfg.StrOpt('sock_mode', default='0660',
-               help='Mode of the socket file, as an octal string. Connecting '
-                    'needs write permission, so 0660 lets the owner and the '
-                    'group subscribe. The owner needs read and write; any '
-                    'permission for others is refused.'),
-    cfg.StrOpt('sock_group',
-               help='Group of the socket file (name or numeric id). The '
-                    'service user must belong to it. Unset means the '
-                    'service\'s primary group.'),
-    cfg.Opt('sock_max_subscribers', type=_AtLeast(1), default=64,
-            help='Subscribers served at once; further ones are closed '
-                 'and logged. The service\'s own processes, which also '
-                 'connect to the socket, do not count.'),
-    cfg.Opt('sock_buffer_size', default=4 * 1024 * 1024,
-            type=_AtLeast(MIN_BUFFER_SIZE, ' bytes, to hold a burst of '
-                          'notifications of a few kilobytes'),
-            help='Bytes of notifications queued at most per subscriber '
-                 'that does not keep up (on top of the kernel socket '
-                 'buffer), and per process on the way to the hub. Past '
-                 'it, notifications are dropped, counted and reported '
-                 'in-band. A single notification larger than this still '
-                 'reaches a subscriber with nothing queued.'),
-    cfg.BoolOpt('sock_include_context', default=False,
-                help='Add the request context to each notification, as '
-                     '"context". Auth tokens and other secrets are always '
-                     'removed from it.'),
-]
-
-
-class UnixSocketConfigError(cfg.Error):
-    """The unix driver's configuration is unusable; the message says why."""
-
-    def __init__(self, name, value, reason):
-        super().__init__('Invalid value %r for option %s in group [%s]: %s'
-                         % (value, name, GROUP, reason))
-        self.option = name
-        self.group = GROUP
-        self.value = value
-
-
-def register_opts(conf):
-    conf.register_opts(unix_opts, group=GROUP)
+# Seconds between two liveness checks of the hub while nobody subscribes.
+LIVENESS_INTERVAL = 0.1
+# Seconds between two attempts to connect, and to start a hub.
+CONNECT_INTERVAL = 0.1
+SPAWN_INTERVAL = 1.0
+HUB_MODULE = 'oslo_messaging_ext.notify._unix_hub'
+# Context keys never sent; any key naming a token or secret neither.
+_SECRET_KEY_WORDS = ('token', 'secret', 'password', 'credential')
 
 
 def _parse_mode(value):
@@ -230,7 +142,7 @@ def _parse_mode(value):
     if mode & 0o600 != 0o600:
         raise UnixSocketConfigError(
             'sock_mode', value, 'the owner needs read and write permission '
-            '(0600): the service\'s own processes connect to it')
+            '(0600)')
     return mode
 
 
@@ -253,55 +165,41 @@ def _resolve_group(value):
 
 
 def _check_path(path):
+    def refuse(reason):
+        raise UnixSocketConfigError('sock_path', path, reason)
     if not path:
-        raise UnixSocketConfigError(
-            'sock_path', path, 'the unix notification driver needs a socket '
-            'path, e.g. /run/<service>/notifications.sock')
+        refuse('the unix notification driver needs a socket path, e.g. '
+               '/run/<service>/notifications.sock')
     if not os.path.isabs(path):
-        raise UnixSocketConfigError('sock_path', path,
-                                    'it must be an absolute path')
-    # sun_path holds 107 bytes; the socket is first bound in a private
-    # directory beside the path, whose name is longer by up to 16 bytes.
+        refuse('it must be an absolute path')
+    # sun_path holds 107 bytes: the ingest socket's path is longer by 7,
+    # and sockets are first bound in a private directory beside it.
     directory = os.path.dirname(path)
-    if (len(os.fsencode(path)) > 107 or
+    if (len(os.fsencode(sockfile.ingest_path(path))) > 107 or
             len(os.fsencode(directory)) + 16 > 107):
-        raise UnixSocketConfigError('sock_path', path,
-                                    'too long for a Unix socket address')
+        refuse('too long for a Unix socket address')
     if not os.path.isdir(directory):
-        raise UnixSocketConfigError(
-            'sock_path', path, 'its directory %s does not exist' % directory)
+        refuse('its directory %s does not exist' % directory)
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise UnixSocketConfigError(
-            'sock_path', path, 'the service user (uid %d) cannot create '
-            'files in %s' % (os.geteuid(), directory))
-    problem = _unix_sockfile.directory_problem(directory)
+        refuse('the service user (uid %d) cannot create files in %s'
+               % (os.geteuid(), directory))
+    problem = (sockfile.directory_problem(directory) or
+               sockfile.squatted(path))
     if problem:
-        raise UnixSocketConfigError('sock_path', path, problem)
+        refuse(problem)
+    for name in (path, sockfile.ingest_path(path)):
+        try:
+            if not stat.S_ISSOCK(os.lstat(name).st_mode):
+                refuse('%s exists and is not a socket (a symlink, a regular '
+                       'file or a directory is never replaced)' % name)
+        except FileNotFoundError:
+            pass
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise UnixSocketConfigError(
-            'sock_path', path, 'it exists and is not a socket (a symlink, '
-            'a regular file or a directory is never replaced)')
-
-
-def _check_holders(path, service):
-    """Refuse what another user holds for good; leave the rest to the relay.
-
-    Only the certain is an error at load: a lock file or a socket file of
-    another user, or another user listening. A hub exiting, paused or
-    busy, or of another service, may be gone in a moment: the relay
-    retries with backoff. Nothing here waits for another process.
-    """
-    problem = _unix_sockfile.squatted(path, path + '.lock')
-    if problem:
-        raise UnixSocketConfigError('sock_path', path, problem)
-    try:
-        _unix_sockfile.check_listener(path, service)
-    except _unix_protocol.RelayError as exc:
-        raise UnixSocketConfigError('sock_path', path, str(exc))
+        sockfile.check_listener(path, socket.SOCK_STREAM)
+        sockfile.check_listener(sockfile.ingest_path(path),
+                                socket.SOCK_SEQPACKET)
+    except (OSError, proto.RelayError) as exc:
+        refuse(str(exc))
 
 
 def _bounded_option(conf_group, name):
@@ -311,30 +209,338 @@ def _bounded_option(conf_group, name):
     except ValueError as exc:
         # oslo.config reports a configuration file's value as
         # ConfigFileValueError, raised while handling ours.
-        refused = exc if isinstance(exc, _RefusedValue) else exc.__context__
-        if not isinstance(refused, _RefusedValue):
+        refused = exc if isinstance(exc, opts._RefusedValue) \
+            else exc.__context__
+        if not isinstance(refused, opts._RefusedValue):
             raise
         raise UnixSocketConfigError(name, refused.value, str(refused))
 
 
-def _say_loaded(path, mode, gid, service):
-    key = (os.getpid(), path, mode, gid)
-    log = LOG.debug if key in _LOADED else LOG.info
-    _LOADED.add(key)
+def _finite(value):
+    """``value`` with every NaN and infinity replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def make_encoder():
+    """Return ``encode(envelope) -> bytes``, one JSON line without newline.
+
+    Values JSON cannot hold go through oslo.serialization's to_primitive
+    (so the hub masks primitives only); NaN and infinities become null.
+    orjson, when installed (the orjson extra), encodes several times
+    faster; what it refuses (integers beyond 64 bits...) goes to the
+    stdlib, and datetimes go to to_primitive either way, so the text does
+    not depend on it.
+    """
+    default = functools.partial(jsonutils.to_primitive,
+                                convert_instances=True, fallback=repr)
+    strict = json.JSONEncoder(default=default, check_circular=False,
+                              allow_nan=False, separators=(',', ':')).encode
+
+    def stdlib_encode(message):
+        try:
+            return strict(message).encode('ascii')
+        except ValueError:
+            return strict(_finite(default(message))).encode('ascii')
+
+    if orjson is None:
+        return stdlib_encode
+    dumps, refused = orjson.dumps, orjson.JSONEncodeError
+    options = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+
+    def encode(message):
+        try:
+            return dumps(message, default=default, option=options)
+        except refused:
+            return stdlib_encode(message)
+    return encode
+
+
+def redact_context(ctxt):
+    """A copy of ``ctxt`` without tokens or secrets (the hub masks it)."""
+    if hasattr(ctxt, 'redacted_copy'):
+        ctxt = ctxt.redacted_copy()
+    if hasattr(ctxt, 'to_dict'):
+        ctxt = ctxt.to_dict()
+    if not isinstance(ctxt, dict):
+        return {}
+    return {k: v for k, v in ctxt.items()
+            if not any(w in str(k).lower() for w in _SECRET_KEY_WORDS)}
+
+
+def hub_interpreter():
+    """The Python interpreter to run the hub with, or None.
+
+    sys.executable, unless it is not Python (uWSGI's binary): then the
+    interpreter of the environment, or the one it was created from.
+    """
+    candidates = []
+    if os.path.basename(sys.executable or '').startswith('python'):
+        candidates.append(sys.executable)
+    version = 'python%d.%d' % sys.version_info[:2]
+    for prefix in (sys.prefix, sys.exec_prefix, sys.base_prefix,
+                   sys.base_exec_prefix):
+        candidates += [os.path.join(prefix, 'bin', version),
+                       os.path.join(prefix, 'bin', 'python3')]
+    for candidate in candidates:
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _set_send_buffer(sock, size):
+    """Ask for ``size`` bytes of send buffer: past wmem_max if allowed."""
     try:
-        group = grp.getgrgid(gid).gr_name
-    except KeyError:
-        group = str(gid)
-    log('unix notification driver loaded: socket %(path)s, mode %(mode)04o, '
-        'group %(group)s, service %(service)s; it relays every notification '
-        'of this service and ignores topics',
-        {'path': path, 'mode': mode, 'group': group, 'service': service})
+        # CAP_NET_ADMIN only; Linux's SO_SNDBUFFORCE.
+        sock.setsockopt(socket.SOL_SOCKET, 32, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
-def service_identity(conf):
-    """What the processes of a service share: its project, else program."""
-    return (getattr(conf, 'project', None) or
-            os.path.basename(sys.argv[0] or 'python'))
+class _Throttle:
+    """Say a repeated problem at most once a minute."""
+
+    def __init__(self):
+        self._next = 0.0
+
+    def __call__(self, *args):
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + 60.0
+            LOG.warning(*args)
+
+
+class Publisher:
+    """One process's connection to the hub of one path, and its numbers.
+
+    Shared by the drivers of a path in a process. Renewed at the first
+    call in a new process (its pid changed).
+    """
+
+    def __init__(self, path, hub_argv, buffer_size):
+        self.path, self._hub_argv = path, hub_argv
+        self._buffer_size = buffer_size
+        self.users = 0
+        self._child = None
+        self._say = _Throttle()
+        self._renew()
+
+    def _renew(self):
+        self.pid = os.getpid()
+        self.source = '%d-%s' % (self.pid, os.urandom(6).hex())
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+        self._sock = self._count = None
+        self._drops, self._wanted = {}, False
+        self._connect_at = self._spawn_at = self._check_at = 0.0
+
+    def _forked(self):
+        sock, self._child = self._sock, None
+        self._renew()
+        if sock is not None:
+            # Ours only: the parent keeps its connection.
+            sock.close()
+
+    def subscribers(self):
+        """How many subscribers the hub has (None: not known yet)."""
+        if self.pid != os.getpid():
+            self._forked()
+        if self._count is None:
+            with self._lock:
+                self._connected()
+        return None if self._count is None else self._count[0]
+
+    def publish(self, message, encode):
+        if self.pid != os.getpid():
+            self._forked()
+        count = self._count
+        if count is not None and not count[0]:
+            next(self._numbers)
+            if time.monotonic() >= self._check_at:
+                self._check_alive()
+            return
+        with self._lock:
+            number = next(self._numbers)
+            sock = self._connected()
+            if sock is None:
+                # Missed by subscribers only if there were some.
+                if self._wanted:
+                    self._dropped(proto.ABSENT)
+                return
+            line = encode(dict(message, sequence={'source': self.source,
+                                                  'number': number}))
+            if self._drops and not self._send(
+                    proto.DROPPED + proto.dumps(self._drops)):
+                self._dropped(self._cause)
+                return
+            self._drops = {}
+            if not self._send(proto.LINE + line):
+                if self._cause is proto.TOO_LARGE:
+                    self._say('Unix notification socket %s: dropped a '
+                              'notification of %d bytes, more than the '
+                              'send buffer to the hub (%d bytes) holds',
+                              self.path, len(line), sock.getsockopt(
+                                  socket.SOL_SOCKET, socket.SO_SNDBUF))
+                self._dropped(self._cause)
+
+    def _dropped(self, cause):
+        self._drops[cause] = self._drops.get(cause, 0) + 1
+
+    def _send(self, data):
+        try:
+            self._sock.send(data)
+            return True
+        except BlockingIOError:
+            self._cause = proto.FULL
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                self._cause = proto.TOO_LARGE
+            else:
+                self._cause = proto.ABSENT
+                self._lost()
+        return False
+
+    def _check_alive(self):
+        """Whether the hub still holds our connection; reconnect if not."""
+        self._check_at = time.monotonic() + LIVENESS_INTERVAL
+        with self._lock:
+            if self._sock is not None:
+                try:
+                    if self._sock.recv(1, socket.MSG_PEEK):
+                        return
+                except BlockingIOError:
+                    return
+                except OSError:
+                    pass
+                self._lost()
+            self._connected()
+
+    def _lost(self):
+        self._wanted = bool(self._count is not None and self._count[0])
+        self._sock.close()
+        self._sock = self._count = None
+        self._connect_at = 0.0
+
+    def _connected(self):
+        """The connection to the hub, after the count; None if none."""
+        sock = self._sock
+        if sock is None:
+            sock = self._connect()
+        if sock is not None and self._count is None:
+            self._receive_count()
+        return self._sock
+
+    def _receive_count(self):
+        try:
+            data, fds, _, _ = socket.recv_fds(self._sock, 16, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds = b'', []
+        try:
+            if data != proto.COUNT or not fds:
+                self._lost()
+                return
+            page = mmap.mmap(fds[0], proto.COUNT_SIZE, prot=mmap.PROT_READ)
+            self._count = memoryview(page).cast('I')
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _connect(self):
+        now = time.monotonic()
+        if now < self._connect_at:
+            return None
+        self._connect_at = now + CONNECT_INTERVAL
+        self._reap()
+        native = proto.native('socket')
+        sock = native.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.setblocking(False)
+            _set_send_buffer(sock, self._buffer_size)
+            sock.connect(sockfile.ingest_path(self.path))
+            uid = sockfile.peer_uid(sock)
+            if uid != os.geteuid():
+                self._say('Unix notification socket %s: its hub runs as uid '
+                          '%d, not as the service user (uid %d): nothing is '
+                          'sent to it', self.path, uid, os.geteuid())
+                sock.close()
+                return None
+            sock.send(proto.HELLO + proto.dumps({'source': self.source,
+                                                 'pid': self.pid}))
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            self._spawn()
+            return None
+        except OSError:
+            sock.close()
+            return None
+        self._sock = sock
+        return sock
+
+    def _spawn(self):
+        """Start a hub, unless one holds the lock (it is starting)."""
+        now = time.monotonic()
+        if now < self._spawn_at:
+            return
+        self._spawn_at = now + SPAWN_INTERVAL
+        try:
+            fd = sockfile.try_lock(self.path)
+        except (OSError, proto.RelayError) as exc:
+            self._say('Unix notification socket %s: cannot start its hub: '
+                      '%s', self.path, exc)
+            return
+        if fd is None:
+            return
+        os.close(fd)
+        interpreter = hub_interpreter()
+        if interpreter is None:
+            self._say('Unix notification socket %s: no Python interpreter '
+                      'found to start its hub with', self.path)
+            return
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in sys.path if p))
+        try:
+            self._child = subprocess.Popen(
+                [interpreter, '-m', HUB_MODULE] + self._hub_argv,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                close_fds=True, start_new_session=True, cwd='/', env=env)
+        except OSError as exc:
+            self._say('Unix notification socket %s: cannot start its hub: '
+                      '%s', self.path, exc)
+
+    def _reap(self):
+        if self._child is not None and self._child.poll() is not None:
+            self._child = None
+
+    def close(self):
+        with self._lock:
+            if self._sock is not None and self.pid == os.getpid():
+                if self._drops:
+                    # The last chance to report them.
+                    self._send(proto.DROPPED + proto.dumps(self._drops))
+                if self._sock is not None:
+                    self._lost()
+            self._reap()
+
+
+_publishers = {}
+_publishers_lock = threading.Lock()
+
+
+def _publisher(path, hub_argv, buffer_size):
+    with _publishers_lock:
+        publisher = _publishers.get(path)
+        if publisher is None:
+            publisher = _publishers[path] = Publisher(path, hub_argv,
+                                                      buffer_size)
+        publisher.users += 1
+        return publisher
 
 
 class UnixSocketDriver(notifier.Driver):
@@ -351,50 +557,49 @@ class UnixSocketDriver(notifier.Driver):
         max_subscribers = _bounded_option(group, 'sock_max_subscribers')
         buffer_size = _bounded_option(group, 'sock_buffer_size')
         self._include_context = group.sock_include_context
-        service = service_identity(conf)
-        try:
-            _check_holders(path, service)
-        except OSError as exc:
-            raise UnixSocketConfigError('sock_path', path, str(exc))
-        _say_loaded(path, mode, gid, service)
-        self._encode = _unix_encoding.make_line_encoder()
-        self._sequence = _unix_encoding.sequence(path)
-        self._relay = _unix_relay.get(
-            path, service=service, mode=mode, gid=gid,
-            max_subscribers=max_subscribers, buffer_size=buffer_size)
-        # Not in uWSGI's master, which forks its workers after loading the
-        # application: they join when they are forked.
-        self._relay.start()
+        self._encode = make_encoder()
+        LOG.debug('unix notification driver loaded: socket %s, mode %04o, '
+                  'gid %d; it relays every notification of this service '
+                  'and ignores topics', path, mode, gid)
+        self._publisher = _publisher(path, [
+            path, '--mode', '%o' % mode, '--gid', str(gid),
+            '--max-subscribers', str(max_subscribers),
+            '--buffer-size', str(buffer_size)], buffer_size)
+        # The socket exists while the service serves, even before its
+        # first notification.
+        self._publisher.subscribers()
 
     def notify(self, ctxt, message, priority, retry):
-        relay = self._relay
-        if relay is None:
-            return
-        if not relay.wanted():
-            self._sequence.skip()
+        publisher = self._publisher
+        if publisher is None:
             return
         try:
             if self._include_context:
-                message = dict(message, context=_unix_encoding.redact_context(
-                    ctxt))
-            # A str: the relay thread encodes it to UTF-8 with the rest of
-            # its batch, off the service's path.
-            self._sequence.publish(message, self._encode, relay.publish)
+                message = dict(message, context=redact_context(ctxt))
+            publisher.publish(message, self._encode)
         except Exception:
-            LOG.exception('Cannot serialize notification %s (%s) for the '
-                          'unix notification socket; dropped.',
+            LOG.exception('Cannot send notification %s (%s) to the unix '
+                          'notification socket; dropped.',
                           message.get('message_id'),
                           message.get('event_type'))
 
     def subscribers(self):
-        """How many subscribers this process knows of (None: not yet)."""
-        return None if self._relay is None else self._relay.subscribers
+        """How many subscribers the hub has (None: not known yet)."""
+        return None if self._publisher is None else \
+            self._publisher.subscribers()
 
     def close(self):
-        """Stop relaying; the last driver of a path removes its socket.
+        """Disconnect this process once its last driver of the path closes.
 
-        Optional: the socket is also removed when the process exits.
+        Optional. The hub removes the socket once no process of the
+        service is connected.
         """
-        relay, self._relay = self._relay, None
-        if relay is not None:
-            _unix_relay.release(relay)
+        publisher, self._publisher = self._publisher, None
+        if publisher is None:
+            return
+        with _publishers_lock:
+            publisher.users -= 1
+            if publisher.users > 0:
+                return
+            _publishers.pop(publisher.path, None)
+        publisher.close()

@@ -1,0 +1,107 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""Options of the unix notification driver.
+
+Apart from the driver, so that listing them (oslo_messaging_ext.opts)
+loads neither the driver nor anything it registers.
+"""
+
+from oslo_config import cfg
+from oslo_config import types
+
+GROUP = 'oslo_messaging_notifications'
+
+# sock_buffer_size below this would drop most of a burst.
+MIN_BUFFER_SIZE = 65536
+
+
+class _RefusedValue(ValueError):
+    """A value below an option's minimum, kept for the load error."""
+
+    def __init__(self, value, reason):
+        super().__init__(reason)
+        self.value = value
+
+
+class _AtLeast(types.Integer):
+    """An integer with a minimum, shown by the reference and the validator.
+
+    A value below it makes the driver's load error name the value.
+    """
+
+    def __init__(self, minimum, why=''):
+        super().__init__(min=minimum, type_name='integer value')
+        self.why = why
+
+    def __call__(self, value):
+        try:
+            return super().__call__(value)
+        except ValueError:
+            raise _RefusedValue(value, 'it must be at least %d%s'
+                                % (self.min, self.why))
+
+
+unix_opts = [
+    cfg.StrOpt('sock_path',
+               help='Path of the Unix socket the unix notification driver '
+                    'relays notifications on, e.g. '
+                    '/run/glance/notifications.sock. Required with that '
+                    'driver. Its directory must exist, be owned by root or '
+                    'the service user, and not be writable by others unless '
+                    'sticky; one path per service, whatever its number of '
+                    'processes.'),
+    cfg.StrOpt('sock_mode', default='0660',
+               help='Mode of the socket file, as an octal string. Connecting '
+                    'needs write permission, so 0660 lets the owner and the '
+                    'group subscribe. The owner needs read and write; any '
+                    'permission for others is refused.'),
+    cfg.StrOpt('sock_group',
+               help='Group of the socket file (name or numeric id). The '
+                    'service user must belong to it. Unset means the '
+                    'service\'s primary group.'),
+    cfg.Opt('sock_max_subscribers', type=_AtLeast(1), default=64,
+            help='Subscribers served at once; further ones are closed '
+                 'and logged. The service\'s own processes connect to the '
+                 'hub\'s private ingest socket and do not count.'),
+    cfg.Opt('sock_buffer_size', default=4 * 1024 * 1024,
+            type=_AtLeast(MIN_BUFFER_SIZE, ' bytes, to hold a burst of '
+                          'notifications of a few kilobytes'),
+            help='Bytes of notifications queued at most per subscriber '
+                 'that does not keep up (on top of the kernel socket '
+                 'buffer). Past it, notifications are dropped, counted and '
+                 'reported in-band. Each process also asks for a send '
+                 'buffer of this size towards the hub, as far as the '
+                 'kernel allows (net.core.wmem_max): a notification larger '
+                 'than that buffer is dropped and counted. A single '
+                 'notification larger than this still reaches a '
+                 'subscriber with nothing queued.'),
+    cfg.BoolOpt('sock_include_context', default=False,
+                help='Add the request context to each notification, as '
+                     '"context". Auth tokens and other secrets are always '
+                     'removed from it.'),
+]
+
+
+class UnixSocketConfigError(cfg.Error):
+    """The unix driver's configuration is unusable; the message says why."""
+
+    def __init__(self, name, value, reason):
+        super().__init__('Invalid value %r for option %s in group [%s]: %s'
+                         % (value, name, GROUP, reason))
+        self.option = name
+        self.group = GROUP
+        self.value = value
+
+
+def register_opts(conf):
+    conf.register_opts(unix_opts, group=GROUP)
