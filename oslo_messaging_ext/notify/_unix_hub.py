@@ -98,11 +98,14 @@ def _words():
 def mask(line, words):
     """``line`` masked as ``strutils.mask_dict_password``; None if invalid.
 
-    A line that is ASCII, has no \\u escape and holds none of ``words``
+    Not an object, it is refused. A line that is ASCII, has no \\u escape
+    and holds none of ``words``
     once lowercased cannot change: no key or string of it holds one (a
     JSON escape other than \\u hides no letter), so it is relayed as it
     is. Any other is decoded, masked and encoded again.
     """
+    if line[:1] != b'{' or line[-1:] != b'}':
+        return None
     if words is not None and line.isascii() and b'\\u' not in line:
         lowered = line.lower()
         if not any(word in lowered for word in words):

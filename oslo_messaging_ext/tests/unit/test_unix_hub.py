@@ -1,0 +1,261 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""The hub process of the unix driver: its paths, its peers, its masking.
+
+Real hub processes, started by a real driver or directly as the driver
+starts them; the peers are real sockets of this process.
+"""
+
+import json
+import os
+import random
+import socket
+import stat
+import subprocess
+import sys
+from unittest import mock
+
+from oslo_utils import strutils
+
+from oslo_messaging_ext.notify import _impl_unix
+from oslo_messaging_ext.notify import _unix_hub
+from oslo_messaging_ext.notify import _unix_protocol as proto
+from oslo_messaging_ext.notify import _unix_sockfile
+from oslo_messaging_ext.tests.unit import test_unix_driver
+from oslo_messaging_ext.tests import utils as test_utils
+
+TIMEOUT = test_unix_driver.TIMEOUT
+wait_until = test_unix_driver.wait_until
+
+
+def start_hub(path):
+    """A hub on ``path``, as the driver starts one; its Popen."""
+    return subprocess.Popen(
+        [sys.executable, '-m', _impl_unix.HUB_MODULE, path],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, start_new_session=True)
+
+
+class HubPathTestCase(test_unix_driver.UnixTestCase):
+
+    def test_deleted_socket_is_bound_again_within_a_second(self):
+        notifier, driver = self.notifier(sock_mode='0640')
+        self.subscribe(driver)
+        for path in (self.sock_path, self.sock_path + '.ingest'):
+            os.unlink(path)
+            # The hub checks twice a second; a second and a half with
+            # a loaded machine.
+            self.assertTrue(test_utils.wait_until(
+                lambda: os.path.exists(path), 1.5, interval=0.01))
+        self.assertEqual(0o640,
+                         stat.S_IMODE(os.lstat(self.sock_path).st_mode))
+        fresh = self.subscribe(driver, 2)
+        notifier.info({}, 'image.upload', {'id': 'back'})
+        self.assertEqual({'id': 'back'},
+                         self.read_lines(fresh, 1)[0]['payload'])
+
+    def test_a_file_put_in_its_place_is_left_alone(self):
+        driver = self.driver()
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
+        os.unlink(self.sock_path)
+        os.symlink('/etc/passwd', self.sock_path)
+        # A check of the paths has run once the ingest is back.
+        os.unlink(self.sock_path + '.ingest')
+        self.assertTrue(test_utils.wait_until(
+            lambda: os.path.exists(self.sock_path + '.ingest'), 1.5,
+            interval=0.01))
+        self.assertEqual('/etc/passwd', os.readlink(self.sock_path))
+
+    def test_symlink_is_never_bound_through(self):
+        os.symlink('/nonexistent/target', self.sock_path)
+        self.assertRaises(proto.RelayError, _unix_sockfile.bind_listener,
+                          self.sock_path, 0o600, os.getegid())
+        self.assertTrue(os.path.islink(self.sock_path))
+        self.assertFalse(os.path.lexists('/nonexistent/target'))
+
+    def test_one_hub_per_path(self):
+        driver = self.driver()
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
+        first = test_utils.hub_pid(self.sock_path)
+        # The socket deleted while a new process starts: it finds no
+        # socket and starts a hub, which cannot take the lock and leaves.
+        os.unlink(self.sock_path)
+        second = start_hub(self.sock_path)
+        self.assertEqual(0, second.wait(TIMEOUT))
+        self.assertEqual(b'', second.stderr.read())
+        second.stderr.close()
+        self.assertTrue(test_utils.wait_until(
+            lambda: os.path.exists(self.sock_path), 1.5, interval=0.01))
+        self.assertEqual(first, test_utils.hub_pid(self.sock_path))
+        sock = self.connect()
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        self.assertEqual(first, int.from_bytes(creds[:4], 'little'))
+
+    def test_lock_file_of_another_user_is_never_taken(self):
+        os.symlink('/nonexistent', self.sock_path + '.lock')
+        hub = start_hub(self.sock_path)
+        self.assertEqual(1, hub.wait(TIMEOUT))
+        self.assertIn(b'lock file', hub.stderr.read())
+        hub.stderr.close()
+        self.assertFalse(os.path.lexists(self.sock_path))
+
+
+class HubPeersTestCase(test_unix_driver.UnixTestCase):
+
+    def publisher(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        sock.connect(self.sock_path + '.ingest')
+        return sock
+
+    def test_impostor_hub_of_another_uid_gets_nothing(self):
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(listener.close)
+        listener.bind(self.sock_path + '.ingest')
+        listener.listen(8)
+        real_peer_uid = _unix_sockfile.peer_uid
+
+        def peer_uid(sock):
+            if sock.type == socket.SOCK_SEQPACKET:
+                return os.geteuid() + 1
+            return real_peer_uid(sock)
+
+        with mock.patch.object(_unix_sockfile, 'peer_uid', peer_uid):
+            exc = self.assertRaises(_impl_unix.UnixSocketConfigError,
+                                    self.driver)
+        self.assertIn('another user may have bound it', str(exc))
+        listener.settimeout(TIMEOUT)
+        conn, _ = listener.accept()
+        self.addCleanup(conn.close)
+        conn.settimeout(TIMEOUT)
+        self.assertEqual(b'', conn.recv(65536))
+
+    def test_forged_huge_and_unterminated_data(self):
+        notifier, driver = self.notifier()
+        sock = self.subscribe(driver)
+        forged = self.publisher()
+        forged.send(proto.HELLO + b'{"source": ["not", "a", "string"]}')
+        forged.send(proto.DROPPED + json.dumps(
+            {'hub absent': 2 ** 60, 'ingest full': -5}).encode())
+        forged.send(proto.LINE + b'{"a": 1}\n{"b": 2}')
+        forged.send(proto.LINE + b'not json "password": x')
+        forged.send(b'Z' + b'x' * 1000)
+        forged.send(proto.LINE + b'[1, 2]')
+        forged.send(proto.LINE + b'{"sync": -1}')
+        # Several peers leave half a notification, and a subscriber
+        # connection sends and never reads.
+        for number in range(5):
+            peer = self.publisher()
+            peer.send(proto.LINE + b'{"c":')
+            peer.send(proto.LINE + b'{"sync": %d}' % number)
+        raw = socket.socket(socket.AF_UNIX)
+        self.addCleanup(raw.close)
+        raw.connect(self.sock_path)
+        raw.setblocking(False)
+        try:
+            while True:
+                raw.send(b'x' * 65536)
+        except BlockingIOError:
+            pass
+        synced, dropped, where = set(), 0, set()
+        reader = sock.makefile('rb')
+        self.addCleanup(reader.close)
+        sock.settimeout(TIMEOUT)
+        while len(synced) < 6:
+            line = json.loads(reader.readline())
+            if line.get('event_type') == proto.DROPPED_EVENT_TYPE:
+                dropped += line['payload']['dropped']
+                where.add(line['payload']['where'])
+            else:
+                synced.add(line['sync'])
+        # Each bad message counted once; the forged counts refused.
+        self.assertEqual(9, dropped)
+        self.assertEqual({'invalid'}, where)
+        notifier.info({}, 'image.upload', {'id': 'after'})
+        self.assertEqual({'id': 'after'},
+                         json.loads(reader.readline())['payload'])
+
+    def test_five_thousand_connections(self):
+        driver = self.driver(sock_max_subscribers=4)
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
+        pid = test_utils.hub_pid(self.sock_path)
+        for path, kind in ((self.sock_path, socket.SOCK_STREAM),
+                           (self.sock_path + '.ingest',
+                            socket.SOCK_SEQPACKET)):
+            for _ in range(2500):
+                sock = socket.socket(socket.AF_UNIX, kind)
+                sock.setblocking(False)
+                try:
+                    sock.connect(path)
+                except BlockingIOError:
+                    pass
+                sock.close()
+        fds = os.listdir('/proc/%d/fd' % pid)
+        self.assertTrue(wait_until(
+            lambda: len(os.listdir('/proc/%d/fd' % pid)) < 32))
+        self.assertTrue(test_utils.alive(pid), fds)
+        self.subscribe(driver)
+
+
+class MaskingTestCase(test_unix_driver.UnixTestCase):
+
+    WORDS = ['password', 'Token', 'adminPass', 'secret', 'user', 'name',
+             'PASSWORD', 'auth_token', 'id', 'x', 'caf\u00e9', 'to\u212aen',
+             'private_key', 'blob', '--password', 'pass', 'word']
+
+    def value(self, rng, depth=0):
+        kind = rng.randrange(7 if depth < 3 else 4)
+        if kind == 0:
+            return rng.choice(self.WORDS) + rng.choice(['', ' = x', ': y'])
+        if kind == 1:
+            return rng.choice([1, 2.5, None, True, 'ok'])
+        if kind == 2:
+            return "%s='%s'" % (rng.choice(self.WORDS), rng.choice(self.WORDS))
+        if kind == 3:
+            return '\n\t"\\' + rng.choice(self.WORDS)
+        if kind in (4, 5):
+            return {rng.choice(self.WORDS) + str(i): self.value(rng, depth + 1)
+                    for i in range(rng.randrange(4))}
+        return [self.value(rng, depth + 1) for _ in range(rng.randrange(3))]
+
+    def test_fuzz_the_precheck_gives_what_strutils_gives(self):
+        rng = random.Random(23)
+        words = _unix_hub._words()
+        self.assertIsNotNone(words)
+        encoders = [_impl_unix.make_encoder()]
+        with mock.patch.object(_impl_unix, 'orjson', None):
+            encoders.append(_impl_unix.make_encoder())
+        skipped = 0
+        for _ in range(3000):
+            envelope = {'payload': self.value(rng), 'event_type': 'e'}
+            expected = strutils.mask_dict_password(
+                json.loads(encoders[0](envelope)), secret='***')
+            for encode in encoders:
+                line = encode(envelope)
+                masked = _unix_hub.mask(line, words)
+                skipped += masked is line
+                self.assertEqual(expected, json.loads(masked), line)
+        self.assertGreater(skipped, 100)
+
+    def test_without_the_private_list_every_line_is_masked(self):
+        with mock.patch.object(strutils, '_SANITIZE_KEYS', None,
+                               create=True):
+            words = _unix_hub._words()
+        self.assertIsNone(words)
+        line = b'{"payload":{"password":"x","a":"b"}}'
+        self.assertEqual({'payload': {'password': '***', 'a': 'b'}},
+                         json.loads(_unix_hub.mask(line, words)))
+        plain = b'{"payload":{"a":"b"}}'
+        self.assertIsNot(plain, _unix_hub.mask(plain, words))
+        self.assertIs(plain, _unix_hub.mask(plain, _unix_hub._words()))
