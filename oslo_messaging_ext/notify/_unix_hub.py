@@ -92,7 +92,18 @@ def _words():
             not all(isinstance(w, str) and w and w.isascii()
                     for w in words)):
         return None
-    return tuple(w.lower().encode('ascii') for w in words)
+    words = {w.lower().encode('ascii') for w in words}
+    # A few substrings that every word holds one of (the commonest
+    # first): the words themselves are looked for only past one of them.
+    anchors = []
+    while words - {w for w in words if any(a in w for a in anchors)}:
+        left = [w for w in words if not any(a in w for a in anchors)]
+        counts = collections.Counter(
+            w[i:i + n] for w in left for n in (3, 4) for i in
+            range(len(w) - n + 1))
+        anchors.append(max(sorted(counts), key=lambda a: (counts[a],
+                                                          len(a))))
+    return tuple(anchors), tuple(sorted(words))
 
 
 def mask(line, words):
@@ -108,7 +119,9 @@ def mask(line, words):
         return None
     if words is not None and line.isascii() and b'\\u' not in line:
         lowered = line.lower()
-        if not any(word in lowered for word in words):
+        anchors, words = words
+        if not any(anchor in lowered for anchor in anchors) or not any(
+                word in lowered for word in words):
             return line
     try:
         envelope = json.loads(line)
