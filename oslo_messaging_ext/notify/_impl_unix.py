@@ -14,72 +14,64 @@
 
 Configured in [oslo_messaging_notifications]: ``driver = unix`` and
 ``sock_path``. A subscriber connects to ``sock_path`` and reads one JSON
-object a line (UTF-8, ``\\n``-terminated): the envelope oslo.messaging
-builds (message_id, publisher_id, event_type, priority, payload, timestamp),
-plus ``context`` only when ``sock_include_context`` is set, and then without
-auth tokens or secrets, and last ``"sequence": {"source": S, "number":
-N}``: S is unique to the emitting process (new after a fork or restart),
-N counts from 1 every notification it was asked to send, delivered or
-not. Every value is a JSON primitive (oslo.serialization's to_primitive),
-and the envelope is masked as oslo.messaging's log driver masks it
-(``strutils.mask_dict_password``). Nothing else is written on the stream:
-``socat - UNIX-CONNECT:PATH | jq .`` works with no handshake.
+object a line (UTF-8, ``\\n``-terminated), with no handshake (``socat -
+UNIX-CONNECT:PATH | jq .``): the envelope oslo.messaging builds, plus
+``context`` only with ``sock_include_context`` (without tokens or secrets),
+and last ``"sequence": {"source": S, "number": N}``: S is unique to the
+emitting process (new after a fork or restart), N counts from 1 every
+notification it was asked to send, delivered or not. Every value is a
+JSON primitive (oslo.serialization's to_primitive) masked as the log
+driver masks it (``strutils.mask_dict_password``).
 
-How: one hub process per ``sock_path``, started on demand, as oslo.privsep
-starts its daemon. The service's processes start no thread and register
-no hook. The first one that finds no hub (at driver load or at a
-notify()) runs ``python -m oslo_messaging_ext.notify._unix_hub`` in its
-own session (the real interpreter, also under uWSGI), stdin and stdout on
-/dev/null, stderr kept. The hub holds ``sock_path + '.lock'`` for its whole
-life (a second hub exits at once), binds ``sock_path`` for subscribers and
-``sock_path + '.ingest'`` (mode 0600) for the service's processes, and
-exits 2 s after the last of them disconnected, removing both. It masks,
-relays and counts; it imports neither oslo.messaging nor eventlet. The
-process that started it reaps it at a later notify(); once that process is
-gone, whoever adopts orphans does (init, a container's PID 1, a
-subreaper), or uWSGI's master, or oslo.service's parent when the hub is
-its child (it logs the pid as unknown).
+How, and why: one hub process per ``sock_path``, started on demand as
+oslo.privsep starts its daemon, so that no service process runs a thread
+or a hook of the driver, whatever forks, recycles or patches it. The
+first process that finds no hub (at driver load or notify()) runs ``python
+-m oslo_messaging_ext.notify._unix_hub`` (the real interpreter, also under
+uWSGI) in its own session, stdin and stdout on /dev/null, stderr kept for
+the service's journal. The hub holds ``sock_path + '.lock'`` for its whole
+life (a second hub leaves at once), binds ``sock_path`` and ``sock_path +
+'.ingest'`` (mode 0600, SOCK_SEQPACKET, for the service's processes), and
+leaves 2 s after the last of them disconnected, removing both. Its
+starter reaps it at a later notify(); once the starter is gone, whoever
+adopts orphans does (init, a container's PID 1 or subreaper, uWSGI's
+master, oslo.service's parent, which logs it as an unknown child).
 
 Delivery semantics:
 
-* notify() makes non-blocking system calls only and never waits for
-  another process: it encodes the envelope and sends it as one message
-  (SOCK_SEQPACKET, which the hub reads whole) to the hub.
-* With no subscriber, a notification is not serialized nor sent: the
-  process reads the count from a memory page the hub shares with it.
-  Then, at most every 0.1 s (time.monotonic()), notify() checks with one
-  non-blocking recv(MSG_PEEK) that the hub is alive.
-* A dead or killed hub is replaced at the next notify() (spawns are tried
-  at most once a second per process); what the dead hub held is lost,
-  which the sequence numbers show.
-* What a process cannot hand over (hub absent, its send buffer to the hub
-  full, a notification larger than that buffer: sock_buffer_size as far as
-  net.core.wmem_max allows) is counted by cause and sent to the hub before
-  its next notification that goes through.
-* Each subscriber receives every notification in order, per emitting
-  process, as long as it keeps up. Past its buffer bound
-  (``sock_buffer_size`` bytes on top of the kernel's) notifications are
-  dropped for it and counted; before the next one it gets, or as soon as
-  it has room, it receives a notification of event_type
-  ``oslo_messaging_ext.unix.dropped`` whose payload ``dropped`` is the
-  count, ``sources`` the count per emitting process and ``where`` the
-  causes (the processes' counts included). A subscriber never blocks
-  the service nor another subscriber.
-* Nothing is stored: a subscriber receives what is emitted after the hub
-  accepted it. When the hub leaves, subscribers get whole lines then EOF,
-  and reconnect (the subscriber library and ``oslo-notify-tail --follow``
-  do).
-* A forked process (os.fork, multiprocessing, uWSGI workers, with or
-  without at-fork hooks) notices its new pid at notify(), closes the
-  connection it inherited (in itself only) and opens its own.
+* notify() makes only non-blocking system calls and never waits for
+  another process: it encodes the envelope and sends it as one message.
+* With no subscriber, a notification is neither serialized nor sent: the
+  hub keeps the count in a memory page each process maps read-only.
+  Then notify() checks at most every 0.1 s (one recv(MSG_PEEK), timed by
+  time.monotonic()) that the hub is alive.
+* A dead or killed hub is replaced at the next notify() (one start a
+  second at most per process). What it held is lost; the sequence numbers
+  show it, and it is bounded by its buffers and each process's send
+  buffer to it.
+* What a process could not hand over while there were subscribers (hub
+  absent, its send buffer full, a notification larger than that buffer:
+  ``sock_buffer_size`` bytes, as far as the kernel allows) is counted per
+  cause and sent before its next notification that gets through.
+* Each subscriber gets every notification, in order per emitting
+  process, while it keeps up; past ``sock_buffer_size`` bytes queued for
+  it, notifications are dropped for it. Before the next one it gets, or
+  once it has room, it gets a notification of event_type
+  ``oslo_messaging_ext.unix.dropped``: ``dropped`` (the count),
+  ``sources`` (per emitting process) and ``where`` (the causes). Nobody
+  blocks the service or another subscriber.
+* Nothing is stored. When the hub leaves, subscribers get whole lines,
+  then EOF, and reconnect (the subscriber library and ``oslo-notify-tail
+  --follow`` do).
+* A forked process notices its new pid at notify(), closes the connection
+  it inherited (its copy only) and opens its own.
 
 The directory of ``sock_path`` must be owned by root or the service user
-and must not be writable by others unless sticky (as /tmp). Sockets are
-bound in a private directory, given their group and mode, then renamed
-into place: never reachable with a wider mode than configured. Nothing is
-changed through a symlink. A process sends only to a hub of its own uid,
-and the hub accepts only processes of its uid (SO_PEERCRED). A path
-removed while the hub serves is bound again within a second.
+and not be writable by others unless sticky. Sockets are bound in a
+private directory, given their group and mode, then renamed into place;
+nothing is changed through a symlink; a removed path is bound again
+within a second. Processes and hub talk only to peers of their own uid
+(SO_PEERCRED).
 """
 
 import errno
@@ -228,14 +220,11 @@ def _finite(value):
 
 
 def make_encoder():
-    """Return ``encode(envelope) -> bytes``, one JSON line without newline.
+    """``encode(envelope) -> bytes``: one JSON line, no newline.
 
-    Values JSON cannot hold go through oslo.serialization's to_primitive
-    (so the hub masks primitives only); NaN and infinities become null.
-    orjson, when installed (the orjson extra), encodes several times
-    faster; what it refuses (integers beyond 64 bits...) goes to the
-    stdlib, and datetimes go to to_primitive either way, so the text does
-    not depend on it.
+    Through to_primitive what JSON cannot hold; NaN and infinities null.
+    orjson (the orjson extra) is faster; what it refuses goes to the
+    stdlib, datetimes to to_primitive: the values do not depend on it.
     """
     default = functools.partial(jsonutils.to_primitive,
                                 convert_instances=True, fallback=repr)
@@ -274,11 +263,7 @@ def redact_context(ctxt):
 
 
 def hub_interpreter():
-    """The Python interpreter to run the hub with, or None.
-
-    sys.executable, unless it is not Python (uWSGI's binary): then the
-    interpreter of the environment, or the one it was created from.
-    """
+    """sys.executable, unless not Python (uWSGI's): the environment's."""
     candidates = []
     if os.path.basename(sys.executable or '').startswith('python'):
         candidates.append(sys.executable)
@@ -290,7 +275,7 @@ def hub_interpreter():
     for candidate in candidates:
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
-    return None
+    raise FileNotFoundError('no Python interpreter found to run it')
 
 
 def _set_send_buffer(sock, size):
@@ -302,24 +287,10 @@ def _set_send_buffer(sock, size):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
-class _Throttle:
-    """Say a repeated problem at most once a minute."""
-
-    def __init__(self):
-        self._next = 0.0
-
-    def __call__(self, *args):
-        now = time.monotonic()
-        if now >= self._next:
-            self._next = now + 60.0
-            LOG.warning(*args)
-
-
 class Publisher:
-    """One process's connection to the hub of one path, and its numbers.
+    """A process's connection to the hub of a path, and its numbers.
 
-    Shared by the drivers of a path in a process. Renewed at the first
-    call in a new process (its pid changed).
+    Shared by the drivers of the path; renewed in a new process.
     """
 
     def __init__(self, path, hub_argv, buffer_size):
@@ -327,7 +298,7 @@ class Publisher:
         self._buffer_size = buffer_size
         self.users = 0
         self._child = None
-        self._say = _Throttle()
+        self._throttle = proto.Throttle()
         self._renew()
 
     def _renew(self):
@@ -340,11 +311,10 @@ class Publisher:
         self._connect_at = self._spawn_at = self._check_at = 0.0
 
     def _forked(self):
-        sock, self._child = self._sock, None
+        if self._sock is not None:
+            self._sock.close()  # our copy: the parent keeps its own
+        self._child = None
         self._renew()
-        if sock is not None:
-            # Ours only: the parent keeps its connection.
-            sock.close()
 
     def subscribers(self):
         """How many subscribers the hub has (None: not known yet)."""
@@ -387,6 +357,10 @@ class Publisher:
                               self.path, len(line), sock.getsockopt(
                                   socket.SOL_SOCKET, socket.SO_SNDBUF))
                 self._dropped(self._cause)
+
+    def _say(self, *args):
+        if self._throttle.hit():
+            LOG.warning(*args)
 
     def _dropped(self, cause):
         self._drops[cause] = self._drops.get(cause, 0) + 1
@@ -489,28 +463,18 @@ class Publisher:
         if now < self._spawn_at:
             return
         self._spawn_at = now + SPAWN_INTERVAL
-        try:
-            fd = sockfile.try_lock(self.path)
-        except (OSError, proto.RelayError) as exc:
-            self._say('Unix notification socket %s: cannot start its hub: '
-                      '%s', self.path, exc)
-            return
-        if fd is None:
-            return
-        os.close(fd)
-        interpreter = hub_interpreter()
-        if interpreter is None:
-            self._say('Unix notification socket %s: no Python interpreter '
-                      'found to start its hub with', self.path)
-            return
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in sys.path if p))
         try:
+            fd = sockfile.try_lock(self.path)
+            if fd is None:
+                return
+            os.close(fd)
             self._child = subprocess.Popen(
-                [interpreter, '-m', HUB_MODULE] + self._hub_argv,
+                [hub_interpreter(), '-m', HUB_MODULE] + self._hub_argv,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 close_fds=True, start_new_session=True, cwd='/', env=env)
-        except OSError as exc:
+        except (OSError, proto.RelayError) as exc:
             self._say('Unix notification socket %s: cannot start its hub: '
                       '%s', self.path, exc)
 

@@ -12,17 +12,10 @@
 
 """The hub process of a unix notification socket (private).
 
-Started by the first process of a service that finds none (see
-_impl_unix), as ``python -m oslo_messaging_ext.notify._unix_hub``, in its
-own session. It holds the lock file beside ``sock_path`` for its whole
-life, so that one hub at most serves a path: a second one exits at once.
-It binds ``sock_path`` for subscribers and ``sock_path + '.ingest'``
-(owner only, SOCK_SEQPACKET) for the service's processes, relays each
-notification to every subscriber with a bound per subscriber, masks what
-may hold a secret, reports drops in-band, binds a deleted path again, and
-exits when no process of the service has been connected for GRACE
-seconds. It imports neither oslo.messaging nor eventlet, and runs no
-thread.
+Started on demand by the driver (see _impl_unix for what it does and
+why). Split by role: :class:`Ingest` (the service's processes),
+:class:`Subscribers`, :class:`Hub` (paths, lock, lifetime). It imports
+neither oslo.messaging nor eventlet, and runs no thread.
 """
 
 import argparse
@@ -61,31 +54,10 @@ _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _HUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
-class _Stop(Exception):
-    """SIGTERM or SIGINT: leave now, as at the end of the grace."""
-
-
-class Throttle:
-    """Say a repeated event at most once a minute, with its count."""
-
-    def __init__(self, interval=60.0):
-        self._interval, self._next, self._unsaid = interval, 0.0, 0
-
-    def hit(self):
-        self._unsaid += 1
-        now = time.monotonic()
-        if now < self._next:
-            return 0
-        self._next = now + self._interval
-        unsaid, self._unsaid = self._unsaid, 0
-        return unsaid
-
-
 def _words():
-    """The words strutils masks on, as lowercase bytes; None if unknown.
+    """(anchors, words) strutils masks on, lowercase bytes; None if unknown.
 
-    strutils keeps them in a private list: should it disappear or change
-    shape, every line is decoded and masked (slower, as exact).
+    A private list of strutils: without it, every line is masked.
     """
     words = getattr(strutils, '_SANITIZE_KEYS', None)
     if (not isinstance(words, (list, tuple)) or not words or
@@ -93,8 +65,7 @@ def _words():
                     for w in words)):
         return None
     words = {w.lower().encode('ascii') for w in words}
-    # A few substrings that every word holds one of (the commonest
-    # first): the words themselves are looked for only past one of them.
+    # Substrings of which each word holds one, looked for first.
     anchors = []
     while words - {w for w in words if any(a in w for a in anchors)}:
         left = [w for w in words if not any(a in w for a in anchors)]
@@ -109,11 +80,9 @@ def _words():
 def mask(line, words):
     """``line`` masked as ``strutils.mask_dict_password``; None if invalid.
 
-    Not an object, it is refused. A line that is ASCII, has no \\u escape
-    and holds none of ``words``
-    once lowercased cannot change: no key or string of it holds one (a
-    JSON escape other than \\u hides no letter), so it is relayed as it
-    is. Any other is decoded, masked and encoded again.
+    An ASCII line without \\u escapes that holds no word, lowercased, has
+    no key or string that holds one (no other escape hides a letter): it
+    is relayed as it is. Any other is decoded, masked and encoded again.
     """
     if line[:1] != b'{' or line[-1:] != b'}':
         return None
@@ -163,12 +132,11 @@ def _add(into, counts):
 
 
 class Subscribers:
-    """The subscribers of ``sock_path``, each with a bounded queue.
+    """The subscribers, each with a bounded queue, and their count.
 
-    A chunk that does not fit a subscriber's queue is counted for it, per
-    source, and a drop notice queued before its next chunk, or as soon as
-    it has room for one. The number of subscribers is kept in a memfd
-    that each process of the service maps read-only.
+    What does not fit a queue is counted per source and reported before
+    the next chunk, or once there is room. The count is in a memfd that
+    the service's processes map.
     """
 
     def __init__(self, listener, poller, path, max_subscribers, buffer_size):
@@ -176,7 +144,7 @@ class Subscribers:
         self.max_subscribers, self.buffer_size = max_subscribers, buffer_size
         self.peers = {}
         self._poller = poller
-        self._refusals = Throttle()
+        self._refusals = proto.Throttle()
         self.count_fd = os.memfd_create('oslo-messaging-ext-unix-count',
                                         os.MFD_CLOEXEC)
         os.ftruncate(self.count_fd, proto.COUNT_SIZE)
@@ -311,13 +279,9 @@ class Publisher:
 
 
 class Ingest:
-    """The connections of the service's processes, on the ingest socket.
+    """The service's processes: only of the hub's uid (SO_PEERCRED).
 
-    Only processes of the hub's own user are accepted (SO_PEERCRED), and
-    sent the memfd of the subscriber count. Each message is one
-    notification, a hello or drop counts (see _unix_protocol); the lines
-    read in a turn are masked and handed to :class:`Subscribers` as one
-    chunk.
+    The lines read in a turn are masked and relayed as one chunk.
     """
 
     def __init__(self, listener, poller, path, subscribers, buffer_size):
@@ -327,7 +291,7 @@ class Ingest:
         self._buffer = bytearray(2 * buffer_size + 65536)
         self._view = memoryview(self._buffer)
         self._words = _words()
-        self._strangers, self._invalid = Throttle(), Throttle()
+        self._strangers, self._invalid = proto.Throttle(), proto.Throttle()
         self._lines, self._sources = [], {}
         poller.register(listener, select.POLLIN)
 
@@ -453,7 +417,7 @@ class Hub:
         self._idle_since = time.monotonic()
         self._check_at = self._idle_since + CHECK_INTERVAL
         self._paused_until = None
-        self._lost, self._failures = Throttle(), Throttle()
+        self._lost, self._failures = proto.Throttle(), proto.Throttle()
 
     def _bind(self, path):
         mode, gid, kind = self._binds[path]
@@ -515,11 +479,10 @@ class Hub:
         return max(timeout, 0.001)
 
     def _nobody_left(self):
-        """Whether no publisher is connected, none connecting any more.
+        """Whether no publisher is connected, nor can connect any more.
 
-        Once the listener is shut down no connection can be queued on it;
-        one queued before is accepted (its messages are not lost), and the
-        hub serves on with a new listener.
+        A shut down listener queues no connection; one queued before is
+        accepted (nothing it sent is lost), and served with a new listener.
         """
         self.ingest.listener.shutdown(socket.SHUT_RDWR)
         self.ingest.accept()
@@ -537,25 +500,22 @@ class Hub:
         self.poller.register(owner.listener, select.POLLIN)
 
     def _keep_lock(self):
-        """Hold the lock file at its path; leave to a hub that took it."""
+        """Whether the lock file is still ours; if removed, lock it anew.
+
+        Else (another hub locked a new one, the directory is gone) leave.
+        """
+        lock = sockfile.lock_path(self.path)
         try:
-            if os.path.samestat(os.fstat(self.lock_fd),
-                                os.lstat(sockfile.lock_path(self.path))):
+            if os.path.lexists(lock) and os.path.samestat(
+                    os.fstat(self.lock_fd), os.lstat(lock)):
                 return True
-        except FileNotFoundError:
-            pass
-        if not os.path.isdir(os.path.dirname(self.path)):
-            LOG.info('%s: its directory was removed: leaving', self.path)
-            return False
-        try:
             fd = sockfile.try_lock(self.path)
-        except (OSError, proto.RelayError) as exc:
-            fd, why = None, exc
-        else:
-            why = 'another hub holds it'
+        except (OSError, proto.RelayError):
+            fd = None
         if fd is None:
-            LOG.warning('%s: its lock file was replaced (%s): leaving',
-                        self.path, why)
+            if os.path.isdir(os.path.dirname(self.path)):
+                LOG.warning('%s: its lock file was replaced: leaving',
+                            self.path)
             return False
         os.close(self.lock_fd)
         self.lock_fd = fd
@@ -591,11 +551,10 @@ class Hub:
             LOG.warning('%s was removed: bound again', path)
 
     def leave(self):
-        """Remove both sockets, free the lock, give subscribers their rest.
+        """Remove both sockets, free the lock, flush subscribers a while.
 
-        Every line sent ends with a newline; a subscriber that has not
-        read what is queued within FLUSH_TIMEOUT is closed on a whole
-        line at worst cut, which the subscriber library counts.
+        One that does not read it all within FLUSH_TIMEOUT may see a line
+        cut, which the subscriber library counts.
         """
         for path, bound_id in self._ids.items():
             try:
@@ -619,12 +578,6 @@ class Hub:
         self.subscribers.close()
 
 
-def _stop(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise _Stop()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='oslo_messaging_ext unix hub')
     parser.add_argument('path')
@@ -639,28 +592,22 @@ def main(argv=None):
                '%(message)s')
     try:
         lock_fd = sockfile.try_lock(args.path)
-    except (OSError, proto.RelayError) as exc:
-        LOG.error('%s: cannot take its lock file: %s', args.path, exc)
-        return 1
-    if lock_fd is None:
-        return 0
-    try:
+        if lock_fd is None:
+            return 0  # another hub serves the path
         hub = Hub(args.path, args.mode, args.gid, args.max_subscribers,
                   args.buffer_size, lock_fd)
     except (OSError, proto.RelayError) as exc:
         LOG.error('%s: cannot serve it: %s', args.path, exc)
         return 1
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    LOG.info('%s: serving the notifications of uid %d', args.path,
-             os.geteuid())
+    # Leave at once, as at the end of the grace.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     try:
         hub.run()
-    except _Stop:
-        pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         hub.leave()
-    LOG.info('%s: no process of the service left; removed', args.path)
     return 0
 
 

@@ -10,29 +10,21 @@
 #    License for the specific language governing permissions and limitations
 #    under the License.
 
-"""What the service's processes and the hub say to each other (private).
+"""What the service's processes and the hub say (private).
 
-Subscribers only read: one JSON notification a line. A service process
-(publisher) sends the hub's ingest socket (SOCK_SEQPACKET, one message per
-notification) messages whose first byte says what they are:
-
-* ``HELLO`` + JSON ``{"source": S, "pid": P}``: first, on each connection;
-* ``LINE`` + one notification, JSON, no newline;
-* ``DROPPED`` + JSON ``{cause: count}``: what the process could not hand
-  over since its last report (CAUSES), sent before its next LINE.
-
-The hub sends each publisher one message, ``COUNT``, carrying over
-SCM_RIGHTS a memfd whose first 4 bytes (native uint32) are the number of
-subscribers; the publisher maps it read-only.
-
-Imported by the hub process: nothing here may import oslo.messaging or
-eventlet.
+A process sends the hub's ingest socket (SOCK_SEQPACKET) one message per
+notification, its first byte saying what it is: HELLO + ``{"source": S,
+"pid": P}`` first; LINE + one JSON notification; DROPPED + ``{cause:
+count}`` (CAUSES), before the next LINE. The hub sends each process one
+COUNT message carrying a memfd (SCM_RIGHTS) whose first native uint32 is
+the number of subscribers. Nothing here imports oslo.messaging.
 """
 
 import importlib
 import json
 import os
 import sys
+import time
 import uuid
 
 from oslo_utils import timeutils
@@ -65,6 +57,23 @@ def native(name):
     return importlib.import_module(name)
 
 
+class Throttle:
+    """Say a repeated event at most once a minute, with its count."""
+
+    def __init__(self):
+        self._next, self._unsaid = 0.0, 0
+
+    def hit(self):
+        """How many to say now (0: not yet)."""
+        self._unsaid += 1
+        now = time.monotonic()
+        if now < self._next:
+            return 0
+        unsaid, self._unsaid = self._unsaid, 0
+        self._next = now + 60.0
+        return unsaid
+
+
 class RelayError(Exception):
     """The socket path cannot be used; the message says why."""
 
@@ -92,26 +101,6 @@ def dropped_envelope(count, where, sources=None):
 
 def valid_count(value):
     return type(value) is int and 0 <= value <= MAX_DROP_COUNT
-
-
-def dropped_payload(payload):
-    """(count, {source: count}) of a decoded notice's payload, or None.
-
-    None when the count is not a valid one or the sources not a dict;
-    sources that are not valid or do not add up within the count are left
-    out (all unattributed).
-    """
-    try:
-        count = payload['dropped']
-        sources = payload.get('sources') or {}
-    except (KeyError, TypeError, AttributeError):
-        return None
-    if not valid_count(count) or not isinstance(sources, dict):
-        return None
-    if not all(isinstance(k, str) and valid_count(v) and v
-               for k, v in sources.items()) or sum(sources.values()) > count:
-        sources = {}
-    return count, sources
 
 
 def parse_counts(data):

@@ -10,13 +10,9 @@
 #    License for the specific language governing permissions and limitations
 #    under the License.
 
-"""The socket files of the unix notification driver (private).
+"""The files beside ``sock_path`` (private): rules, lock, bind, peers.
 
-Everything that touches ``sock_path``, its ingest socket or its lock file
-is here, written once: the safety rule for their directory, the lock that
-keeps one hub per path, the private bind and rename, the unlink of our own
-socket only, and the uid of a connected peer. Every call is non-blocking.
-Used by the hub process too: nothing here imports oslo.messaging.
+Every call is non-blocking. Used by the hub process too.
 """
 
 import binascii
@@ -48,12 +44,10 @@ class UnsafeSocketFile(proto.RelayError):
 def directory_problem(directory):
     """Why ``directory`` is unsafe for a socket file, or None.
 
-    The rule: the directory is owned by root or by the service user, and
-    is not writable by others unless it is sticky (as /tmp is), so that
-    nobody else can replace the socket or its lock file. In a sticky
-    directory another user can still create a path first: the driver then
-    refuses it (see :func:`squatted` and :func:`peer_uid`). Members of the
-    directory's group, if it is group-writable, are trusted as the owner.
+    Owned by root or the service user, not writable by others unless
+    sticky: nobody else can replace our files (in a sticky directory one
+    can create them first: see :func:`squatted`). Members of a group that
+    may write it are trusted as the owner.
     """
     st = os.stat(directory)
     euid = os.geteuid()
@@ -78,18 +72,14 @@ def _lock_file_problem(path, st):
 
 
 def squatted(path):
-    """Why another user holds a file of ``path`` for good, or None.
-
-    At driver load: the lock file, or a socket file the service may not
-    replace (of another user, in a sticky directory).
-    """
+    """Why another user holds a file of ``path`` for good, or None."""
     try:
         problem = _lock_file_problem(lock_path(path),
                                      os.lstat(lock_path(path)))
+        if problem:
+            return problem
     except FileNotFoundError:
-        problem = None
-    if problem:
-        return problem
+        pass
     euid = os.geteuid()
     for name in (path, ingest_path(path)):
         try:
@@ -109,10 +99,7 @@ def squatted(path):
 def try_lock(path):
     """The fd of ``path``'s lock file, locked; None if another holds it.
 
-    Never waits. The hub holds it for its whole life: one hub per path,
-    whatever the processes that start one.
-
-    :raises UnsafeSocketFile: when the lock file is not ours
+    Never waits. The hub holds it for its whole life: one hub per path.
     """
     name = lock_path(path)
     fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
@@ -147,15 +134,12 @@ def file_id(path):
 
 
 def bind_listener(path, mode, gid, kind=socket.SOCK_STREAM):
-    """Bind a listening socket at ``path`` with exactly ``mode`` and ``gid``.
+    """(A listening socket at ``path``, exactly ``mode`` and ``gid``, its id).
 
-    The socket is bound in a private directory (mode 0700) beside
-    ``path``, given its group and mode there, then renamed into place:
-    it is never reachable with a wider mode, even for an instant, and
-    nothing is ever changed through a symlink. Call it under the lock: it
-    replaces a stale socket. Anything but a socket at ``path`` is refused.
-
-    :returns: the non-blocking listening socket and its file id
+    Bound in a private directory (0700), given its group and mode, then
+    renamed into place: never reachable with a wider mode, nothing changed
+    through a symlink. Under the lock: a stale socket is replaced, anything
+    else refused.
     """
     try:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -200,13 +184,7 @@ def unlink_if_ours(path, bound_id):
 
 
 def check_listener(path, kind=socket.SOCK_STREAM):
-    """Refuse a live listener on ``path`` that another user runs.
-
-    At driver load, without ever waiting: the connection is non-blocking
-    and nothing is sent.
-
-    :raises UnsafeSocketFile: when another user listens on ``path``
-    """
+    """Refuse a listener of another user on ``path``; nothing is sent."""
     sock = proto.native('socket').socket(socket.AF_UNIX, kind)
     try:
         sock.setblocking(False)

@@ -105,7 +105,7 @@ class HubPathTestCase(test_unix_driver.UnixTestCase):
         os.symlink('/nonexistent', self.sock_path + '.lock')
         hub = start_hub(self.sock_path)
         self.assertEqual(1, hub.wait(TIMEOUT))
-        self.assertIn(b'lock file', hub.stderr.read())
+        self.assertIn(b"notifications.sock.lock", hub.stderr.read())
         hub.stderr.close()
         self.assertFalse(os.path.lexists(self.sock_path))
 
