@@ -12,66 +12,51 @@
 
 """Relay notifications to local subscribers over a Unix socket.
 
-Configured in [oslo_messaging_notifications]: ``driver = unix`` and
-``sock_path``. A subscriber connects to ``sock_path`` and reads one JSON
-object a line (UTF-8, ``\\n``-terminated), with no handshake (``socat -
-UNIX-CONNECT:PATH | jq .``): the envelope oslo.messaging builds, plus
-``context`` only with ``sock_include_context`` (without tokens or secrets),
-and last ``"sequence": {"source": S, "number": N}``: S is unique to the
-emitting process (new after a fork or restart), N counts from 1 every
-notification it was asked to send, delivered or not. Every value is a
-JSON primitive (oslo.serialization's to_primitive) masked as the log
-driver masks it (``strutils.mask_dict_password``).
+``driver = unix`` and ``sock_path`` in [oslo_messaging_notifications]. A
+subscriber connects to ``sock_path`` and reads, with no handshake, one
+JSON line per notification: the envelope (``context`` too with
+``sock_include_context``, without secrets), then ``"sequence": {"source":
+S, "number": N}`` (S: the emitting process, new after fork or restart; N:
+from 1, every notification it was asked to send). Values are JSON
+primitives (to_primitive), masked as by ``strutils.mask_dict_password``.
 
-How, and why: one hub process per ``sock_path``, started on demand as
-oslo.privsep starts its daemon, so that no service process runs a thread
-or a hook of the driver, whatever forks, recycles or patches it. The
-first process that finds no hub (at driver load or notify()) runs ``python
--m oslo_messaging_ext.notify._unix_hub`` (the real interpreter, also under
-uWSGI) in its own session, stdin and stdout on /dev/null, stderr kept for
-the service's journal. The hub holds ``sock_path + '.lock'`` for its whole
-life (a second hub leaves at once), binds ``sock_path`` and ``sock_path +
-'.ingest'`` (mode 0600, SOCK_SEQPACKET, for the service's processes), and
-leaves 2 s after the last of them disconnected, removing both. Its
-starter reaps it at a later notify(); once the starter is gone, whoever
-adopts orphans does (init, a container's PID 1 or subreaper, uWSGI's
-master, oslo.service's parent, which logs it as an unknown child).
+One hub process per ``sock_path``, started on demand as oslo.privsep
+starts its daemon: no thread or hook runs in the service, whatever forks,
+recycles or patches it. The first process that finds none (at load or
+notify()) runs ``python -m oslo_messaging_ext.notify._unix_hub`` (the real
+interpreter, under uWSGI too) in its own session, stdin and stdout on
+/dev/null, stderr kept. It holds ``sock_path + '.lock'`` while it lives
+(one hub per path), binds ``sock_path`` and ``sock_path + '.ingest'`` (0600,
+SOCK_SEQPACKET) and leaves 2 s after its last process left, removing both.
+Its starter reaps it at a later notify(); after that, whoever adopts
+orphans (init, a PID 1 or subreaper, uWSGI's master, oslo.service's parent).
 
 Delivery semantics:
 
-* notify() makes only non-blocking system calls and never waits for
-  another process: it encodes the envelope and sends it as one message.
-* With no subscriber, a notification is neither serialized nor sent: the
-  hub keeps the count in a memory page each process maps read-only.
-  Then notify() checks at most every 0.1 s (one recv(MSG_PEEK), timed by
-  time.monotonic()) that the hub is alive.
-* A dead or killed hub is replaced at the next notify() (one start a
-  second at most per process). What it held is lost; the sequence numbers
-  show it, and it is bounded by its buffers and each process's send
-  buffer to it.
+* notify() makes non-blocking system calls only, never waits for another
+  process, and sends one message per notification.
+* With no subscriber, nothing is serialized: the count is in a page that
+  the hub shares. notify() then checks the hub alive at most every 0.1 s
+  (time.monotonic(), one recv(MSG_PEEK)); a dead hub is replaced at the
+  next notify() (one start a second at most per process). What it held is
+  lost (its buffers, each process's send buffer): the sequence shows it.
 * What a process could not hand over while there were subscribers (hub
-  absent, its send buffer full, a notification larger than that buffer:
-  ``sock_buffer_size`` bytes, as far as the kernel allows) is counted per
-  cause and sent before its next notification that gets through.
-* Each subscriber gets every notification, in order per emitting
-  process, while it keeps up; past ``sock_buffer_size`` bytes queued for
-  it, notifications are dropped for it. Before the next one it gets, or
-  once it has room, it gets a notification of event_type
-  ``oslo_messaging_ext.unix.dropped``: ``dropped`` (the count),
-  ``sources`` (per emitting process) and ``where`` (the causes). Nobody
-  blocks the service or another subscriber.
+  absent, send buffer full, larger than it: ``sock_buffer_size`` as far as
+  the kernel allows) is counted per cause and sent with its next message.
+* A subscriber gets every notification, in order per process, while it
+  keeps up; past ``sock_buffer_size`` queued, they are dropped for it,
+  then announced by an ``oslo_messaging_ext.unix.dropped`` notification
+  (``dropped``, ``sources`` per process, ``where``: the causes) before the
+  next one or once it has room. Nobody blocks the service or the others.
 * Nothing is stored. When the hub leaves, subscribers get whole lines,
-  then EOF, and reconnect (the subscriber library and ``oslo-notify-tail
-  --follow`` do).
-* A forked process notices its new pid at notify(), closes the connection
-  it inherited (its copy only) and opens its own.
+  then EOF, and reconnect (the subscriber library and the tail do).
+* A forked process notices its new pid at notify(), closes its inherited
+  connection (its copy only) and opens its own.
 
-The directory of ``sock_path`` must be owned by root or the service user
-and not be writable by others unless sticky. Sockets are bound in a
-private directory, given their group and mode, then renamed into place;
-nothing is changed through a symlink; a removed path is bound again
-within a second. Processes and hub talk only to peers of their own uid
-(SO_PEERCRED).
+The directory of ``sock_path`` is owned by root or the service user, not
+writable by others unless sticky. Sockets are bound privately then
+renamed: never wider than their mode, never through a symlink, bound again
+within a second if removed. Both ends check the peer's uid (SO_PEERCRED).
 """
 
 import errno
