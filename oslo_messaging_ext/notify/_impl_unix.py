@@ -70,7 +70,7 @@ import mmap
 import os
 import socket
 import stat
-import subprocess
+import subprocess  # nosec B404: starts the hub, as privsep its daemon
 import sys
 import threading
 import time
@@ -455,7 +455,8 @@ class Publisher:
             if fd is None:
                 return
             os.close(fd)
-            self._child = subprocess.Popen(
+            # Our interpreter, our module, our own arguments; no shell.
+            self._child = subprocess.Popen(  # nosec B603
                 [hub_interpreter(), '-m', HUB_MODULE] + self._hub_argv,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 close_fds=True, start_new_session=True, cwd='/', env=env)

@@ -221,7 +221,8 @@ class MaskingTestCase(test_unix_driver.UnixTestCase):
         if kind == 1:
             return rng.choice([1, 2.5, None, True, 'ok'])
         if kind == 2:
-            return "%s='%s'" % (rng.choice(self.WORDS), rng.choice(self.WORDS))
+            words = (rng.choice(self.WORDS), rng.choice(self.WORDS))
+            return "{}='{}'".format(*words)
         if kind == 3:
             return '\n\t"\\' + rng.choice(self.WORDS)
         if kind in (4, 5):
