@@ -291,13 +291,14 @@ class Publisher:
         self.source = '%d-%s' % (self.pid, os.urandom(6).hex())
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
-        self._sock = self._count = None
+        self._sock = self._count = self._anchor = None
         self._drops, self._wanted = {}, False
         self._connect_at = self._spawn_at = self._check_at = 0.0
 
     def _forked(self):
-        if self._sock is not None:
-            self._sock.close()  # our copy: the parent keeps its own
+        for sock in (self._sock, self._anchor):
+            if sock is not None:
+                sock.close()  # our copy: the parent keeps its own
         self._child = None
         self._renew()
 
@@ -417,11 +418,9 @@ class Publisher:
             return None
         self._connect_at = now + CONNECT_INTERVAL
         self._reap()
-        native = proto.native('socket')
-        sock = native.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock = proto.native('socket').socket(socket.AF_UNIX,
+                                             socket.SOCK_SEQPACKET)
         try:
-            sock.setblocking(False)
-            _set_send_buffer(sock, self._buffer_size)
             sock.connect(sockfile.ingest_path(self.path))
             uid = sockfile.peer_uid(sock)
             if uid != os.geteuid():
@@ -430,12 +429,17 @@ class Publisher:
                           'sent to it', self.path, uid, os.geteuid())
                 sock.close()
                 return None
-            sock.send(proto.HELLO + proto.dumps({'source': self.source,
-                                                 'pid': self.pid}))
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
-            self._spawn()
+            return self._spawn()
+        except OSError:
+            sock.close()
             return None
+        try:
+            sock.setblocking(False)
+            _set_send_buffer(sock, self._buffer_size)
+            sock.send(proto.HELLO + proto.dumps({'source': self.source,
+                                                 'pid': self.pid}))
         except OSError:
             sock.close()
             return None
@@ -443,26 +447,46 @@ class Publisher:
         return sock
 
     def _spawn(self):
-        """Start a hub, unless one holds the lock (it is starting)."""
+        """Start a hub, unless one holds the lock (it is starting).
+
+        It is given one end of a socket pair, never written to (a hub that
+        lost the lock to another would not relay it): it lives at least as
+        long as the process that started it, which may never notify.
+        """
         now = time.monotonic()
         if now < self._spawn_at:
-            return
+            return None
         self._spawn_at = now + SPAWN_INTERVAL
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in sys.path if p))
+        ours = theirs = None
         try:
             fd = sockfile.try_lock(self.path)
             if fd is None:
-                return
+                return None
             os.close(fd)
+            ours, theirs = proto.native('socket').socketpair(
+                socket.AF_UNIX, socket.SOCK_SEQPACKET)
             # Our interpreter, our module, our own arguments; no shell.
             self._child = subprocess.Popen(  # nosec B603
-                [hub_interpreter(), '-m', HUB_MODULE] + self._hub_argv,
+                [hub_interpreter(), '-m', HUB_MODULE] + self._hub_argv +
+                ['--publisher-fd', str(theirs.fileno())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                close_fds=True, start_new_session=True, cwd='/', env=env)
+                pass_fds=[theirs.fileno()], start_new_session=True, cwd='/',
+                env=env)
         except (OSError, proto.RelayError) as exc:
             self._say('Unix notification socket %s: cannot start its hub: '
                       '%s', self.path, exc)
+            if ours is not None:
+                ours.close()
+            return None
+        finally:
+            if theirs is not None:
+                theirs.close()
+        if self._anchor is not None:
+            self._anchor.close()
+        self._anchor = ours
+        return None
 
     def _reap(self):
         if self._child is not None and self._child.poll() is not None:
@@ -476,6 +500,9 @@ class Publisher:
                     self._send(proto.DROPPED + proto.dumps(self._drops))
                 if self._sock is not None:
                     self._lost()
+            if self._anchor is not None:
+                self._anchor.close()
+                self._anchor = None
             self._reap()
 
 

@@ -304,14 +304,7 @@ class Ingest:
                 uid = sockfile.peer_uid(sock)
             except OSError:
                 uid = None
-            if uid == os.geteuid():
-                sock.setblocking(False)
-                try:
-                    socket.send_fds(sock, [proto.COUNT],
-                                    [self._subscribers.count_fd])
-                except OSError:
-                    pass  # gone already: what it sent is read still
-            else:
+            if uid != os.geteuid():
                 sock.close()
                 unsaid = self._strangers.hit()
                 if unsaid:
@@ -319,9 +312,18 @@ class Ingest:
                                 '(last: uid %s)', self.path, unsaid,
                                 os.geteuid(), uid)
                 continue
-            peer = Publisher(sock)
-            self.publishers[peer.fd] = peer
-            self._poller.register(sock, select.POLLIN)
+            self.adopt(sock)
+
+    def adopt(self, sock):
+        """Serve ``sock``, a connection of a process of the hub's user."""
+        sock.setblocking(False)
+        try:
+            socket.send_fds(sock, [proto.COUNT], [self._subscribers.count_fd])
+        except OSError:
+            pass  # gone already: what it sent is read still
+        peer = Publisher(sock)
+        self.publishers[peer.fd] = peer
+        self._poller.register(sock, select.POLLIN)
 
     def handle(self, peer, events):
         for _ in range(_READS_PER_TURN):
@@ -585,6 +587,8 @@ def main(argv=None):
     parser.add_argument('--gid', type=int, default=os.getegid())
     parser.add_argument('--max-subscribers', type=int, default=64)
     parser.add_argument('--buffer-size', type=int, default=4 * 1024 * 1024)
+    # The end of a socket pair of the process that started the hub.
+    parser.add_argument('--publisher-fd', type=int)
     args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr, level=logging.WARNING,
@@ -596,6 +600,8 @@ def main(argv=None):
             return 0  # another hub serves the path
         hub = Hub(args.path, args.mode, args.gid, args.max_subscribers,
                   args.buffer_size, lock_fd)
+        if args.publisher_fd is not None:
+            hub.ingest.adopt(socket.socket(fileno=args.publisher_fd))
     except (OSError, proto.RelayError) as exc:
         LOG.error('%s: cannot serve it: %s', args.path, exc)
         return 1

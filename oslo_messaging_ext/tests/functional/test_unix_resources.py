@@ -21,6 +21,7 @@ being told.
 import json
 import os
 import resource
+import select
 import socket
 
 from oslo_messaging_ext.tests.unit import test_unix_driver
@@ -56,7 +57,14 @@ class UnixOutOfDescriptorsTestCase(test_unix_driver.UnixTestCase):
         self.assertTrue(test_utils.wait_until(
             lambda: driver.subscribers() == 1, TIMEOUT))
         self.assertTrue(test_utils.alive(pid))
-        notifier.info({}, 'image.upload', {'id': 'after'})
+
+        def delivered():
+            # Until the hub has accepted it (it may still be counting a
+            # closed one).
+            notifier.info({}, 'image.upload', {'id': 'after'})
+            return select.select([last], [], [], 0.05)[0]
+
+        self.assertTrue(test_utils.wait_until(delivered, TIMEOUT))
         last.settimeout(TIMEOUT)
         with last.makefile('rb') as reader:
             received = json.loads(reader.readline())
