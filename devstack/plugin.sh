@@ -158,10 +158,15 @@ function configure_oslo_messaging_ext {
 }
 
 function cleanup_oslo_messaging_ext {
-    if [[ -S "$OSLO_MESSAGING_EXT_SOCK_PATH" ]]; then
-        sudo rm -f "$OSLO_MESSAGING_EXT_SOCK_PATH"
-    fi
-    # The driver's election lock file outlives the service on purpose.
+    # The hub removes both sockets a few seconds after the service
+    # stopped; one killed leaves them.
+    local sock
+    for sock in "$OSLO_MESSAGING_EXT_SOCK_PATH" "$OSLO_MESSAGING_EXT_SOCK_PATH.ingest"; do
+        if [[ -S "$sock" ]]; then
+            sudo rm -f "$sock"
+        fi
+    done
+    # The hub's lock file outlives it on purpose.
     if [[ -f "$OSLO_MESSAGING_EXT_SOCK_PATH.lock" && ! -L "$OSLO_MESSAGING_EXT_SOCK_PATH.lock" ]]; then
         sudo rm -f "$OSLO_MESSAGING_EXT_SOCK_PATH.lock"
     fi

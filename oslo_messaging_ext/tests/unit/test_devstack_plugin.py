@@ -343,12 +343,17 @@ class TestCleanup(PluginTestCase):
     def test_clean_removes_socket_and_runtime_dir(self):
         self.check_removes_everything('clean')
 
-    def test_lock_file_of_the_driver_is_removed_too(self):
+    def test_lock_file_and_ingest_socket_of_the_hub_are_removed_too(self):
+        # As a hub killed with the service leaves them.
         path = self.bound_socket()
         with open(path + '.lock', 'w'):
             pass
+        ingest = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(ingest.close)
+        ingest.bind(path + '.ingest')
         self.run_phase('unstack')
         self.assertFalse(os.path.exists(path + '.lock'))
+        self.assertFalse(os.path.lexists(path + '.ingest'))
         self.assertFalse(os.path.exists(self.run_dir))
 
     def test_files_not_ours_are_kept_with_their_directory(self):
