@@ -145,7 +145,7 @@ class Subscribers:
         self.peers = {}
         self._poller = poller
         self._refusals = proto.Throttle()
-        self.count_fd = os.memfd_create('oslo-messaging-ext-unix-count',
+        self.count_fd = os.memfd_create('unix-notification-subscribers',
                                         os.MFD_CLOEXEC)
         os.ftruncate(self.count_fd, proto.COUNT_SIZE)
         self._map = mmap.mmap(self.count_fd, proto.COUNT_SIZE)
