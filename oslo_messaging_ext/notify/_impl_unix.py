@@ -104,22 +104,18 @@ _SECRET_KEY_WORDS = ('token', 'secret', 'password', 'credential')
 
 
 def _parse_mode(value):
+    refuse = functools.partial(UnixSocketConfigError, 'sock_mode', value)
     try:
         mode = int(value, 8)
     except (TypeError, ValueError):
-        raise UnixSocketConfigError('sock_mode', value,
-                                    'not an octal number such as 0660')
+        raise refuse('not an octal number such as 0660')
     if mode & ~0o777:
-        raise UnixSocketConfigError('sock_mode', value,
-                                    'only permission bits (0-0777) apply')
+        raise refuse('only permission bits (0-0777) apply')
     if mode & 0o007:
-        raise UnixSocketConfigError(
-            'sock_mode', value, 'the socket must not be accessible to '
-            'others; grant access through its group instead')
+        raise refuse('the socket must not be accessible to others; grant '
+                     'access through its group instead')
     if mode & 0o600 != 0o600:
-        raise UnixSocketConfigError(
-            'sock_mode', value, 'the owner needs read and write permission '
-            '(0600)')
+        raise refuse('the owner needs read and write permission (0600)')
     return mode
 
 
@@ -449,9 +445,8 @@ class Publisher:
     def _spawn(self):
         """Start a hub, unless one holds the lock (it is starting).
 
-        It is given one end of a socket pair, never written to (a hub that
-        lost the lock to another would not relay it): it lives at least as
-        long as the process that started it, which may never notify.
+        Given one end of a socket pair, never written to: it lives as long
+        as its starter, which may never notify.
         """
         now = time.monotonic()
         if now < self._spawn_at:
@@ -542,8 +537,7 @@ class UnixSocketDriver(notifier.Driver):
             path, '--mode', '%o' % mode, '--gid', str(gid),
             '--max-subscribers', str(max_subscribers),
             '--buffer-size', str(buffer_size)], buffer_size)
-        # The socket exists while the service serves, even before its
-        # first notification.
+        # So that the socket exists while the service serves.
         self._publisher.subscribers()
 
     def notify(self, ctxt, message, priority, retry):
@@ -566,11 +560,7 @@ class UnixSocketDriver(notifier.Driver):
             self._publisher.subscribers()
 
     def close(self):
-        """Disconnect this process once its last driver of the path closes.
-
-        Optional. The hub removes the socket once no process of the
-        service is connected.
-        """
+        """Optional: the last driver of a path in a process disconnects."""
         publisher, self._publisher = self._publisher, None
         if publisher is None:
             return

@@ -121,8 +121,7 @@ def _accept(listener):
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
-            # Others (ECONNABORTED...) concern that connection only.
-            if exc.errno in _OUT_OF_RESOURCES:
+            if exc.errno in _OUT_OF_RESOURCES:  # else: that connection
                 return exc
 
 
@@ -542,7 +541,7 @@ class Hub:
             try:
                 problem = sockfile.directory_problem(os.path.dirname(path))
                 if problem:
-                    raise sockfile.UnsafeSocketFile(problem)
+                    raise proto.RelayError(problem)
                 self._replace(role, path, self._bind(path))
             except (OSError, proto.RelayError) as exc:
                 unsaid = self._failures.hit()
@@ -587,8 +586,7 @@ def main(argv=None):
     parser.add_argument('--gid', type=int, default=os.getegid())
     parser.add_argument('--max-subscribers', type=int, default=64)
     parser.add_argument('--buffer-size', type=int, default=4 * 1024 * 1024)
-    # The end of a socket pair of the process that started the hub.
-    parser.add_argument('--publisher-fd', type=int)
+    parser.add_argument('--publisher-fd', type=int)  # its starter's pair
     args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr, level=logging.WARNING,

@@ -37,12 +37,9 @@ CAUSES = (ABSENT, FULL, TOO_LARGE)
 SUBSCRIBER_BUFFER = 'subscriber buffer'
 # Public as oslo_messaging_ext.unix_subscriber.DROPPED_EVENT_TYPE.
 DROPPED_EVENT_TYPE = 'oslo_messaging_ext.unix.dropped'
-# Bytes read from a subscriber connection at once.
-READ_SIZE = 262144
-# A drop count beyond this is garbage, not a count.
-MAX_DROP_COUNT = 2 ** 53
-# Size of the count memfd.
-COUNT_SIZE = 4096
+READ_SIZE = 262144  # bytes read from a subscriber connection at once
+MAX_DROP_COUNT = 2 ** 53  # beyond, garbage, not a count
+COUNT_SIZE = 4096  # of the subscriber count memfd
 
 
 def native(name):
@@ -63,8 +60,7 @@ class Throttle:
     def __init__(self):
         self._next, self._unsaid = 0.0, 0
 
-    def hit(self):
-        """How many to say now (0: not yet)."""
+    def hit(self):  # how many to say now (0: not yet)
         self._unsaid += 1
         now = time.monotonic()
         if now < self._next:

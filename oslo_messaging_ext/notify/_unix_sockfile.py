@@ -37,10 +37,6 @@ def lock_path(path):
     return path + '.lock'
 
 
-class UnsafeSocketFile(proto.RelayError):
-    """Someone other than the service could read or replace the socket."""
-
-
 def directory_problem(directory):
     """Why ``directory`` is unsafe for a socket file, or None.
 
@@ -107,7 +103,7 @@ def try_lock(path):
     try:
         problem = _lock_file_problem(name, os.fstat(fd))
         if problem:
-            raise UnsafeSocketFile(problem)
+            raise proto.RelayError(problem)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(fd)
@@ -194,7 +190,7 @@ def check_listener(path, kind=socket.SOCK_STREAM):
         except OSError:
             return
         if uid != os.geteuid():
-            raise UnsafeSocketFile(
+            raise proto.RelayError(
                 'it is held by a process of uid %d, not of the service user '
                 '(uid %d): another user may have bound it to read the '
                 'notifications' % (uid, os.geteuid()))
