@@ -467,8 +467,7 @@ class Publisher:
                 [hub_interpreter(), '-m', HUB_MODULE] + self._hub_argv +
                 ['--publisher-fd', str(theirs.fileno())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                pass_fds=[theirs.fileno()], start_new_session=True, cwd='/',
-                env=env)
+                pass_fds=[theirs.fileno()], start_new_session=True, env=env)
         except (OSError, proto.RelayError) as exc:
             self._say('Unix notification socket %s: cannot start its hub: '
                       '%s', self.path, exc)
