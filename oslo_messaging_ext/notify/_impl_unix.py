@@ -175,20 +175,6 @@ def _check_path(path):
         refuse(str(exc))
 
 
-def _bounded_option(conf_group, name):
-    """The value of an option with a minimum; an error names what it was."""
-    try:
-        return getattr(conf_group, name)
-    except ValueError as exc:
-        # oslo.config reports a configuration file's value as
-        # ConfigFileValueError, raised while handling ours.
-        refused = exc if isinstance(exc, opts._RefusedValue) \
-            else exc.__context__
-        if not isinstance(refused, opts._RefusedValue):
-            raise
-        raise UnixSocketConfigError(name, refused.value, str(refused))
-
-
 def _finite(value):
     """``value`` with every NaN and infinity replaced by None."""
     if isinstance(value, float):
@@ -525,8 +511,8 @@ class UnixSocketDriver(notifier.Driver):
         _check_path(path)
         mode = _parse_mode(group.sock_mode)
         gid = _resolve_group(group.sock_group)
-        max_subscribers = _bounded_option(group, 'sock_max_subscribers')
-        buffer_size = _bounded_option(group, 'sock_buffer_size')
+        max_subscribers = opts.bounded(group, 'sock_max_subscribers')
+        buffer_size = opts.bounded(group, 'sock_buffer_size')
         self._include_context = group.sock_include_context
         self._encode = make_encoder()
         LOG.debug('unix notification driver loaded: socket %s, mode %04o, '

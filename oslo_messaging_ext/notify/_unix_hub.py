@@ -77,21 +77,26 @@ def _words():
     return tuple(anchors), tuple(sorted(words))
 
 
-def mask(line, words):
-    """``line`` masked as ``strutils.mask_dict_password``; None if invalid.
+def clean(data, words):
+    """Whether masking changes none of the lines of ``data``.
 
-    An ASCII line without \\u escapes that holds no word, lowercased, has
-    no key or string that holds one (no other escape hides a letter): it
-    is relayed as it is. Any other is decoded, masked and encoded again.
+    ASCII without \\u escapes, holding no word once lowercased: no key or
+    string holds one (no other escape hides a letter, no word a newline).
     """
+    if words is None or not data.isascii() or b'\\u' in data:
+        return False
+    lowered = data.lower()
+    anchors, words = words
+    return not any(anchor in lowered for anchor in anchors) or not any(
+        word in lowered for word in words)
+
+
+def mask(line, words):
+    """``line`` as ``strutils.mask_dict_password`` masks; None if invalid."""
     if line[:1] != b'{' or line[-1:] != b'}':
         return None
-    if words is not None and line.isascii() and b'\\u' not in line:
-        lowered = line.lower()
-        anchors, words = words
-        if not any(anchor in lowered for anchor in anchors) or not any(
-                word in lowered for word in words):
-            return line
+    if clean(line, words):
+        return line
     try:
         envelope = json.loads(line)
     except ValueError:
@@ -271,8 +276,6 @@ class Subscribers:
 
 
 class Publisher:
-    __slots__ = ('sock', 'fd', 'source')
-
     def __init__(self, sock):
         self.sock, self.fd, self.source = sock, sock.fileno(), ''
 
@@ -291,7 +294,7 @@ class Ingest:
         self._view = memoryview(self._buffer)
         self._words = _words()
         self._strangers, self._invalid = proto.Throttle(), proto.Throttle()
-        self._lines, self._sources = [], {}
+        self._lines, self._from = [], []
         poller.register(listener, select.POLLIN)
 
     def accept(self):
@@ -343,16 +346,14 @@ class Ingest:
     def _message(self, peer, size):
         kind = self._buffer[:1]
         if size > len(self._buffer):
-            self._say_invalid(peer, 'a message of %d bytes' % size)
+            self._say_invalid(peer.source, 'a message of %d bytes' % size)
         elif kind == proto.LINE:
             line = self._view[1:size].tobytes()
-            line = mask(line, self._words) if b'\n' not in line else None
-            if line is None:
-                self._say_invalid(peer, 'a line that is not a JSON object')
+            if line[:1] != b'{' or line[-1:] != b'}' or b'\n' in line:
+                self._say_invalid(peer.source, 'not a JSON object')
                 return
             self._lines.append(line)
-            self._sources[peer.source] = self._sources.get(peer.source,
-                                                           0) + 1
+            self._from.append(peer.source)
         elif kind == proto.DROPPED:
             counts = proto.parse_counts(self._view[1:size].tobytes())
             # Before the lines that follow, which show the gap.
@@ -367,22 +368,35 @@ class Ingest:
             if isinstance(source, str):
                 peer.source = source
         else:
-            self._say_invalid(peer, 'a message of unknown kind')
+            self._say_invalid(peer.source, 'a message of unknown kind')
 
-    def _say_invalid(self, peer, what):
+    def _say_invalid(self, source, what):
         self._subscribers.credit(1, {}, 'invalid')
         unsaid = self._invalid.hit()
         if unsaid:
-            LOG.warning('%s: dropped %d invalid message(s) (last: %s from '
-                        'source %r)', self.path, unsaid, what, peer.source)
+            LOG.warning('%s: dropped %d invalid message(s) (last: %s, from '
+                        'source %r)', self.path, unsaid, what, source)
 
     def relay(self):
-        """Hand the lines read so far to the subscribers, as one chunk."""
-        if self._lines:
-            self._lines.append(b'')
-            self._subscribers.fan_out(b'\n'.join(self._lines),
-                                      len(self._lines) - 1, self._sources)
-            self._lines, self._sources = [], {}
+        """Mask the lines read so far (most chunks are clean as a whole)."""
+        lines, sources = self._lines, self._from
+        if not lines:
+            return
+        self._lines, self._from = [], []
+        lines.append(b'')
+        data = b'\n'.join(lines)
+        if not clean(data, self._words):
+            masked = [(mask(line, self._words), source)
+                      for line, source in zip(lines, sources)]
+            for source in [s for line, s in masked if line is None]:
+                self._say_invalid(source, 'not a JSON object')
+            lines = [line for line, _ in masked if line is not None]
+            sources = [source for line, source in masked if line is not None]
+            if not lines:
+                return
+            data = b'\n'.join(lines + [b''])
+        self._subscribers.fan_out(data, len(sources),
+                                  collections.Counter(sources))
 
     def drop(self, peer):
         if self.publishers.pop(peer.fd, None) is None:
@@ -421,8 +435,7 @@ class Hub:
         self._lost, self._failures = proto.Throttle(), proto.Throttle()
 
     def _bind(self, path):
-        mode, gid, kind = self._binds[path]
-        return sockfile.bind_listener(path, mode, gid, kind)
+        return sockfile.bind_listener(path, *self._binds[path])
 
     def run(self):
         """Serve until GRACE seconds with no publisher; never blocks."""
@@ -447,8 +460,8 @@ class Hub:
         """Out of file descriptors: leave connections queued a moment."""
         if exc is None:
             return
-        LOG.warning('%s: accept failed: %s; accepting again in 0.1s',
-                    self.path, exc)
+        if self._lost.hit():
+            LOG.warning('%s: accept failed: %s', self.path, exc)
         self._paused_until = time.monotonic() + 0.1
         for listener in (self.subscribers.listener, self.ingest.listener):
             self.poller.modify(listener, 0)

@@ -105,3 +105,17 @@ class UnixSocketConfigError(cfg.Error):
 
 def register_opts(conf):
     conf.register_opts(unix_opts, group=GROUP)
+
+
+def bounded(conf_group, name):
+    """The value of an option with a minimum; an error names what it was."""
+    try:
+        return getattr(conf_group, name)
+    except ValueError as exc:
+        # oslo.config reports a configuration file's value as
+        # ConfigFileValueError, raised while handling ours.
+        refused = exc if isinstance(exc, _RefusedValue) \
+            else exc.__context__
+        if not isinstance(refused, _RefusedValue):
+            raise
+        raise UnixSocketConfigError(name, refused.value, str(refused))
