@@ -28,8 +28,8 @@ interpreter, under uWSGI too) in its own session, stdin and stdout on
 /dev/null, stderr kept. It holds ``sock_path + '.lock'`` while it lives
 (one hub per path), binds ``sock_path`` and ``sock_path + '.ingest'`` (0600,
 SOCK_SEQPACKET) and leaves 2 s after its last process left, removing both.
-Its starter reaps it at a later notify(); after that, whoever adopts
-orphans (init, a PID 1 or subreaper, uWSGI's master, oslo.service's parent).
+Its starter holds it (a socket pair) and reaps it at a later notify();
+a hub outliving it is reaped by init, a container's PID 1 or a subreaper.
 
 Delivery semantics:
 
