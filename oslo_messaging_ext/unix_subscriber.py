@@ -220,6 +220,26 @@ class Gap(collections.namedtuple(
         return self.last - self.first + 1
 
 
+def dropped_payload(payload):
+    """(count, {source: count}) of a decoded notice's payload, or None.
+
+    None when the count is not a valid one or the sources not a dict;
+    sources that are not valid or do not add up within the count are left
+    out (all unattributed).
+    """
+    try:
+        count = payload['dropped']
+        sources = payload.get('sources') or {}
+    except (KeyError, TypeError, AttributeError):
+        return None
+    if not _unix_protocol.valid_count(count) or not isinstance(sources, dict):
+        return None
+    if not all(isinstance(k, str) and _unix_protocol.valid_count(v) and v
+               for k, v in sources.items()) or sum(sources.values()) > count:
+        sources = {}
+    return count, sources
+
+
 class GapCounter:
     """Counts what was missed, from drop notices and sequence numbers.
 
@@ -289,7 +309,7 @@ class GapCounter:
             else None
         """
         if notification.get('event_type') == DROPPED_EVENT_TYPE:
-            counts = _unix_protocol.dropped_payload(
+            counts = dropped_payload(
                 notification.get('payload'))
             if counts is None:
                 LOG.warning('Ignoring a drop notice without a valid count: '

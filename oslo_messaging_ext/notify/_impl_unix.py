@@ -12,158 +12,110 @@
 
 """Relay notifications to local subscribers over a Unix socket.
 
-Configured in [oslo_messaging_notifications]: ``driver = unix`` and
-``sock_path``. A subscriber connects to ``sock_path`` and reads one JSON
-object a line (UTF-8, ``\\n``-terminated): the envelope oslo.messaging
-builds (message_id, publisher_id, event_type, priority, payload, timestamp),
-plus ``context`` only when ``sock_include_context`` is set, and then without
-auth tokens or secrets, and ``sequence``, the emitting process's sequence
-number. The payload and the context are masked as oslo.messaging's log
-driver masks them (``strutils.mask_dict_password``). Nothing else is ever
-written on the stream, so ``socat - UNIX-CONNECT:PATH | jq .`` works with
-no handshake.
+``driver = unix`` and ``sock_path`` in [oslo_messaging_notifications]. A
+subscriber connects to ``sock_path`` and reads, with no handshake, one
+JSON line per notification: the envelope (``context`` too with
+``sock_include_context``, without secrets), then ``"sequence": {"source":
+S, "number": N}`` (S: the emitting process, new after fork or restart; N:
+from 1, every notification it was asked to send). Values are JSON
+primitives (to_primitive), masked as by ``strutils.mask_dict_password``.
+
+One hub process per ``sock_path``, started on demand as oslo.privsep
+starts its daemon: no thread or hook runs in the service, whatever forks,
+recycles or patches it. The first process that finds none (at load or
+notify()) runs ``python -m oslo_messaging_ext.notify._unix_hub`` (the real
+interpreter, under uWSGI too) in its own session, stdin and stdout on
+/dev/null, stderr kept. It holds ``sock_path + '.lock'`` while it lives
+(one hub per path), binds ``sock_path`` and ``sock_path + '.ingest'`` (0600,
+SOCK_SEQPACKET) and leaves 2 s after its last process left, removing both.
+Its starter holds it (a socket pair) and reaps it at a later notify();
+a hub outliving it is reaped by init, a container's PID 1 or a subreaper.
 
 Delivery semantics:
 
-* With no subscriber, a notification is dropped at near-zero cost: it is
-  not serialized.
-* Each subscriber receives every notification in order, per emitting
-  process, as long as it keeps up. Notifications of several processes are
-  interleaved in the order the hub receives them.
-* notify() never blocks on a subscriber or on the hub. Past a subscriber's
-  buffer bound (``sock_buffer_size`` bytes, on top of the kernel's socket
-  buffer) its notifications are dropped and counted; the next one it gets
-  is preceded by a notification of event_type
-  ``oslo_messaging_ext.unix.dropped`` whose payload ``dropped`` is the count
-  (and ``sources`` the count per emitting process).
-  A process whose own queue to the hub overflows reports its drops the same
-  way. A count is reported within about 0.1 s even when no notification
-  follows, as soon as the subscriber has room for the notice, and a
-  process that stops reports what it counted before it goes. One
-  notification larger than ``sock_buffer_size`` still goes to a subscriber
-  with nothing queued.
-* Every line on the wire ends with ``\\n``: a stopping hub gives a slow
-  subscriber the rest of a line it has started (1 s more); only one that
-  reads nothing at all then sees a cut line, which the subscriber library
-  counts as dropped.
-* Disconnected or crashed subscribers are cleaned up silently.
-* When every subscriber's buffer is full, notify() counts the notification
-  instead of serializing it; the count is reported like any other drop.
-* Nothing is stored: a subscriber receives what is emitted after the hub
-  accepted its connection (in the hub's process), or after a publisher
-  process learned of it from the hub (one status line later).
+* notify() makes non-blocking system calls only, never waits for another
+  process, and sends one message per notification.
+* With no subscriber, nothing is serialized: the count is in a page that
+  the hub shares. notify() then checks the hub alive at most every 0.1 s
+  (time.monotonic(), one recv(MSG_PEEK)); a dead hub is replaced at the
+  next notify() (one start a second at most per process). What it held is
+  lost (its buffers, each process's send buffer): the sequence shows it.
+* What a process could not hand over while there were subscribers (hub
+  absent, send buffer full, larger than it: ``sock_buffer_size`` as far as
+  the kernel allows) is counted per cause and sent with its next message.
+* A subscriber gets every notification, in order per process, while it
+  keeps up; past ``sock_buffer_size`` queued, they are dropped for it,
+  then announced by an ``oslo_messaging_ext.unix.dropped`` notification
+  (``dropped``, ``sources`` per process, ``where``: the causes) before the
+  next one or once it has room. Nobody blocks the service or the others.
+* Nothing is stored. When the hub leaves, subscribers get whole lines,
+  then EOF, and reconnect (the subscriber library and the tail do).
+* A forked process notices its new pid at notify(), closes its inherited
+  connection (its copy only) and opens its own.
 
-Multi-process services share one ``sock_path``. Each process takes a
-short lock on ``sock_path + '.lock'``; the one that binds the path is the
-hub, the others connect to it as publishers and introduce themselves with a
-handshake line (subscribers send nothing; a new connection that says
-nothing within 50 ms is a subscriber, and what was emitted meanwhile is
-held for it; a publisher that introduces itself later still becomes
-one). The hub relays the publishers' lines,
-already serialized, to every subscriber, and tells the publishers how many
-subscribers there are, so that a process with none serializes nothing.
-Only processes of the same user may publish, and a process publishes
-only to a hub of its own user (SO_PEERCRED, checked before anything is
-sent): a path bound by another user is an error at driver load, and at
-run time is retried with backoff while notifications are counted as
-dropped. ``sock_max_subscribers`` counts subscribers only; the service's
-own processes are always let in. The lock is only ever tried, never
-waited for, so a process holding it delays the election and never blocks
-the service (fork and notify included).
-
-The directory of ``sock_path`` must be owned by root or the service user
-and must not be writable by others unless sticky (as /tmp): otherwise
-anyone could replace the socket. Members of a group that may write the
-directory are trusted as the owner is.
-
-The relay thread never takes a lock of the logging module: in a process
-eventlet patched, its log records are handed to the service's side and
-logged from a green thread within a second.
-
-A process joins when the driver is loaded, and a forked child (os.fork,
-multiprocessing, uWSGI workers) joins again at fork, never using what it
-inherited; a process that forks parks its relay thread meanwhile. uWSGI's
-master, which loads the application before forking its workers (without
-``--lazy-apps``) and forks them without Python's at-fork hooks, never
-starts a relay thread: what it emits while loading is not relayed (no
-process serves the socket yet). A worker makes the relay its own through
-uWSGI's post-fork hook, or as soon as it notices its new process id. If
-the hub process exits, the publishers elect a new hub and subscribers
-must reconnect (the subscriber library and ``oslo-notify-tail --follow``
-do so with backoff). During the switch-over, what a publisher had not
-yet handed to the departing hub is counted and reported as dropped to the
-next hub's subscribers; what it had handed over but the hub had not
-relayed yet is lost with the hub, and shows as a gap in the sequence
-numbers of its process to a subscriber that hears from it again.
-A hub relays the last lines of an exiting publisher before dropping it.
-
-A stale socket file never blocks start-up, nor does a hub exiting, paused
-or busy, or of another service: driver load never waits for another
-process, and only what another user holds for good (the socket, its lock
-file, a stale socket in a sticky directory) is an error at load. A process
-sends notifications only to a hub that answered its handshake. The
-socket is bound in a private directory, given its group and mode, then
-renamed into place: it is never reachable with a wider mode than
-configured. It is removed on clean shutdown (exit, or driver close()).
-Nothing is ever unlinked, chmod'ed or chown'ed through a symlink.
+The directory of ``sock_path`` is owned by root or the service user, not
+writable by others unless sticky. Sockets are bound privately then
+renamed: never wider than their mode, never through a symlink, bound again
+within a second if removed. Both ends check the peer's uid (SO_PEERCRED).
 """
 
+import errno
+import functools
 import grp
+import itertools
+import json
 import logging
+import math
+import mmap
 import os
+import socket
 import stat
+import subprocess  # nosec B404: starts the hub, as privsep its daemon
 import sys
+import threading
+import time
 
-from oslo_config import cfg
 from oslo_messaging.notify import notifier
+from oslo_serialization import jsonutils
 
-from oslo_messaging_ext.notify import _unix_encoding
-from oslo_messaging_ext.notify import _unix_opts
-from oslo_messaging_ext.notify import _unix_protocol
-from oslo_messaging_ext.notify import _unix_relay
-from oslo_messaging_ext.notify import _unix_sockfile
+from oslo_messaging_ext.notify import _unix_opts as opts
+from oslo_messaging_ext.notify import _unix_protocol as proto
+from oslo_messaging_ext.notify import _unix_sockfile as sockfile
+try:
+    import orjson
+except ImportError:  # the stdlib encoder is as correct, only slower
+    orjson = None
 
 LOG = logging.getLogger(__name__)
 
-GROUP = _unix_opts.GROUP
-MIN_BUFFER_SIZE = _unix_opts.MIN_BUFFER_SIZE
-_RefusedValue = _unix_opts.RefusedValue
-unix_opts = _unix_opts.unix_opts
-register_opts = _unix_opts.register_opts
+GROUP = opts.GROUP
+unix_opts = opts.unix_opts
+register_opts = opts.register_opts
+UnixSocketConfigError = opts.UnixSocketConfigError
 
-# Services build many Notifiers (glance about 14 a process), each loading
-# its own driver: what it serves is said at INFO once per configuration.
-_LOADED = set()
-
-
-class UnixSocketConfigError(cfg.Error):
-    """The unix driver's configuration is unusable; the message says why."""
-
-    def __init__(self, name, value, reason):
-        super().__init__('Invalid value %r for option %s in group [%s]: %s'
-                         % (value, name, GROUP, reason))
-        self.option = name
-        self.group = GROUP
-        self.value = value
+# Seconds between two liveness checks of the hub while nobody subscribes.
+LIVENESS_INTERVAL = 0.1
+# Seconds between two attempts to connect, and to start a hub.
+CONNECT_INTERVAL = 0.1
+SPAWN_INTERVAL = 1.0
+HUB_MODULE = 'oslo_messaging_ext.notify._unix_hub'
+# Context keys never sent; any key naming a token or secret neither.
+_SECRET_KEY_WORDS = ('token', 'secret', 'password', 'credential')
 
 
 def _parse_mode(value):
+    refuse = functools.partial(UnixSocketConfigError, 'sock_mode', value)
     try:
         mode = int(value, 8)
     except (TypeError, ValueError):
-        raise UnixSocketConfigError('sock_mode', value,
-                                    'not an octal number such as 0660')
+        raise refuse('not an octal number such as 0660')
     if mode & ~0o777:
-        raise UnixSocketConfigError('sock_mode', value,
-                                    'only permission bits (0-0777) apply')
+        raise refuse('only permission bits (0-0777) apply')
     if mode & 0o007:
-        raise UnixSocketConfigError(
-            'sock_mode', value, 'the socket must not be accessible to '
-            'others; grant access through its group instead')
+        raise refuse('the socket must not be accessible to others; grant '
+                     'access through its group instead')
     if mode & 0o600 != 0o600:
-        raise UnixSocketConfigError(
-            'sock_mode', value, 'the owner needs read and write permission '
-            '(0600): the service\'s own processes connect to it')
+        raise refuse('the owner needs read and write permission (0600)')
     return mode
 
 
@@ -186,116 +138,383 @@ def _resolve_group(value):
 
 
 def _check_path(path):
+    def refuse(reason):
+        raise UnixSocketConfigError('sock_path', path, reason)
     if not path:
-        raise UnixSocketConfigError(
-            'sock_path', path, 'the unix notification driver needs a socket '
-            'path, e.g. /run/<service>/notifications.sock')
+        refuse('the unix notification driver needs a socket path, e.g. '
+               '/run/<service>/notifications.sock')
     if not os.path.isabs(path):
-        raise UnixSocketConfigError('sock_path', path,
-                                    'it must be an absolute path')
-    # sun_path holds 107 bytes; the socket is first bound in a private
-    # directory beside the path, whose name is longer by up to 16 bytes.
+        refuse('it must be an absolute path')
+    # sun_path holds 107 bytes: the ingest socket's path is longer by 7,
+    # and sockets are first bound in a private directory beside it.
     directory = os.path.dirname(path)
-    if (len(os.fsencode(path)) > 107 or
+    if (len(os.fsencode(sockfile.ingest_path(path))) > 107 or
             len(os.fsencode(directory)) + 16 > 107):
-        raise UnixSocketConfigError('sock_path', path,
-                                    'too long for a Unix socket address')
+        refuse('too long for a Unix socket address')
     if not os.path.isdir(directory):
-        raise UnixSocketConfigError(
-            'sock_path', path, 'its directory %s does not exist' % directory)
+        refuse('its directory %s does not exist' % directory)
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise UnixSocketConfigError(
-            'sock_path', path, 'the service user (uid %d) cannot create '
-            'files in %s' % (os.geteuid(), directory))
-    problem = _unix_sockfile.directory_problem(directory)
+        refuse('the service user (uid %d) cannot create files in %s'
+               % (os.geteuid(), directory))
+    problem = (sockfile.directory_problem(directory) or
+               sockfile.squatted(path))
     if problem:
-        raise UnixSocketConfigError('sock_path', path, problem)
+        refuse(problem)
+    for name in (path, sockfile.ingest_path(path)):
+        try:
+            if not stat.S_ISSOCK(os.lstat(name).st_mode):
+                refuse('%s exists and is not a socket (a symlink, a regular '
+                       'file or a directory is never replaced)' % name)
+        except FileNotFoundError:
+            pass
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise UnixSocketConfigError(
-            'sock_path', path, 'it exists and is not a socket (a symlink, '
-            'a regular file or a directory is never replaced)')
+        sockfile.check_listener(path, socket.SOCK_STREAM)
+        sockfile.check_listener(sockfile.ingest_path(path),
+                                socket.SOCK_SEQPACKET)
+    except (OSError, proto.RelayError) as exc:
+        refuse(str(exc))
 
 
-def _check_holders(path, service):
-    """Refuse what another user holds for good; leave the rest to the relay.
+def _finite(value):
+    """``value`` with every NaN and infinity replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
-    Only the certain is an error at load: a lock file or a socket file of
-    another user, or another user listening. A hub exiting, paused or
-    busy, or of another service, may be gone in a moment: the relay
-    retries with backoff. Nothing here waits for another process.
+
+def make_encoder():
+    """``encode(envelope) -> bytes``: one JSON line, no newline.
+
+    Through to_primitive what JSON cannot hold; NaN and infinities null.
+    orjson (the orjson extra) is faster; what it refuses goes to the
+    stdlib, datetimes to to_primitive: the values do not depend on it.
     """
-    problem = _unix_sockfile.squatted(path, path + '.lock')
-    if problem:
-        raise UnixSocketConfigError('sock_path', path, problem)
+    default = functools.partial(jsonutils.to_primitive,
+                                convert_instances=True, fallback=repr)
+    strict = json.JSONEncoder(default=default, check_circular=False,
+                              allow_nan=False, separators=(',', ':')).encode
+
+    def stdlib_encode(message):
+        try:
+            return strict(message).encode('ascii')
+        except ValueError:
+            return strict(_finite(default(message))).encode('ascii')
+
+    if orjson is None:
+        return stdlib_encode
+    dumps, refused = orjson.dumps, orjson.JSONEncodeError
+    options = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+
+    def encode(message):
+        try:
+            return dumps(message, default=default, option=options)
+        except refused:
+            return stdlib_encode(message)
+    return encode
+
+
+def redact_context(ctxt):
+    """A copy of ``ctxt`` without tokens or secrets (the hub masks it)."""
+    if hasattr(ctxt, 'redacted_copy'):
+        ctxt = ctxt.redacted_copy()
+    if hasattr(ctxt, 'to_dict'):
+        ctxt = ctxt.to_dict()
+    if not isinstance(ctxt, dict):
+        return {}
+    return {k: v for k, v in ctxt.items()
+            if not any(w in str(k).lower() for w in _SECRET_KEY_WORDS)}
+
+
+def hub_interpreter():
+    """sys.executable, unless not Python (uWSGI's): the environment's."""
+    candidates = []
+    if os.path.basename(sys.executable or '').startswith('python'):
+        candidates.append(sys.executable)
+    version = 'python%d.%d' % sys.version_info[:2]
+    for prefix in (sys.prefix, sys.exec_prefix, sys.base_prefix,
+                   sys.base_exec_prefix):
+        candidates += [os.path.join(prefix, 'bin', version),
+                       os.path.join(prefix, 'bin', 'python3')]
+    for candidate in candidates:
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError('no Python interpreter found to run it')
+
+
+def _set_send_buffer(sock, size):
+    """Ask for ``size`` bytes of send buffer: past wmem_max if allowed."""
     try:
-        _unix_sockfile.check_listener(path, service)
-    except _unix_protocol.RelayError as exc:
-        raise UnixSocketConfigError('sock_path', path, str(exc))
+        # CAP_NET_ADMIN only; Linux's SO_SNDBUFFORCE.
+        sock.setsockopt(socket.SOL_SOCKET, 32, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
-def _bounded_option(conf_group, name):
-    """The value of an option with a minimum; an error names what it was."""
-    try:
-        return getattr(conf_group, name)
-    except ValueError as exc:
-        # oslo.config reports a configuration file's value as
-        # ConfigFileValueError, raised while handling ours.
-        refused = exc if isinstance(exc, _RefusedValue) else exc.__context__
-        if not isinstance(refused, _RefusedValue):
-            raise
-        raise UnixSocketConfigError(name, refused.value, str(refused))
+class Publisher:
+    """A process's connection to the hub of a path, and its numbers.
+
+    Shared by the drivers of the path; renewed in a new process.
+    """
+
+    def __init__(self, path, hub_argv, buffer_size):
+        self.path, self._hub_argv = path, hub_argv
+        self._buffer_size = buffer_size
+        self.users = 0
+        self._child = None
+        self._throttle = proto.Throttle()
+        self._renew()
+
+    def _renew(self):
+        self.pid = os.getpid()
+        self.source = '%d-%s' % (self.pid, os.urandom(6).hex())
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+        self._sock = self._count = self._anchor = None
+        self._drops, self._wanted = {}, False
+        self._connect_at = self._spawn_at = self._check_at = 0.0
+
+    def _forked(self):
+        for sock in (self._sock, self._anchor):
+            if sock is not None:
+                sock.close()  # our copy: the parent keeps its own
+        self._child = None
+        self._renew()
+
+    def subscribers(self):
+        """How many subscribers the hub has (None: not known yet)."""
+        if self.pid != os.getpid():
+            self._forked()
+        if self._count is None:
+            with self._lock:
+                self._connected()
+        return None if self._count is None else self._count[0]
+
+    def publish(self, message, encode):
+        if self.pid != os.getpid():
+            self._forked()
+        count = self._count
+        if count is not None and not count[0]:
+            next(self._numbers)
+            if time.monotonic() >= self._check_at:
+                self._check_alive()
+            return
+        with self._lock:
+            number = next(self._numbers)
+            sock = self._connected()
+            if sock is None:
+                # Missed by subscribers only if there were some.
+                if self._wanted:
+                    self._dropped(proto.ABSENT)
+                return
+            line = encode(dict(message, sequence={'source': self.source,
+                                                  'number': number}))
+            if self._drops and not self._send(
+                    proto.DROPPED + proto.dumps(self._drops)):
+                self._dropped(self._cause)
+                return
+            self._drops = {}
+            if not self._send(proto.LINE + line):
+                if self._cause is proto.TOO_LARGE:
+                    self._say('Unix notification socket %s: dropped a '
+                              'notification of %d bytes, more than the '
+                              'send buffer to the hub (%d bytes) holds',
+                              self.path, len(line), sock.getsockopt(
+                                  socket.SOL_SOCKET, socket.SO_SNDBUF))
+                self._dropped(self._cause)
+
+    def _say(self, *args):
+        if self._throttle.hit():
+            LOG.warning(*args)
+
+    def _dropped(self, cause):
+        self._drops[cause] = self._drops.get(cause, 0) + 1
+
+    def _send(self, data):
+        try:
+            self._sock.send(data)
+            return True
+        except BlockingIOError:
+            self._cause = proto.FULL
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                self._cause = proto.TOO_LARGE
+            else:
+                self._cause = proto.ABSENT
+                self._lost()
+        return False
+
+    def _check_alive(self):
+        """Whether the hub still holds our connection; reconnect if not."""
+        self._check_at = time.monotonic() + LIVENESS_INTERVAL
+        with self._lock:
+            if self._sock is not None:
+                try:
+                    if self._sock.recv(1, socket.MSG_PEEK):
+                        return
+                except BlockingIOError:
+                    return
+                except OSError:
+                    pass
+                self._lost()
+            self._connected()
+
+    def _lost(self):
+        self._wanted = bool(self._count is not None and self._count[0])
+        self._sock.close()
+        self._sock = self._count = None
+        self._connect_at = 0.0
+
+    def _connected(self):
+        """The connection to the hub, after the count; None if none."""
+        sock = self._sock
+        if sock is None:
+            sock = self._connect()
+        if sock is not None and self._count is None:
+            self._receive_count()
+        return self._sock
+
+    def _receive_count(self):
+        try:
+            data, fds, _, _ = socket.recv_fds(self._sock, 16, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds = b'', []
+        try:
+            if data != proto.COUNT or not fds:
+                self._lost()
+                return
+            page = mmap.mmap(fds[0], proto.COUNT_SIZE, prot=mmap.PROT_READ)
+            self._count = memoryview(page).cast('I')
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _connect(self):
+        now = time.monotonic()
+        if now < self._connect_at:
+            return None
+        self._connect_at = now + CONNECT_INTERVAL
+        self._reap()
+        sock = proto.native('socket').socket(socket.AF_UNIX,
+                                             socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(sockfile.ingest_path(self.path))
+            uid = sockfile.peer_uid(sock)
+            if uid != os.geteuid():
+                self._say('Unix notification socket %s: its hub runs as uid '
+                          '%d, not as the service user (uid %d): nothing is '
+                          'sent to it', self.path, uid, os.geteuid())
+                sock.close()
+                return None
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            return self._spawn()
+        except OSError:
+            sock.close()
+            return None
+        try:
+            sock.setblocking(False)
+            _set_send_buffer(sock, self._buffer_size)
+            sock.send(proto.HELLO + proto.dumps({'source': self.source,
+                                                 'pid': self.pid}))
+        except OSError:
+            sock.close()
+            return None
+        self._sock = sock
+        return sock
+
+    def _spawn(self):
+        """Start a hub, unless one holds the lock (it is starting).
+
+        Given one end of a socket pair, never written to: it lives as long
+        as its starter, which may never notify.
+        """
+        now = time.monotonic()
+        if now < self._spawn_at:
+            return None
+        self._spawn_at = now + SPAWN_INTERVAL
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in sys.path if p))
+        ours = theirs = None
+        try:
+            fd = sockfile.try_lock(self.path)
+            if fd is None:
+                return None
+            os.close(fd)
+            ours, theirs = proto.native('socket').socketpair(
+                socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            # Our interpreter, our module, our own arguments; no shell.
+            self._child = subprocess.Popen(  # nosec B603
+                [hub_interpreter(), '-m', HUB_MODULE] + self._hub_argv +
+                ['--publisher-fd', str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                pass_fds=[theirs.fileno()], start_new_session=True, env=env)
+        except (OSError, proto.RelayError) as exc:
+            self._say('Unix notification socket %s: cannot start its hub: '
+                      '%s', self.path, exc)
+            if ours is not None:
+                ours.close()
+            return None
+        finally:
+            if theirs is not None:
+                theirs.close()
+        if self._anchor is not None:
+            self._anchor.close()
+        self._anchor = ours
+        return None
+
+    def _reap(self):
+        if self._child is not None and self._child.poll() is not None:
+            self._child = None
+
+    def close(self):
+        with self._lock:
+            if self._sock is not None and self.pid == os.getpid():
+                if self._drops:
+                    # The last chance to report them.
+                    self._send(proto.DROPPED + proto.dumps(self._drops))
+                if self._sock is not None:
+                    self._lost()
+            if self._anchor is not None:
+                self._anchor.close()
+                self._anchor = None
+            self._reap()
 
 
-def _say_loaded(path, mode, gid, service):
-    key = (os.getpid(), path, mode, gid)
-    log = LOG.debug if key in _LOADED else LOG.info
-    _LOADED.add(key)
-    try:
-        group = grp.getgrgid(gid).gr_name
-    except KeyError:
-        group = str(gid)
-    log('unix notification driver loaded: socket %(path)s, mode %(mode)04o, '
-        'group %(group)s, service %(service)s; it relays every notification '
-        'of this service and ignores topics',
-        {'path': path, 'mode': mode, 'group': group, 'service': service})
+_publishers = {}
+_publishers_lock = threading.Lock()
 
 
-def service_identity(conf):
-    """What the processes of a service share: its project, else program."""
-    return (getattr(conf, 'project', None) or
-            os.path.basename(sys.argv[0] or 'python'))
+def _publisher(path, hub_argv, buffer_size):
+    with _publishers_lock:
+        publisher = _publishers.get(path)
+        if publisher is None:
+            publisher = _publishers[path] = Publisher(path, hub_argv,
+                                                      buffer_size)
+        publisher.users += 1
+        return publisher
 
 
 def validate(conf):
-    """Register and check the driver's options, as the driver loads them.
+    """Register and check the options as the driver loads them.
 
-    Also what oslo-messaging-ext-check runs on a service's files.
-
-    :returns: {'path', 'mode', 'gid', 'max_subscribers', 'buffer_size',
-        'include_context', 'service'}
-    :raises UnixSocketConfigError: naming the option, group and value
+    What oslo-messaging-ext-check runs too. Returns the settings by name;
+    raises UnixSocketConfigError naming the option, group and value.
     """
     register_opts(conf)
     group = conf[GROUP]
-    path = group.sock_path
-    _check_path(path)
-    settings = {'path': path,
-                'mode': _parse_mode(group.sock_mode),
-                'gid': _resolve_group(group.sock_group),
-                'max_subscribers': _bounded_option(group,
-                                                   'sock_max_subscribers'),
-                'buffer_size': _bounded_option(group, 'sock_buffer_size'),
-                'include_context': group.sock_include_context,
-                'service': service_identity(conf)}
-    try:
-        _check_holders(path, settings['service'])
-    except OSError as exc:
-        raise UnixSocketConfigError('sock_path', path, str(exc))
-    return settings
+    _check_path(group.sock_path)
+    return {'path': group.sock_path,
+            'mode': _parse_mode(group.sock_mode),
+            'gid': _resolve_group(group.sock_group),
+            'max_subscribers': opts.bounded(group, 'sock_max_subscribers'),
+            'buffer_size': opts.bounded(group, 'sock_buffer_size'),
+            'include_context': group.sock_include_context}
 
 
 class UnixSocketDriver(notifier.Driver):
@@ -304,50 +523,48 @@ class UnixSocketDriver(notifier.Driver):
     def __init__(self, conf, topics, transport):
         super().__init__(conf, topics, transport)
         settings = validate(conf)
-        path, mode, gid, service = (settings['path'], settings['mode'],
-                                    settings['gid'], settings['service'])
-        max_subscribers = settings['max_subscribers']
-        buffer_size = settings['buffer_size']
+        path, mode, gid, max_subscribers, buffer_size = (
+            settings[name] for name in
+            ('path', 'mode', 'gid', 'max_subscribers', 'buffer_size'))
         self._include_context = settings['include_context']
-        _say_loaded(path, mode, gid, service)
-        self._encode = _unix_encoding.make_line_encoder()
-        self._sequence = _unix_encoding.sequence(path)
-        self._relay = _unix_relay.get(
-            path, service=service, mode=mode, gid=gid,
-            max_subscribers=max_subscribers, buffer_size=buffer_size)
-        # Not in uWSGI's master, which forks its workers after loading the
-        # application: they join when they are forked.
-        self._relay.start()
+        self._encode = make_encoder()
+        LOG.debug('unix notification driver loaded: socket %s, mode %04o, '
+                  'gid %d; it relays every notification of this service '
+                  'and ignores topics', path, mode, gid)
+        self._publisher = _publisher(path, [
+            path, '--mode', '%o' % mode, '--gid', str(gid),
+            '--max-subscribers', str(max_subscribers),
+            '--buffer-size', str(buffer_size)], buffer_size)
+        # So that the socket exists while the service serves.
+        self._publisher.subscribers()
 
     def notify(self, ctxt, message, priority, retry):
-        relay = self._relay
-        if relay is None:
-            return
-        if not relay.wanted():
-            self._sequence.skip()
+        publisher = self._publisher
+        if publisher is None:
             return
         try:
             if self._include_context:
-                message = dict(message, context=_unix_encoding.redact_context(
-                    ctxt))
-            # A str: the relay thread encodes it to UTF-8 with the rest of
-            # its batch, off the service's path.
-            self._sequence.publish(message, self._encode, relay.publish)
+                message = dict(message, context=redact_context(ctxt))
+            publisher.publish(message, self._encode)
         except Exception:
-            LOG.exception('Cannot serialize notification %s (%s) for the '
-                          'unix notification socket; dropped.',
+            LOG.exception('Cannot send notification %s (%s) to the unix '
+                          'notification socket; dropped.',
                           message.get('message_id'),
                           message.get('event_type'))
 
     def subscribers(self):
-        """How many subscribers this process knows of (None: not yet)."""
-        return None if self._relay is None else self._relay.subscribers
+        """How many subscribers the hub has (None: not known yet)."""
+        return None if self._publisher is None else \
+            self._publisher.subscribers()
 
     def close(self):
-        """Stop relaying; the last driver of a path removes its socket.
-
-        Optional: the socket is also removed when the process exits.
-        """
-        relay, self._relay = self._relay, None
-        if relay is not None:
-            _unix_relay.release(relay)
+        """Optional: the last driver of a path in a process disconnects."""
+        publisher, self._publisher = self._publisher, None
+        if publisher is None:
+            return
+        with _publishers_lock:
+            publisher.users -= 1
+            if publisher.users > 0:
+                return
+            _publishers.pop(publisher.path, None)
+        publisher.close()

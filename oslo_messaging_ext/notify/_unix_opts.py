@@ -10,12 +10,10 @@
 #    License for the specific language governing permissions and limitations
 #    under the License.
 
-"""The configuration options of the ``unix`` notification driver.
+"""Options of the unix notification driver.
 
-Option definitions only: importing this module registers nothing and
-loads no driver module (oslo_messaging_ext.opts lists them for the
-sample config and the docs). The driver registers them on the service's
-ConfigOpts when it loads.
+Apart from the driver, so that listing them (oslo_messaging_ext.opts)
+loads neither the driver nor anything it registers.
 """
 
 from oslo_config import cfg
@@ -27,7 +25,7 @@ GROUP = 'oslo_messaging_notifications'
 MIN_BUFFER_SIZE = 65536
 
 
-class RefusedValue(ValueError):
+class _RefusedValue(ValueError):
     """A value below an option's minimum, kept for the load error."""
 
     def __init__(self, value, reason):
@@ -35,7 +33,7 @@ class RefusedValue(ValueError):
         self.value = value
 
 
-class AtLeast(types.Integer):
+class _AtLeast(types.Integer):
     """An integer with a minimum, shown by the reference and the validator.
 
     A value below it makes the driver's load error name the value.
@@ -49,8 +47,8 @@ class AtLeast(types.Integer):
         try:
             return super().__call__(value)
         except ValueError:
-            raise RefusedValue(value, 'it must be at least %d%s'
-                               % (self.min, self.why))
+            raise _RefusedValue(value, 'it must be at least %d%s'
+                                % (self.min, self.why))
 
 
 unix_opts = [
@@ -71,19 +69,22 @@ unix_opts = [
                help='Group of the socket file (name or numeric id). The '
                     'service user must belong to it. Unset means the '
                     'service\'s primary group.'),
-    cfg.Opt('sock_max_subscribers', type=AtLeast(1), default=64,
+    cfg.Opt('sock_max_subscribers', type=_AtLeast(1), default=64,
             help='Subscribers served at once; further ones are closed '
-                 'and logged. The service\'s own processes, which also '
-                 'connect to the socket, do not count.'),
+                 'and logged. The service\'s own processes connect to the '
+                 'hub\'s private ingest socket and do not count.'),
     cfg.Opt('sock_buffer_size', default=4 * 1024 * 1024,
-            type=AtLeast(MIN_BUFFER_SIZE, ' bytes, to hold a burst of '
-                         'notifications of a few kilobytes'),
+            type=_AtLeast(MIN_BUFFER_SIZE, ' bytes, to hold a burst of '
+                          'notifications of a few kilobytes'),
             help='Bytes of notifications queued at most per subscriber '
                  'that does not keep up (on top of the kernel socket '
-                 'buffer), and per process on the way to the hub. Past '
-                 'it, notifications are dropped, counted and reported '
-                 'in-band. A single notification larger than this still '
-                 'reaches a subscriber with nothing queued.'),
+                 'buffer). Past it, notifications are dropped, counted and '
+                 'reported in-band. Each process also asks for a send '
+                 'buffer of this size towards the hub, as far as the '
+                 'kernel allows (net.core.wmem_max): a notification larger '
+                 'than that buffer is dropped and counted. A single '
+                 'notification larger than this still reaches a '
+                 'subscriber with nothing queued.'),
     cfg.BoolOpt('sock_include_context', default=False,
                 help='Add the request context to each notification, as '
                      '"context". Auth tokens and other secrets are always '
@@ -91,6 +92,30 @@ unix_opts = [
 ]
 
 
+class UnixSocketConfigError(cfg.Error):
+    """The unix driver's configuration is unusable; the message says why."""
+
+    def __init__(self, name, value, reason):
+        super().__init__('Invalid value %r for option %s in group [%s]: %s'
+                         % (value, name, GROUP, reason))
+        self.option = name
+        self.group = GROUP
+        self.value = value
+
+
 def register_opts(conf):
-    """Register the unix driver's options on ``conf``."""
     conf.register_opts(unix_opts, group=GROUP)
+
+
+def bounded(conf_group, name):
+    """The value of an option with a minimum; an error names what it was."""
+    try:
+        return getattr(conf_group, name)
+    except ValueError as exc:
+        # oslo.config reports a configuration file's value as
+        # ConfigFileValueError, raised while handling ours.
+        refused = exc if isinstance(exc, _RefusedValue) \
+            else exc.__context__
+        if not isinstance(refused, _RefusedValue):
+            raise
+        raise UnixSocketConfigError(name, refused.value, str(refused))

@@ -10,16 +10,9 @@
 #    License for the specific language governing permissions and limitations
 #    under the License.
 
-"""The socket file of the unix notification driver, and who holds it.
+"""The files beside ``sock_path`` (private): rules, lock, bind, peers.
 
-Private to the driver. Everything that touches ``sock_path`` or its lock
-file is here, written once: the safety rule for its directory, the lock
-that serializes the processes of a service, the private bind and rename,
-the unlink of our own socket only, and the uid of a connected peer.
-
-Every call is non-blocking or bounded, and never green: the relay's
-native thread calls them, and a fork of the service waits for the lock
-that guards them.
+Every call is non-blocking. Used by the hub process too.
 """
 
 import binascii
@@ -35,31 +28,22 @@ from oslo_messaging_ext.notify import _unix_protocol as proto
 _LISTEN_BACKLOG = 128
 
 
-def _new_socket():
-    # Looked up at each call, not bound at import: eventlet's
-    # monkey_patch() replaces socket.socket (and os.open) in place, in the
-    # modules imported before it ran too.
-    native = proto.native('socket')
-    return native.socket(native.AF_UNIX, native.SOCK_STREAM)
+def ingest_path(path):
+    """The hub's private socket for the service's processes."""
+    return path + '.ingest'
 
 
-class LockBusy(Exception):
-    """Another process holds the lock file; try again later."""
-
-
-class UnsafeSocketFile(proto.RelayError):
-    """Someone other than the service could read or replace the socket."""
+def lock_path(path):
+    return path + '.lock'
 
 
 def directory_problem(directory):
     """Why ``directory`` is unsafe for a socket file, or None.
 
-    The rule: the directory is owned by root or by the service user, and
-    is not writable by others unless it is sticky (as /tmp is), so that
-    nobody else can replace the socket or its lock file. In a sticky
-    directory another user can still create the path first; the driver
-    then refuses to publish to them (see :func:`peer_uid`). Members of the
-    directory's group, if it is group-writable, are trusted as the owner.
+    Owned by root or the service user, not writable by others unless
+    sticky: nobody else can replace our files (in a sticky directory one
+    can create them first: see :func:`squatted`). Members of a group that
+    may write it are trusted as the owner.
     """
     st = os.stat(directory)
     euid = os.geteuid()
@@ -74,78 +58,62 @@ def directory_problem(directory):
     return None
 
 
-def _lock_file_problem(lock_path, st):
+def _lock_file_problem(path, st):
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
         return ('its lock file %s is not a regular file of the service user '
                 '(uid %d, owner %d): another user may have created it to '
                 'keep the service from serving'
-                % (lock_path, os.geteuid(), st.st_uid))
+                % (path, os.geteuid(), st.st_uid))
     return None
 
 
-def squatted(path, lock_path):
-    """Why another user holds ``path`` or its lock file for good, or None.
-
-    At driver load: what is certain now and would keep the service from
-    ever serving (the lock file, or a socket file it may not replace, of
-    another user). A live listener is checked by :func:`check_listener`.
-    """
+def squatted(path):
+    """Why another user holds a file of ``path`` for good, or None."""
     try:
-        problem = _lock_file_problem(lock_path, os.lstat(lock_path))
+        problem = _lock_file_problem(lock_path(path),
+                                     os.lstat(lock_path(path)))
+        if problem:
+            return problem
     except FileNotFoundError:
-        problem = None
-    if problem:
-        return problem
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
+        pass
     euid = os.geteuid()
-    if not stat.S_ISSOCK(st.st_mode) or st.st_uid == euid or euid == 0:
-        return None
-    parent = os.stat(os.path.dirname(path))
-    if parent.st_mode & stat.S_ISVTX and parent.st_uid != euid:
-        return ('it is a socket of uid %d in a sticky directory: the service '
-                'user (uid %d) can neither serve nor replace it'
-                % (st.st_uid, euid))
+    for name in (path, ingest_path(path)):
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid == euid or euid == 0:
+            continue
+        parent = os.stat(os.path.dirname(name))
+        if parent.st_mode & stat.S_ISVTX and parent.st_uid != euid:
+            return ('%s is a socket of uid %d in a sticky directory: the '
+                    'service user (uid %d) can neither serve nor replace it'
+                    % (name, st.st_uid, euid))
     return None
 
 
-class Lock:
-    """The lock file beside the socket, taken without ever waiting.
+def try_lock(path):
+    """The fd of ``path``'s lock file, locked; None if another holds it.
 
-    A publisher holds it for a few milliseconds while it binds or removes
-    the socket; a process of another user that holds it forever only
-    delays the election, which is retried with backoff.
+    Never waits. The hub holds it for its whole life: one hub per path.
     """
-
-    def __init__(self, path):
-        self.path = path
-        self._fd = None
-
-    def __enter__(self):
-        fd = proto.native('os').open(
-            self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
-            os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
-        try:
-            problem = _lock_file_problem(self.path, os.fstat(fd))
-            if problem:
-                raise UnsafeSocketFile(problem)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise LockBusy(self.path)
-                raise
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc_info):
-        fd, self._fd = self._fd, None
+    name = lock_path(path)
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
+                 os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    try:
+        problem = _lock_file_problem(name, os.fstat(fd))
+        if problem:
+            raise proto.RelayError(problem)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
         os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def peer_uid(sock):
@@ -161,22 +129,27 @@ def file_id(path):
     return (st.st_dev, st.st_ino)
 
 
-def bind_listener(path, mode, gid):
-    """Bind a listening socket at ``path`` with exactly ``mode`` and ``gid``.
+def bind_listener(path, mode, gid, kind=socket.SOCK_STREAM):
+    """(A listening socket at ``path``, exactly ``mode`` and ``gid``, its id).
 
-    The socket is bound in a private directory (mode 0700) beside
-    ``path``, given its group and mode there, then renamed into place:
-    it is never reachable with a wider mode, even for an instant, and
-    nothing is ever changed through a symlink. Call it under the lock.
-
-    :returns: the non-blocking listening socket and its file id
+    Bound in a private directory (0700), given its group and mode, then
+    renamed into place: never reachable with a wider mode, nothing changed
+    through a symlink. Under the lock: a stale socket is replaced, anything
+    else refused.
     """
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise proto.RelayError(
+                '%s exists and is not a socket, and is never replaced: '
+                'remove it to let the service serve' % path)
+    except FileNotFoundError:
+        pass
     parent = os.path.dirname(path)
     private_dir = os.path.join(
         parent, '.sock-' + binascii.hexlify(os.urandom(6)).decode())
     os.mkdir(private_dir, 0o700)
     private_path = os.path.join(private_dir, 's')
-    sock = _new_socket()
+    sock = socket.socket(socket.AF_UNIX, kind)
     try:
         sock.bind(private_path)
         os.chown(private_path, -1, gid, follow_symlinks=False)
@@ -194,33 +167,8 @@ def bind_listener(path, mode, gid):
     return sock, file_id(path)
 
 
-def remove_stale(path, refused):
-    """Remove a socket nobody listens on; never anything else.
-
-    :param refused: whether connecting was refused (a stale socket), as
-        opposed to the path missing
-    :raises RelayError: when the path is not a socket
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISSOCK(st.st_mode):
-        raise proto.RelayError('it exists and is not a socket, and is never '
-                               'replaced: remove it to let the service '
-                               'serve')
-    if refused:
-        os.unlink(path)
-        return True
-    return False
-
-
 def unlink_if_ours(path, bound_id):
-    """Remove ``path`` if it is still the socket file we bound.
-
-    Call it under the lock, so that a publisher's socket bound meanwhile at
-    the same path is never removed.
-    """
+    """Remove ``path`` if it is still the socket file we bound."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -231,19 +179,9 @@ def unlink_if_ours(path, bound_id):
     return False
 
 
-def check_listener(path, service):
-    """Refuse a live listener on ``path`` that another user runs.
-
-    At driver load, without ever waiting: the connection is non-blocking
-    and nothing is read. A publisher's handshake (marked as a probe) is
-    sent only to a process of the service user, so that a hub does not
-    take the connection for a subscriber. Anything transient (nobody
-    listening, a full backlog, a hub exiting or paused) is left to the
-    relay, which retries with backoff.
-
-    :raises UnsafeSocketFile: when another user listens on ``path``
-    """
-    sock = _new_socket()
+def check_listener(path, kind=socket.SOCK_STREAM):
+    """Refuse a listener of another user on ``path``; nothing is sent."""
+    sock = proto.native('socket').socket(socket.AF_UNIX, kind)
     try:
         sock.setblocking(False)
         try:
@@ -251,17 +189,10 @@ def check_listener(path, service):
             uid = peer_uid(sock)
         except OSError:
             return
-        # Before anything is sent: the hello names the service and pid.
         if uid != os.geteuid():
-            raise UnsafeSocketFile(
+            raise proto.RelayError(
                 'it is held by a process of uid %d, not of the service user '
                 '(uid %d): another user may have bound it to read the '
                 'notifications' % (uid, os.geteuid()))
-        try:
-            sock.send(proto.control_line(role=proto.ROLE_PUBLISHER,
-                                         service=service, pid=os.getpid(),
-                                         probe=True))
-        except OSError:
-            pass
     finally:
         sock.close()

@@ -240,3 +240,44 @@ def call_as_another_user(test, func, *args, **kwargs):
         line = reader.readline()
     test.assertTrue(line, 'the child said nothing')
     return json.loads(line)
+
+
+def hub_pid(path):
+    """The pid of the hub serving ``path`` (SO_PEERCRED), or None."""
+    native = proto.native('socket')
+    sock = native.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with sock:
+        try:
+            sock.connect(path + '.ingest')
+        except OSError:
+            return None
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(creds[:4], 'little')
+
+
+def alive(pid):
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rpartition(')')[2].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+def stop_hub_at_cleanup(test, path):
+    """SIGTERM the hub of ``path`` at cleanup, and wait until it is gone.
+
+    It would leave by itself once no process of the service is connected,
+    a few seconds later.
+    """
+    def stop():
+        pid = hub_pid(path)
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        # Traced by coverage and on a loaded machine, it may take a while.
+        test.assertTrue(wait_until(lambda: not alive(pid), 30.0))
+    test.addCleanup(stop)

@@ -71,6 +71,11 @@ def make_notifier():
     return notifier, loaded[0].obj if loaded else None
 
 
+def _threads():
+    """The threads of this process, all of them (native or not)."""
+    return len(os.listdir('/proc/self/task'))
+
+
 def _emit(notifier, worker, seq):
     notifier.info({}, 'image.upload', {'worker': worker, 'seq': seq,
                                        'tag': 'matrix'})
@@ -90,11 +95,11 @@ def application(environ, start_response):
     knew = None if _driver is None else _driver.subscribers()
     if parts[0] == 'notify':
         _emit(_notifier, str(os.getpid()), int(parts[1]))
-    relay = None if _driver is None else _driver._relay
     body = json.dumps({
         'pid': os.getpid(),
         'subscribers': knew,
-        'own_relay': relay is not None and relay.pid == os.getpid(),
+        'driver': _driver is not None,
+        'threads': _threads(),
     }).encode()
     start_response('200 OK', [('Content-Type', 'application/json'),
                               ('Content-Length', str(len(body)))])
@@ -116,6 +121,7 @@ class _Emitter:
         self.notifier = notifier
         self.stopped = threading.Event()
         self.thread = None
+        self.threads = 0
         self._path = os.environ[STATE_ENV]
 
     def start(self):
@@ -125,10 +131,12 @@ class _Emitter:
     def _run(self):
         pid = os.getpid()
         stop_file = self._path + '.stop'
+        self.threads = _threads()
         while not (self.stopped.is_set() or os.path.exists(stop_file)):
             seq = self._next.setdefault(pid, 0)
             _emit(self.notifier, str(pid), seq)
             self._next[pid] = seq + 1
+            self.threads = max(self.threads, _threads())
             self.stopped.wait(_INTERVAL)
         self._say_last()
 
@@ -136,7 +144,8 @@ class _Emitter:
         pid = os.getpid()
         report = '%s.%d' % (self._path, pid)
         with open(report + '.tmp', 'w') as f:
-            json.dump({'pid': pid, 'last': self._next.get(pid, 0) - 1}, f)
+            json.dump({'pid': pid, 'last': self._next.get(pid, 0) - 1,
+                       'threads': self.threads}, f)
         # Whole or not at all, for the test that reads it.
         os.rename(report + '.tmp', report)
 

@@ -274,6 +274,12 @@ class GlanceAPI(fixtures.Fixture):
                                   'SIGKILL' % group)
         self.process.wait()
         self.graceful_stop = graceful
+        # The unix driver's hub, a process of its own session, leaves a
+        # few seconds after the last worker, removing the socket; under
+        # systemd, stopping the unit ends it with the rest.
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while os.path.lexists(self.sock_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
         self.run_plugin('clean')
         return graceful
 

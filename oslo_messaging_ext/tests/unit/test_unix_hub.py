@@ -10,331 +10,264 @@
 #    License for the specific language governing permissions and limitations
 #    under the License.
 
-"""The hub, driven by hand.
+"""The hub process of the unix driver: its paths, its peers, its masking.
 
-No I/O thread runs: each test builds a Hub with socket pairs for its
-peers and calls the step under test, so that the order of events that a
-thread would make a matter of luck is fixed.
+Real hub processes, started by a real driver or directly as the driver
+starts them; the peers are real sockets of this process.
 """
 
-import collections
-import errno
 import json
 import os
+import random
+import socket
+import stat
+import subprocess
+import sys
 from unittest import mock
 
-import fixtures
-from oslotest import base
+from oslo_utils import strutils
 
+from oslo_messaging_ext.notify import _impl_unix
 from oslo_messaging_ext.notify import _unix_hub
-from oslo_messaging_ext.notify import _unix_log
 from oslo_messaging_ext.notify import _unix_protocol as proto
+from oslo_messaging_ext.notify import _unix_sockfile
+from oslo_messaging_ext.tests.unit import test_unix_driver
 from oslo_messaging_ext.tests import utils as test_utils
 
-# The hub runs in the relay's native thread and polls natively; driven by
-# hand here, it gets the same modules in an eventlet-patched run.
-select = proto.native('select')
-socket = proto.native('socket')
-
-notification = test_utils.notification_line
+TIMEOUT = test_unix_driver.TIMEOUT
+wait_until = test_unix_driver.wait_until
 
 
-class HubTestCase(base.BaseTestCase):
+def start_hub(path):
+    """A hub on ``path``, as the driver starts one; its Popen."""
+    return subprocess.Popen(
+        [sys.executable, '-m', _impl_unix.HUB_MODULE, path],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, start_new_session=True)
 
-    def setUp(self):
-        super().setUp()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+class HubPathTestCase(test_unix_driver.UnixTestCase):
+
+    def test_deleted_socket_is_bound_again_within_a_second(self):
+        notifier, driver = self.notifier(sock_mode='0640')
+        self.subscribe(driver)
+        for path in (self.sock_path, self.sock_path + '.ingest'):
+            os.unlink(path)
+            # The hub checks twice a second; a second and a half with
+            # a loaded machine.
+            self.assertTrue(test_utils.wait_until(
+                lambda: os.path.exists(path), 1.5, interval=0.01))
+        self.assertEqual(0o640,
+                         stat.S_IMODE(os.lstat(self.sock_path).st_mode))
+        fresh = self.subscribe(driver, 2)
+        notifier.info({}, 'image.upload', {'id': 'back'})
+        self.assertEqual({'id': 'back'},
+                         self.read_lines(fresh, 1)[0]['payload'])
+
+    def test_a_file_put_in_its_place_is_left_alone(self):
+        driver = self.driver()
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
+        os.unlink(self.sock_path)
+        os.symlink('/etc/passwd', self.sock_path)
+        # A check of the paths has run once the ingest is back.
+        os.unlink(self.sock_path + '.ingest')
+        self.assertTrue(test_utils.wait_until(
+            lambda: os.path.exists(self.sock_path + '.ingest'), 1.5,
+            interval=0.01))
+        self.assertEqual('/etc/passwd', os.readlink(self.sock_path))
+
+    def test_symlink_is_never_bound_through(self):
+        os.symlink('/nonexistent/target', self.sock_path)
+        self.assertRaises(proto.RelayError, _unix_sockfile.bind_listener,
+                          self.sock_path, 0o600, os.getegid())
+        self.assertTrue(os.path.islink(self.sock_path))
+        self.assertFalse(os.path.lexists('/nonexistent/target'))
+
+    def test_one_hub_per_path(self):
+        driver = self.driver()
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
+        first = test_utils.hub_pid(self.sock_path)
+        # The socket deleted while a new process starts: it finds no
+        # socket and starts a hub, which cannot take the lock and leaves.
+        os.unlink(self.sock_path)
+        second = start_hub(self.sock_path)
+        self.assertEqual(0, second.wait(TIMEOUT))
+        # Quietly (a package may warn as it is imported).
+        said = second.stderr.read()
+        self.assertNotIn(b'ERROR', said)
+        self.assertNotIn(b'Traceback', said)
+        second.stderr.close()
+        self.assertTrue(test_utils.wait_until(
+            lambda: os.path.exists(self.sock_path), 1.5, interval=0.01))
+        self.assertEqual(first, test_utils.hub_pid(self.sock_path))
+        sock = self.connect()
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        self.assertEqual(first, int.from_bytes(creds[:4], 'little'))
+
+    def test_lock_file_of_another_user_is_never_taken(self):
+        os.symlink('/nonexistent', self.sock_path + '.lock')
+        hub = start_hub(self.sock_path)
+        self.assertEqual(1, hub.wait(TIMEOUT))
+        self.assertIn(b"notifications.sock.lock", hub.stderr.read())
+        hub.stderr.close()
+        self.assertFalse(os.path.lexists(self.sock_path))
+
+
+class HubPeersTestCase(test_unix_driver.UnixTestCase):
+
+    def publisher(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        sock.connect(self.sock_path + '.ingest')
+        return sock
+
+    def test_impostor_hub_of_another_uid_gets_nothing(self):
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.addCleanup(listener.close)
-        self.counts = []
-        self.unsent = 0
-        self.hub = self.make_hub(listener, select.poll())
+        listener.bind(self.sock_path + '.ingest')
+        listener.listen(8)
+        real_peer_uid = _unix_sockfile.peer_uid
 
-    def make_hub(self, listener, poller):
-        def take_unsent():
-            count, self.unsent = self.unsent, 0
-            return count
+        def peer_uid(sock):
+            if sock.type == socket.SOCK_SEQPACKET:
+                return os.geteuid() + 1
+            return real_peer_uid(sock)
 
-        return _unix_hub.Hub(
-            listener, poller, '/run/n.sock', service='hub-unit',
-            max_subscribers=8, buffer_size=1 << 20, take_unsent=take_unsent,
-            counts_changed=lambda *counts: self.counts.append(counts))
+        with mock.patch.object(_unix_sockfile, 'peer_uid', peer_uid):
+            exc = self.assertRaises(_impl_unix.UnixSocketConfigError,
+                                    self.driver)
+        self.assertIn('another user may have bound it', str(exc))
+        listener.settimeout(TIMEOUT)
+        conn, _ = listener.accept()
+        self.addCleanup(conn.close)
+        conn.settimeout(TIMEOUT)
+        self.assertEqual(b'', conn.recv(65536))
 
-    def logged(self, logger):
-        # In an eventlet-patched run the hub hands its records over to the
-        # service side instead of logging them itself.
-        _unix_log.emit_deferred_records()
-        return logger.output
-
-    def pair(self):
-        return test_utils.native_socket_pair(self)
-
-    def peer(self, kind):
-        ours, theirs = self.pair()
-        peer = _unix_hub.Peer(ours)
-        peer.kind = kind
-        self.hub.peers[peer.fd] = peer
-        self.hub._poller.register(ours, select.POLLIN)
-        return peer, theirs
-
-    def test_a_publisher_dropped_on_a_failed_send_still_relays_its_lines(self):
-        # A publisher that exits right after sending its last lines: the hub
-        # sees the failure first when it sends the publisher a status line.
-        subscriber, subscriber_end = self.peer(_unix_hub._SUBSCRIBER)
-        publisher, publisher_end = self.peer(_unix_hub._PUBLISHER)
-        publisher_end.sendall(b''.join(notification(seq) for seq in range(50)))
-        publisher_end.close()
-
-        self.hub._count_changed()
-
-        self.assertNotIn(publisher.fd, self.hub.peers)
-        reader = subscriber_end.makefile('rb')
+    def test_forged_huge_and_unterminated_data(self):
+        notifier, driver = self.notifier()
+        sock = self.subscribe(driver)
+        forged = self.publisher()
+        forged.send(proto.HELLO + b'{"source": ["not", "a", "string"]}')
+        forged.send(proto.DROPPED + json.dumps(
+            {'hub absent': 2 ** 60, 'ingest full': -5}).encode())
+        forged.send(proto.LINE + b'{"a": 1}\n{"b": 2}')
+        forged.send(proto.LINE + b'not json "password": x')
+        forged.send(b'Z' + b'x' * 1000)
+        forged.send(proto.LINE + b'[1, 2]')
+        forged.send(proto.LINE + b'{"sync": -1}')
+        # Several peers leave half a notification, and a subscriber
+        # connection sends and never reads.
+        for number in range(5):
+            peer = self.publisher()
+            peer.send(proto.LINE + b'{"c":')
+            peer.send(proto.LINE + b'{"sync": %d}' % number)
+        raw = socket.socket(socket.AF_UNIX)
+        self.addCleanup(raw.close)
+        raw.connect(self.sock_path)
+        raw.setblocking(False)
+        try:
+            while True:
+                raw.send(b'x' * 65536)
+        except BlockingIOError:
+            pass
+        synced, dropped, where = set(), 0, set()
+        reader = sock.makefile('rb')
         self.addCleanup(reader.close)
-        received = [json.loads(reader.readline())['payload']['seq']
-                    for _ in range(50)]
-        self.assertEqual(list(range(50)), received)
+        sock.settimeout(TIMEOUT)
+        while len(synced) < 6:
+            line = json.loads(reader.readline())
+            if line.get('event_type') == proto.DROPPED_EVENT_TYPE:
+                dropped += line['payload']['dropped']
+                where.add(line['payload']['where'])
+            else:
+                synced.add(line['sync'])
+        # Each bad message counted once; the forged counts refused.
+        self.assertEqual(9, dropped)
+        self.assertEqual({'invalid'}, where)
+        notifier.info({}, 'image.upload', {'id': 'after'})
+        self.assertEqual({'id': 'after'},
+                         json.loads(reader.readline())['payload'])
 
-    def test_status_lines_to_a_publisher_that_does_not_read_stay_bounded(self):
-        publisher, publisher_end = self.peer(_unix_hub._PUBLISHER)
-        for _ in range(20000):
-            self.hub._count_changed()
-        self.assertLessEqual(len(publisher.pending), 2)
-        self.assertLess(publisher.pending_bytes, 1024)
-
-    def test_accept_out_of_descriptors_pauses_and_logs_once(self):
-        logger = self.useFixture(test_utils.FakeLogger(_unix_hub.__name__))
-        listener = mock.Mock()
-        listener.accept.side_effect = OSError(errno.EMFILE, 'Too many')
-        self.hub = self.make_hub(listener, mock.Mock())
-        for _ in range(1000):
-            self.hub._accept()
-        self.assertEqual(1, self.logged(logger).count('accept failed'))
-        self.hub._poller.modify.assert_called_with(listener, 0)
-        self.assertGreater(self.hub._resume_accepting(None), 0)
-
-    def test_publishers_of_another_uid_are_logged_once(self):
-        logger = self.useFixture(test_utils.FakeLogger(_unix_hub.__name__))
-        self.useFixture(fixtures.MockPatch(
-            'oslo_messaging_ext.notify._unix_sockfile.peer_uid',
-            return_value=os.geteuid() + 1))
-        hello = proto.control_line(role=proto.ROLE_PUBLISHER,
-                                   service='hub-unit', pid=1)
-        for _ in range(5):
-            peer, peer_end = self.peer(_unix_hub._NEW)
-            self.hub._identify(peer, hello)
-            self.assertIs(_unix_hub._SUBSCRIBER, peer.kind)
-        self.assertEqual(1, self.logged(logger).count('ignoring a publisher'))
-
-    def test_a_stopping_hub_never_leaves_a_cut_line(self):
-        subscriber, subscriber_end = self.peer(_unix_hub._SUBSCRIBER)
-        batch = b''.join(notification(seq) for seq in range(1000))
-        subscriber.pending.append(memoryview(batch)[10:])
-        subscriber.pending.append(notification(1000))
-        subscriber.pending_bytes = len(batch) - 10 + len(notification(1000))
-
-        unread = self.hub.trim_to_line_end(subscriber)
-
-        self.assertEqual(1000, unread)
-        rest, notice = subscriber.pending
-        self.assertEqual(notification(0)[10:], bytes(rest))
-        # What it will not get is counted to it after that line.
-        self.assertEqual(1000, proto.dropped_count(notice))
-
-    def test_a_publisher_whose_handshake_came_late_is_still_heard(self):
-        # A publisher starved of CPU for longer than the grace period is
-        # taken for a subscriber; its handshake must still make it one,
-        # or every line it sends would be ignored, uncounted.
-        subscriber, subscriber_end = self.peer(_unix_hub._NEW)
-        late, late_end = self.peer(_unix_hub._NEW)
-        for peer in (subscriber, late):
-            peer.classify_at = 0
-        self.hub.tick(None)
-        self.assertEqual(_unix_hub._SUBSCRIBER, late.kind)
-        self.assertEqual((2, 0, False), self.counts[-1])
-
-        late_end.sendall(proto.control_line(
-            role=proto.ROLE_PUBLISHER, service='hub-unit', pid=1) +
-            b''.join(notification(seq) for seq in range(3)))
-        self.hub.handle(late.fd, select.POLLIN)
-
-        self.assertEqual(_unix_hub._PUBLISHER, late.kind)
-        self.assertEqual((1, 0, False), self.counts[-1])
-        reader = subscriber_end.makefile('rb')
-        self.addCleanup(reader.close)
-        received = [json.loads(reader.readline())['payload']['seq']
-                    for _ in range(3)]
-        self.assertEqual([0, 1, 2], received)
-        # It is sent status lines only from now on.
-        late_end.setblocking(False)
-        for line in late_end.recv(65536).splitlines():
-            self.assertIsNotNone(proto.parse_control(line), line)
-
-    def test_a_subscriber_that_sends_anything_else_is_not_read_again(self):
-        subscriber, subscriber_end = self.peer(_unix_hub._NEW)
-        subscriber.classify_at = 0
-        self.hub.tick(None)
-        subscriber_end.sendall(b'hello\n')
-        self.hub.handle(subscriber.fd, select.POLLIN)
-        self.assertEqual(_unix_hub._SUBSCRIBER, subscriber.kind)
-        self.assertFalse(subscriber.reading)
-
-    def test_a_handshake_cut_by_the_grace_period_still_counts(self):
-        late, late_end = self.peer(_unix_hub._NEW)
-        hello = proto.control_line(role=proto.ROLE_PUBLISHER,
-                                   service='hub-unit', pid=1)
-        late_end.sendall(hello[:10])
-        self.hub.handle(late.fd, select.POLLIN)
-        late.classify_at = 0
-        self.hub.tick(None)
-        late_end.sendall(hello[10:])
-        self.hub.handle(late.fd, select.POLLIN)
-        self.assertEqual(_unix_hub._PUBLISHER, late.kind)
-
-    # -- stopping, bounds and counts ------------------------------------------
-
-    def test_nothing_is_queued_for_a_subscriber_after_its_trim(self):
-        # At a clean stop, lines fanned out after the trim would be cut in
-        # their turn when the hub gives up: fan-out stops first.
-        subscriber, subscriber_end = self.peer(_unix_hub._SUBSCRIBER)
-        batch = b''.join(notification(seq) for seq in range(10))
-        subscriber.pending.append(memoryview(batch)[10:])
-        subscriber.pending_bytes = len(batch) - 10
-        self.hub.trim_to_line_end(subscriber)
-
-        self.hub.fan_out(notification(10) + notification(11))
-        self.hub._flush_peer(subscriber)
-
-        subscriber_end.setblocking(False)
-        rest, notice, end = subscriber_end.recv(65536).split(b'\n')
-        self.assertEqual(notification(0)[10:], rest + b'\n')
-        # The 9 lines trimmed; the 2 fanned out afterwards were not queued.
-        self.assertEqual(9, proto.dropped_count(notice))
-        self.assertEqual(b'', end)
-
-    def publisher_and_subscriber(self):
-        subscriber, subscriber_end = self.peer(_unix_hub._SUBSCRIBER)
-        publisher, publisher_end = self.peer(_unix_hub._PUBLISHER)
-        return subscriber, subscriber_end, publisher, publisher_end
-
-    def test_an_endless_line_is_bounded_dropped_counted_and_logged(self):
-        self.useFixture(fixtures.MonkeyPatch(
-            'oslo_messaging_ext.notify._unix_hub.MAX_LINE', 65536))
-        logger = self.useFixture(test_utils.FakeLogger(_unix_hub.__name__))
-        subscriber, subscriber_end, publisher, publisher_end = (
-            self.publisher_and_subscriber())
-        for _ in range(40):
-            self.hub._relay_publisher_data(publisher, b'x' * 8192)
-            self.assertLessEqual(publisher.line.size, 65536 + 8192)
-        self.assertEqual(1, subscriber.dropped)
-        self.hub._relay_publisher_data(
-            publisher, b'xx\n' + notification(1) + notification(2)[:5])
-        self.hub._relay_publisher_data(publisher, notification(2)[5:])
-        reader = subscriber_end.makefile('rb')
-        self.addCleanup(reader.close)
-        notice = json.loads(reader.readline())
-        self.assertEqual(proto.DROPPED_EVENT_TYPE, notice['event_type'])
-        self.assertEqual(1, notice['payload']['dropped'])
-        self.assertEqual([1, 2], [json.loads(reader.readline())['payload']
-                                  ['seq'] for _ in range(2)])
-        self.assertEqual(1, self.logged(logger).count('longer than'))
-
-    def test_a_huge_line_in_many_reads_is_relayed_whole(self):
-        subscriber, subscriber_end, publisher, publisher_end = (
-            self.publisher_and_subscriber())
-        line = json.dumps({'payload': 'y' * (3 << 20)}).encode() + b'\n'
-        for offset in range(0, len(line), proto.READ_SIZE):
-            self.hub._relay_publisher_data(
-                publisher, line[offset:offset + proto.READ_SIZE])
-            # Held as the chunks read, never joined before the end.
-            self.assertEqual(sum(map(len, publisher.line.parts)),
-                             publisher.line.size)
-        self.assertEqual(0, publisher.line.size)
-        self.assertEqual(line, self.drain(subscriber, subscriber_end))
-
-    def drain(self, peer, end):
-        """Everything the hub has for ``peer``, read at ``end``."""
-        end.setblocking(False)
-        received = []
-        while True:
-            self.hub._flush_peer(peer)
-            try:
-                data = end.recv(1 << 20)
-            except BlockingIOError:
-                if not peer.pending:
-                    return b''.join(received)
-                continue
-            received.append(data)
-
-    def test_drop_notices_with_bad_counts_are_refused(self):
-        subscriber, subscriber_end, publisher, publisher_end = (
-            self.publisher_and_subscriber())
-        good = proto.dropped_envelope(5, 'publisher 1', sources={'s': 5})
-        for bad in (-5, 'x', 2 ** 60, True, None, 2.5):
-            notice = json.loads(good)
-            notice['payload']['dropped'] = bad
-            self.hub.fan_out(json.dumps(notice, separators=(',', ':'))
-                             .encode() + b'\n')
-        self.assertEqual(0, subscriber.dropped)
-        self.hub.fan_out(good)
-        self.assertEqual(5, subscriber.dropped)
-        self.assertEqual({'s': 5}, subscriber.dropped_sources)
-
-    def test_drop_notices_say_whose_lines_were_dropped(self):
-        subscriber, subscriber_end = self.peer(_unix_hub._SUBSCRIBER)
-        self.hub.buffer_size = 4096
-        subscriber_end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        numbers = collections.Counter()
-        for seq in range(3001):
-            source = 'a' if seq % 3 else 'b'
-            numbers[source] += 1
-            self.hub.fan_out(stamped(numbers[source], source))
-        # Counted, not sent, by the hub's process: reported before its
-        # next line.
-        self.unsent = 7
-        numbers['a'] += 1
-        self.hub.fan_out(stamped(numbers['a'], 'a'))
-        received = self.drain(subscriber, subscriber_end)
-        self.hub.report_drops()
-        received += self.drain(subscriber, subscriber_end)
-        received = received.splitlines()
-        losses = count_losses(received)
-        # Every line is either received or counted, once.
-        self.assertEqual(3002 + 7, losses['received'] + losses['lost'])
-        self.assertGreater(losses['noticed'], 0)
+    def test_five_thousand_connections(self):
+        driver = self.driver(sock_max_subscribers=4)
+        self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
+        pid = test_utils.hub_pid(self.sock_path)
+        for path, kind in ((self.sock_path, socket.SOCK_STREAM),
+                           (self.sock_path + '.ingest',
+                            socket.SOCK_SEQPACKET)):
+            for _ in range(2500):
+                sock = socket.socket(socket.AF_UNIX, kind)
+                sock.setblocking(False)
+                try:
+                    sock.connect(path)
+                except BlockingIOError:
+                    pass
+                sock.close()
+        fds = os.listdir('/proc/%d/fd' % pid)
+        self.assertTrue(wait_until(
+            lambda: len(os.listdir('/proc/%d/fd' % pid)) < 32))
+        self.assertTrue(test_utils.alive(pid), fds)
+        self.subscribe(driver)
 
 
-def stamped(number, source):
-    return json.dumps({'event_type': 'image.upload',
-                       'payload': {'seq': number},
-                       'sequence': {'source': source, 'number': number}},
-                      separators=(',', ':')).encode() + b'\n'
+class MaskingTestCase(test_unix_driver.UnixTestCase):
 
+    WORDS = ['password', 'Token', 'adminPass', 'secret', 'user', 'name',
+             'PASSWORD', 'auth_token', 'id', 'x', 'caf\u00e9', 'to\u212aen',
+             'private_key', 'blob', '--password', 'pass', 'word']
 
-def count_losses(lines):
-    """What a subscriber lost, from the raw lines it read (see unix.rst).
+    def value(self, rng, depth=0):
+        kind = rng.randrange(7 if depth < 3 else 4)
+        if kind == 0:
+            return rng.choice(self.WORDS) + rng.choice(['', ' = x', ': y'])
+        if kind == 1:
+            return rng.choice([1, 2.5, None, True, 'ok'])
+        if kind == 2:
+            words = (rng.choice(self.WORDS), rng.choice(self.WORDS))
+            return "{}='{}'".format(*words)
+        if kind == 3:
+            return '\n\t"\\' + rng.choice(self.WORDS)
+        if kind in (4, 5):
+            return {rng.choice(self.WORDS) + str(i): self.value(rng, depth + 1)
+                    for i in range(rng.randrange(4))}
+        return [self.value(rng, depth + 1) for _ in range(rng.randrange(3))]
 
-    Per source, a gap between two numbers is what it missed in between;
-    a drop notice's per-source counts are covered by the next gap of that
-    source, and count on their own only as far as no gap covers them.
-    """
-    last, pending = {}, collections.Counter()
-    received = gaps = unattributed = noticed = 0
-    for raw in lines:
-        line = json.loads(raw)
-        if line.get('event_type') == proto.DROPPED_EVENT_TYPE:
-            sources = line['payload'].get('sources', {})
-            pending.update(sources)
-            unattributed += line['payload']['dropped'] - sum(
-                sources.values())
-            noticed += line['payload']['dropped']
-            continue
-        received += 1
-        source, number = (line['sequence']['source'],
-                          line['sequence']['number'])
-        if source in last:
-            gap = number - last[source] - 1
-            gaps += gap
-            pending[source] -= min(gap, pending[source])
-        last[source] = number
-    lost = gaps + sum(pending.values()) + unattributed
-    return {'received': received, 'lost': lost, 'noticed': noticed,
-            'gaps': gaps}
+    def test_fuzz_the_precheck_gives_what_strutils_gives(self):
+        rng = random.Random(23)
+        words = _unix_hub._words()
+        self.assertIsNotNone(words)
+        encoders = [_impl_unix.make_encoder()]
+        with mock.patch.object(_impl_unix, 'orjson', None):
+            encoders.append(_impl_unix.make_encoder())
+        skipped, chunk = 0, []
+        for _ in range(3000):
+            envelope = {'payload': self.value(rng), 'event_type': 'e'}
+            expected = strutils.mask_dict_password(
+                json.loads(encoders[0](envelope)), secret='***')
+            for encode in encoders:
+                line = encode(envelope)
+                masked = _unix_hub.mask(line, words)
+                skipped += masked is line
+                self.assertEqual(expected, json.loads(masked), line)
+                chunk.append(line)
+            # A chunk of lines, as the hub relays them, is clean only if
+            # masking changes none of them.
+            if len(chunk) >= 6:
+                if _unix_hub.clean(b'\n'.join(chunk) + b'\n', words):
+                    self.assertEqual(chunk, [_unix_hub.mask(line, words)
+                                             for line in chunk])
+                chunk = []
+        self.assertGreater(skipped, 100)
+
+    def test_without_the_private_list_every_line_is_masked(self):
+        with mock.patch.object(strutils, '_SANITIZE_KEYS', None,
+                               create=True):
+            words = _unix_hub._words()
+        self.assertIsNone(words)
+        line = b'{"payload":{"password":"x","a":"b"}}'
+        self.assertEqual({'payload': {'password': '***', 'a': 'b'}},
+                         json.loads(_unix_hub.mask(line, words)))
+        plain = b'{"payload":{"a":"b"}}'
+        self.assertIsNot(plain, _unix_hub.mask(plain, words))
+        self.assertIs(plain, _unix_hub.mask(plain, _unix_hub._words()))
