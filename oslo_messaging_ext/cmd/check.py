@@ -16,9 +16,10 @@ Loads the messaging-multicast configuration of the service's files the way
 the driver does when the service starts (the same code), without starting
 the service nor connecting to any broker; says what would be replicated
 where and, given notifications as NDJSON (one JSON object a line, as
-``oslo-notify-tail --json`` prints them; ``-`` reads stdin), which rule
-sends each of them to which destination. Exits 1 on any problem: an error,
-a warning, the driver not selected, a line that is not a notification.
+``oslo-notify-tail --format json`` prints them; ``-`` reads stdin), which
+rule sends each of them to which destination. Exits 1 on any problem: an
+error, a warning, the driver not selected, a line that is not a
+notification.
 """
 
 import json
