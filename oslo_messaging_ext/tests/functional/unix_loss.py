@@ -58,7 +58,8 @@ for a subscriber that is not connected (they show as a gap of sequence
 numbers across the reconnection). ``held_bound`` is what a hub can hold,
 from its buffers: ``sock_buffer_size`` plus the kernel's buffers of the
 subscriber's connection, plus the kernel's buffer of each process's
-ingest connection, in lines of the smallest size seen.
+ingest connection (see ``_bound_bytes``), in lines of the smallest size
+seen.
 """
 
 import argparse
@@ -328,14 +329,24 @@ def find_hub(sock_path):
 
 
 def _bound_bytes(processes):
+    """What one hub can hold, in bytes, by its buffers.
+
+    Each process's ingest connection: its send buffer, which the driver
+    asks to be sock_buffer_size (past net.core.wmem_max where allowed) and
+    the kernel doubles for its bookkeeping. The subscriber's queue in the
+    hub (sock_buffer_size), and the kernel's buffers of its connection.
+    """
     def sysctl(name):
         try:
             with open('/proc/sys/net/core/%s' % name) as f:
                 return int(f.read())
         except OSError:
             return 212992
-    return (SOCK_BUFFER_SIZE + sysctl('wmem_default') +
-            sysctl('rmem_default') + processes * sysctl('wmem_default'))
+    ingest = 2 * max(SOCK_BUFFER_SIZE if os.geteuid() == 0 else
+                     min(SOCK_BUFFER_SIZE, sysctl('wmem_max')),
+                     sysctl('wmem_default'))
+    return (processes * ingest + SOCK_BUFFER_SIZE + sysctl('wmem_default') +
+            sysctl('rmem_default'))
 
 
 class Pool:
