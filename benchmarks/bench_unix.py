@@ -373,9 +373,10 @@ def soak(duration):
     figures = {}
     try:
         pool.start()
-        _wait(lambda: _find_hub(sock_path), what='the hub to start')
+        _wait(lambda: os.path.exists(sock_path), what='the hub to start')
         hub = _find_hub(sock_path)
         figures['before'] = _hub_resources(hub)
+        figures['hub'] = hub
         for _ in range(2):
             readers.append(_spawn(_DISCARDER, sock_path, '8'))
         for _ in range(16):
@@ -392,6 +393,8 @@ def soak(duration):
             time.sleep(0.5)  # the soak's sampling cadence
         figures['during'] = (peak_rss, peak_files)
         figures['end'] = _hub_resources(hub)
+        if figures['end'][1] is None:
+            raise RuntimeError('the hub (pid %s) died during the soak' % hub)
         for sock in stuck:
             sock.close()
         for reader in readers:

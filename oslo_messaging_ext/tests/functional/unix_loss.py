@@ -37,9 +37,9 @@ Cases: ``recycle`` (each worker exits with ``os._exit()`` after
 ``--interval`` seconds and is replaced; their first lifetimes are spread),
 ``kill`` (the hub process is sent SIGKILL every ``--interval`` seconds) and
 ``stop`` (the hub is sent SIGSTOP for ``--interval`` seconds once, then
-SIGCONT). The hub is found black-box: the process whose command line runs
-``oslo_messaging_ext.notify._unix_hub`` with the socket path, else the
-process that listens on the socket (SO_PEERCRED of a connection to it).
+SIGCONT). The hub is found black-box: the process that listens on the
+socket (SO_PEERCRED of a connection to it), else the process whose
+command line runs ``oslo_messaging_ext.notify._unix_hub`` with the path.
 
 Figures, per source of the wire's ``sequence.source``, mapped to a worker
 by the payloads of its lines, and in total:
@@ -300,32 +300,40 @@ print(json.dumps({'received': received, 'missed': sub.missed,
 
 
 def find_hub(sock_path):
-    """The pid of the hub of ``sock_path``, found black-box, or None."""
+    """The pid of the hub of ``sock_path``, found black-box, or None.
+
+    The process that listens on the socket, as SO_PEERCRED of a connection
+    to it tells (a hub process, or a service process whose thread is the
+    hub in the first design); else, while nothing listens yet, a process
+    whose command line runs the hub module with that path. A hub started
+    while another holds the lock exits at once: the listener is the one.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(sock_path)
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                struct.calcsize('3i'))
+        pid = struct.unpack('3i', creds)[0]
+        if pid:
+            return pid
+    except OSError:
+        pass
+    finally:
+        sock.close()
     for name in os.listdir('/proc'):
         if not name.isdigit():
             continue
         try:
             with open('/proc/%s/cmdline' % name, 'rb') as f:
                 argv = f.read().split(b'\0')
+            with open('/proc/%s/stat' % name) as f:
+                state = f.read().rsplit(')', 1)[1].split()[0]
         except OSError:
             continue
-        if (any(HUB_MODULE.encode() in a for a in argv) and
+        if (state != 'Z' and any(HUB_MODULE.encode() in a for a in argv) and
                 any(sock_path.encode() in a for a in argv)):
-            with open('/proc/%s/stat' % name) as f:
-                if f.read().rsplit(')', 1)[1].split()[0] != 'Z':
-                    return int(name)
-    # A hub thread inside a service process (the first design): the
-    # process that listens, as SO_PEERCRED of a connection tells.
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(sock_path)
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                struct.calcsize('3i'))
-        return struct.unpack('3i', creds)[0] or None
-    except OSError:
-        return None
-    finally:
-        sock.close()
+            return int(name)
+    return None
 
 
 def _bound_bytes(processes):
