@@ -12,7 +12,8 @@
 
 """Loss of the unix driver against an independent truth.
 
-A pre-fork pool of 4 workers emits flat out through ``driver = unix``,
+A pre-fork pool of 4 workers (os.fork, or uWSGI recycling its workers
+with --max-requests) emits flat out through ``driver = unix``,
 each worker recording outside the driver how many notifications it
 emitted; three subscribers (a raw reader, the subscriber library,
 oslo-notify-tail) read from before the first counted notification. See
@@ -51,11 +52,21 @@ def run(args):
     long = 4 if args.quick else 30
     cases = (('workers recycled every 1 s', 'recycle', long, 1),
              ('workers recycled every 5 s', 'recycle', max(long, 8), 5),
+             ('uWSGI workers recycled every 1 s (--max-requests)', 'uwsgi',
+              long, 1),
+             ('uWSGI workers recycled every 5 s (--max-requests)', 'uwsgi',
+              max(long, 8), 5),
              ('hub SIGSTOPped for 3 s', 'stop', 6 if args.quick else 10, 3),
              ('hub SIGKILLed every 5 s', 'kill', 6 if args.quick else 30,
               5))
+    from oslo_messaging_ext.tests.functional import unix_loss
     tables = []
     for title, case, duration, interval in cases:
+        if case == 'uwsgi' and unix_loss.UWSGIPool.program() is None:
+            table = _harness.Table('unix loss: %s: uwsgi is not installed'
+                                   % title)
+            tables.append(table)
+            continue
         result = _case(case, duration, interval)
         table = _harness.Table(
             'unix loss: %s, 4 workers flat out, %d s' % (title, duration))
@@ -82,6 +93,11 @@ def run(args):
                       ok=silent == 0)
         table.add('silent, share of owed', 100.0 * silent / max(owed, 1),
                   '%')
+        table.add('  of which after the last line received of a worker',
+                  result['undelivered_after_last_line'] if not silent else
+                  min(silent, result['undelivered_after_last_line']),
+                  'notifications')
+        table.add('workers started', result['workers_started'], 'processes')
         for name, label in (('library', 'Subscription.missed'),
                             ('tail', 'oslo-notify-tail "missed"')):
             sub = result[name]

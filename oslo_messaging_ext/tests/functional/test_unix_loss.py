@@ -13,17 +13,19 @@
 """Silent loss of the unix driver, counted against an independent truth.
 
 Each case runs oslo_messaging_ext.tests.functional.unix_loss (see its
-docstring): a pre-fork pool of 4 workers emitting flat out through
-``driver = unix``, each recording what it emitted outside the driver, and
-three subscribers (a raw reader, the subscriber library, oslo-notify-tail)
-connected before the first counted notification. silent = owed -
-delivered - reported in drop notices.
+docstring): a pre-fork pool of 4 workers (os.fork, or uWSGI recycling
+with --max-requests) emitting flat out through ``driver = unix``, each
+recording what it emitted outside the driver, and three subscribers (a
+raw reader, the subscriber library, oslo-notify-tail) connected before
+the first counted notification. silent = owed - delivered - reported in
+drop notices.
 
 Targets (issue 23): no silent loss when workers are recycled, every second
-or every 5 seconds, nor after the hub is stopped for 3 s and continued;
-when the hub is killed, only what the dead hub held, within the bound of
-its buffers. The library's and the tail's counts of what they missed equal
-the truth wherever it is knowable (all but the kill case).
+or every 5 seconds, by a plain pool or by uWSGI, nor after the hub is
+stopped for 3 s and continued; when the hub is killed, only what the dead
+hub held, within the bound of its buffers. The library's and the tail's
+counts of what they missed equal the truth wherever it is knowable (all
+but the kill case).
 """
 
 import importlib.util
@@ -32,6 +34,9 @@ import subprocess
 import sys
 
 from oslotest import base
+
+from oslo_messaging_ext.tests.functional import unix_loss
+from oslo_messaging_ext.tests import utils as test_utils
 
 MODULE = 'oslo_messaging_ext.tests.functional.unix_loss'
 # Against a hang only: each case ends by its own deadlines well before.
@@ -86,6 +91,26 @@ class UnixLossTestCase(base.BaseTestCase):
 
     def test_workers_recycled_every_five_seconds(self):
         result = self.run_case('recycle', 8, 5)
+        self.assertGreater(result['workers_started'], 4)
+        self.assertEqual(0, result['silent'], result)
+        self.assert_counts_truth(result)
+
+    def need_uwsgi(self):
+        if unix_loss.UWSGIPool.program() is None:
+            test_utils.unavailable(self, 'uwsgi is not installed (pip install '
+                                   'uwsgi, which builds it with a C compiler '
+                                   'and the Python headers)')
+
+    def test_uwsgi_workers_recycled_every_second(self):
+        self.need_uwsgi()
+        result = self.run_case('uwsgi', 5, 1)
+        self.assertGreaterEqual(result['workers_started'], 4 * 2)
+        self.assertEqual(0, result['silent'], result)
+        self.assert_counts_truth(result)
+
+    def test_uwsgi_workers_recycled_every_five_seconds(self):
+        self.need_uwsgi()
+        result = self.run_case('uwsgi', 8, 5)
         self.assertGreater(result['workers_started'], 4)
         self.assertEqual(0, result['silent'], result)
         self.assert_counts_truth(result)

@@ -23,7 +23,9 @@ forks its workers with ``os.fork()``; each builds its own ``Notifier`` and
 emits as fast as it can, each notification's payload naming the worker
 and its own count. The truth is what each worker records of itself, after
 each ``notify()`` returns, in memory shared with this process (never
-through the driver): how many notifications it emitted.
+through the driver): how many notifications it emitted. In the ``uwsgi``
+case the pool is uWSGI instead (see UWSGIPool and unix_loss_app), the
+shared memory a file.
 
 Three subscribers read the socket, all connected before any counted worker
 starts (a primer process emits until each has received a line, then
@@ -35,11 +37,13 @@ N``).
 
 Cases: ``recycle`` (each worker exits with ``os._exit()`` after
 ``--interval`` seconds and is replaced; their first lifetimes are spread),
-``kill`` (the hub process is sent SIGKILL every ``--interval`` seconds) and
-``stop`` (the hub is sent SIGSTOP for ``--interval`` seconds once, then
-SIGCONT). The hub is found black-box: the process that listens on the
-socket (SO_PEERCRED of a connection to it), else the process whose
-command line runs ``oslo_messaging_ext.notify._unix_hub`` with the path.
+``uwsgi`` (uWSGI's workers, recycled every ``--interval`` seconds by
+--max-requests), ``kill`` (the hub process is sent SIGKILL every
+``--interval`` seconds) and ``stop`` (the hub is sent SIGSTOP for
+``--interval`` seconds once, then SIGCONT). The hub is found black-box:
+the process that listens on the socket (SO_PEERCRED of a connection to
+it), else the process whose command line runs
+``oslo_messaging_ext.notify._unix_hub`` with the path.
 
 Figures, per source of the wire's ``sequence.source``, mapped to a worker
 by the payloads of its lines, and in total:
@@ -77,6 +81,7 @@ import tempfile
 import time
 
 HUB_MODULE = 'oslo_messaging_ext.notify._unix_hub'
+APP = 'oslo_messaging_ext.tests.functional.unix_loss_app'
 DROPPED_EVENT_TYPE = 'oslo_messaging_ext.unix.dropped'
 EVENT_TYPE = 'loss.test'
 END_EVENT_TYPE = 'loss.end'
@@ -90,7 +95,8 @@ _SLOT = struct.Struct('qqq')
 # Flags after the slots: stop the workers, stop the primer, reader saw
 # the primer, stop the reader.
 _FLAGS = _SLOTS * _SLOT.size
-_STOP_WORKERS, _STOP_PRIMER, _READER_READY, _STOP_READER = range(4)
+(_STOP_WORKERS, _STOP_PRIMER, _READER_READY, _STOP_READER,
+ _SLOTS_TAKEN) = range(5)
 _PR_SET_CHILD_SUBREAPER = 36
 # Bounds of the waits: set-up and the final drain.
 START_TIMEOUT = 30.0
@@ -99,10 +105,36 @@ DRAIN_TIMEOUT = 30.0
 
 
 class Shared:
-    """The table the workers write their counts to, and a few flags."""
+    """The table the workers write their counts to, and a few flags.
 
-    def __init__(self):
-        self.mem = mmap.mmap(-1, _FLAGS + 8 * 8)
+    In memory shared with the processes this one forks, or in the file
+    ``path`` for the processes of uWSGI.
+    """
+
+    SIZE = _FLAGS + 8 * 8
+
+    def __init__(self, path=None):
+        self.path = path
+        if path is None:
+            self.mem = mmap.mmap(-1, self.SIZE)
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < self.SIZE:
+                os.ftruncate(fd, self.SIZE)
+            self.mem = mmap.mmap(fd, self.SIZE)
+        finally:
+            os.close(fd)
+
+    def take_slot(self, pid):
+        """A new slot for process ``pid`` (file-backed tables only)."""
+        import fcntl
+        with open(self.path, 'rb') as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            index = self.flag(_SLOTS_TAKEN)
+            self.set_flag(_SLOTS_TAKEN, index + 1)
+        self.set_slot(index, pid, 0, 1)
+        return index
 
     def slot(self, index):
         return _SLOT.unpack_from(self.mem, index * _SLOT.size)
@@ -400,6 +432,89 @@ class Pool:
     def alive(self):
         return len(self.pids)
 
+    def close(self):
+        pass
+
+
+class UWSGIPool:
+    """uWSGI's pre-fork pool, recycling each worker every ``lifetime`` s.
+
+    ``--max-requests 1`` with ``--min-worker-lifetime LIFETIME``: uWSGI
+    recycles a worker after a request once it has lived that long (it
+    never recycles one younger than --min-worker-lifetime, 10 s by
+    default). The application (unix_loss_app) is loaded by uWSGI's
+    master, as by default; each request emits PER_REQUEST notifications.
+    One client thread per worker sends requests until the workers are
+    told to stop.
+    """
+
+    PER_REQUEST = 100
+
+    def __init__(self, shared, config_file, workers, lifetime, tmpdir):
+        self.shared = shared
+        self.config_file = config_file
+        self.size = workers
+        self.lifetime = lifetime
+        self.http = os.path.join(tmpdir, 'http.sock')
+        self.log = os.path.join(tmpdir, 'uwsgi.log')
+        self.proc = None
+        self.threads = []
+
+    @staticmethod
+    def program():
+        here = os.path.dirname(sys.executable)
+        return shutil.which('uwsgi', path=here + os.pathsep +
+                            os.environ.get('PATH', ''))
+
+    @property
+    def used(self):
+        return self.shared.flag(_SLOTS_TAKEN)
+
+    def start(self):
+        import threading
+        env = dict(os.environ, UNIX_LOSS_CONF=self.config_file,
+                   UNIX_LOSS_TRUTH=self.shared.path,
+                   UNIX_LOSS_PER_REQUEST=str(self.PER_REQUEST))
+        with open(self.log, 'w') as log:
+            self.proc = subprocess.Popen(
+                [self.program(), '--master', '--processes', str(self.size),
+                 '--enable-threads', '--http-socket', self.http, '--home',
+                 sys.prefix, '--module', APP + ':application',
+                 '--need-app', '--die-on-term', '--disable-logging',
+                 '--max-requests', '1', '--min-worker-lifetime',
+                 str(self.lifetime)],
+                env=env, stdout=log, stderr=log)
+        _wait_for(lambda: os.path.exists(self.http), START_TIMEOUT,
+                  'uWSGI to listen')
+        for _ in range(self.size):
+            thread = threading.Thread(target=self._client)
+            thread.start()
+            self.threads.append(thread)
+
+    def _client(self):
+        while not self.shared.flag(_STOP_WORKERS):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.http)
+                sock.sendall(b'GET / HTTP/1.0\r\n\r\n')
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                time.sleep(0.01)  # uWSGI is busy: the client's pace
+            finally:
+                sock.close()
+
+    def reap(self, respawn):
+        return None  # uWSGI's master respawns and reaps its workers
+
+    def alive(self):
+        return sum(1 for thread in self.threads if thread.is_alive())
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(START_TIMEOUT)
+
 
 def _spawn_fn(shared, func, *args):
     pid = os.fork()
@@ -442,7 +557,9 @@ def run(case, duration, interval, workers, tmpdir=None):
     tail_err = os.path.join(tmpdir, 'tail.err')
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    shared = Shared()
+    # uWSGI's workers are not forked by this process: a file holds it.
+    shared = Shared(os.path.join(tmpdir, 'truth') if case == 'uwsgi'
+                    else None)
     reader_pid = _spawn_fn(shared, _Reader(shared, sock_path).run,
                            reader_out)
     library = subprocess.Popen(
@@ -452,8 +569,12 @@ def run(case, duration, interval, workers, tmpdir=None):
         [sys.executable, '-m', 'oslo_messaging_ext.cmd.tail', '--follow',
          '--format', 'json', sock_path],
         stdout=open(tail_out, 'w'), stderr=open(tail_err, 'w'))
-    pool = Pool(shared, config_file, workers,
-                interval if case == 'recycle' else None)
+    if case == 'uwsgi':
+        pool = UWSGIPool(shared, config_file, workers,
+                         max(1, int(interval)), tmpdir)
+    else:
+        pool = Pool(shared, config_file, workers,
+                    interval if case == 'recycle' else None)
     result = {'case': case, 'duration': duration, 'interval': interval,
               'workers': workers, 'signals': []}
     try:
@@ -500,6 +621,7 @@ def run(case, duration, interval, workers, tmpdir=None):
         shared.set_flag(_STOP_WORKERS)
         _wait_for(lambda: pool.reap(respawn=False) or not pool.alive(),
                   START_TIMEOUT, 'the workers to end')
+        pool.close()
         owed = shared.counts(pool.used)
         result.update(_drain_and_end(shared, config_file, library, tail,
                                      tail_out, tail_err, reader_pid,
@@ -508,6 +630,7 @@ def run(case, duration, interval, workers, tmpdir=None):
     finally:
         shared.set_flag(_STOP_WORKERS)
         shared.set_flag(_STOP_READER)
+        pool.close()
         for proc in (library, tail):
             if proc.poll() is None:
                 proc.kill()
@@ -596,6 +719,11 @@ def _figures(case, owed, result):
                'reconnections': len(reader['connections']) - 1,
                'renumbered': sum(1 for e in reader['sources'].values()
                                  if e.get('renumbered'))}
+    # Of what was not delivered, what came after the last line received
+    # of its worker: a loss that no later line can reveal as a gap.
+    figures['undelivered_after_last_line'] = sum(
+        max(0, count - reader['sources'][by_worker[w][-1]]['last'])
+        if w in by_worker else count for w, count in enumerate(owed))
     # What each subscriber missed by its own count, against the truth
     # of what it received.
     for name in ('library', 'tail'):
@@ -647,7 +775,7 @@ def _kill_split(owed, reader, kills):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='unix_loss')
-    parser.add_argument('case', choices=('recycle', 'kill', 'stop'))
+    parser.add_argument('case', choices=('recycle', 'kill', 'stop', 'uwsgi'))
     parser.add_argument('--duration', type=float, default=10.0)
     parser.add_argument('--interval', type=float, default=1.0)
     parser.add_argument('--workers', type=int, default=4)
