@@ -487,13 +487,14 @@ class UWSGIPool:
         _wait_for(lambda: os.path.exists(self.http), START_TIMEOUT,
                   'uWSGI to listen')
         for _ in range(self.size):
-            thread = threading.Thread(target=self._client)
+            thread = threading.Thread(target=self._client, daemon=True)
             thread.start()
             self.threads.append(thread)
 
     def _client(self):
         while not self.shared.flag(_STOP_WORKERS):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(START_TIMEOUT)
             try:
                 sock.connect(self.http)
                 sock.sendall(b'GET / HTTP/1.0\r\n\r\n')
@@ -528,6 +529,28 @@ def _spawn_fn(shared, func, *args):
             code = 1
         os._exit(code)
     return pid
+
+
+def _wait_child(pid, timeout=START_TIMEOUT):
+    """Reap child ``pid``, killing it if it has not ended in ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return True
+        except ChildProcessError:
+            return True
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return False
+
+
+def _readline(proc, timeout):
+    """A line of ``proc``'s stdout, or '' if none comes in ``timeout``."""
+    import select
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline() if ready else ''
 
 
 def _wait_for(predicate, timeout, what):
@@ -584,12 +607,12 @@ def run(case, duration, interval, workers, tmpdir=None):
                            None, PRIMER_EVENT_TYPE, _STOP_PRIMER)
         _wait_for(lambda: shared.flag(_READER_READY), START_TIMEOUT,
                   'the raw reader')
-        if library.stdout.readline().strip() != 'ready':
+        if _readline(library, START_TIMEOUT).strip() != 'ready':
             raise RuntimeError('the library subscriber failed')
         _wait_for(lambda: PRIMER_EVENT_TYPE in _read(tail_out),
                   START_TIMEOUT, 'oslo-notify-tail')
         shared.set_flag(_STOP_PRIMER)
-        os.waitpid(primer, 0)
+        _wait_child(primer)
         start = time.monotonic()
         pool.start()
         next_signal = start + interval
@@ -672,10 +695,11 @@ def _drain_and_end(shared, config_file, library, tail, tail_out, tail_err,
                   'the tail to see the end')
         tail.send_signal(signal.SIGINT)
         tail.wait(DRAIN_TIMEOUT)
-        _, status = os.waitpid(reader_pid, 0)
+        if not _wait_child(reader_pid, DRAIN_TIMEOUT):
+            raise RuntimeError('the raw reader never saw the end marker')
     finally:
         shared.set_flag(_STOP_PRIMER)
-        os.waitpid(closer, 0)
+        _wait_child(closer)
     with open(tail_out) as f:
         tail_lines = [line for line in f if '"%s"' % EVENT_TYPE in line]
     figures['tail'] = {'received': len(tail_lines),
