@@ -567,8 +567,12 @@ def _tail_missed(stderr_text):
     return int(match.group(1)) if match else 0
 
 
-def run(case, duration, interval, workers, tmpdir=None):
-    """Run one case; return its figures (see the module's docstring)."""
+def run(case, duration, interval, workers, tmpdir=None, min_recycles=0):
+    """Run one case; return its figures (see the module's docstring).
+
+    ``min_recycles``: run past ``duration`` (up to three times it) until
+    that many workers were replaced, as a loaded host starts workers late.
+    """
     import oslo_messaging  # noqa: F401 -- a pre-fork pool loads it first
 
     own_tmp = tmpdir is None
@@ -617,7 +621,13 @@ def run(case, duration, interval, workers, tmpdir=None):
         pool.start()
         next_signal = start + interval
         stopped = None
-        while time.monotonic() - start < duration:
+        longest = 3 * duration
+
+        def running():
+            elapsed = time.monotonic() - start
+            return elapsed < duration or (
+                pool.used < workers + min_recycles and elapsed < longest)
+        while running():
             pool.reap(respawn=True)
             now = time.monotonic()
             if case == 'kill' and now >= next_signal:
@@ -803,9 +813,12 @@ def main(argv=None):
     parser.add_argument('--duration', type=float, default=10.0)
     parser.add_argument('--interval', type=float, default=1.0)
     parser.add_argument('--workers', type=int, default=4)
+    parser.add_argument('--min-recycles', type=int, default=0,
+                        help='run on (up to 3 x duration) until that many '
+                        'workers were replaced')
     args = parser.parse_args(argv)
     print(json.dumps(run(args.case, args.duration, args.interval,
-                         args.workers)))
+                         args.workers, min_recycles=args.min_recycles)))
     return 0
 
 
