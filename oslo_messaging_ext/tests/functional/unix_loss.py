@@ -98,6 +98,7 @@ _FLAGS = _SLOTS * _SLOT.size
 (_STOP_WORKERS, _STOP_PRIMER, _READER_READY, _STOP_READER,
  _SLOTS_TAKEN) = range(5)
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_PDEATHSIG = 1
 # Bounds of the waits: set-up and the final drain.
 START_TIMEOUT = 30.0
 DRAIN_IDLE = 2.0
@@ -406,6 +407,7 @@ class Pool:
         self.shared.set_slot(index, 0, 0, 1)
         pid = os.fork()
         if pid == 0:
+            _die_with_parent()
             _worker(self.shared, index, self.config_file,
                     lifetime or self.lifetime)
         self.shared.set_slot(index, pid, 0, 1)
@@ -483,7 +485,7 @@ class UWSGIPool:
                  '--need-app', '--die-on-term', '--disable-logging',
                  '--max-requests', '1', '--min-worker-lifetime',
                  str(self.lifetime)],
-                env=env, stdout=log, stderr=log)
+                env=env, stdout=log, stderr=log, preexec_fn=_die_with_parent)
         _wait_for(lambda: os.path.exists(self.http), START_TIMEOUT,
                   'uWSGI to listen')
         for _ in range(self.size):
@@ -520,6 +522,7 @@ class UWSGIPool:
 def _spawn_fn(shared, func, *args):
     pid = os.fork()
     if pid == 0:
+        _die_with_parent()
         code = 0
         try:
             func(*args)
@@ -529,6 +532,15 @@ def _spawn_fn(shared, func, *args):
             code = 1
         os._exit(code)
     return pid
+
+
+def _die_with_parent():
+    """In a child: SIGTERM when this scenario ends, however it ends.
+
+    The hub, in a session of its own, is left to end as it does.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _wait_child(pid, timeout=START_TIMEOUT):
@@ -591,11 +603,12 @@ def run(case, duration, interval, workers, tmpdir=None, min_recycles=0):
                            reader_out)
     library = subprocess.Popen(
         [sys.executable, '-c', _LIBRARY_SUBSCRIBER, sock_path],
-        stdout=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
     tail = subprocess.Popen(
         [sys.executable, '-m', 'oslo_messaging_ext.cmd.tail', '--follow',
          '--format', 'json', sock_path],
-        stdout=open(tail_out, 'w'), stderr=open(tail_err, 'w'))
+        stdout=open(tail_out, 'w'), stderr=open(tail_err, 'w'),
+        preexec_fn=_die_with_parent)
     if case == 'uwsgi':
         pool = UWSGIPool(shared, config_file, workers,
                          max(1, int(interval)), tmpdir)
