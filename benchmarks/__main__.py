@@ -35,6 +35,9 @@ def main(argv=None):
                         % ', '.join(available))
     parser.add_argument('--quick', action='store_true',
                         help='fewer iterations, for a smoke run')
+    parser.add_argument('--duration', type=float, metavar='SECONDS',
+                        help='length of the soak runs (unix: the hub with '
+                        '32 subscribers; default 60, 3 with --quick)')
     args = parser.parse_args(argv)
     unknown = set(args.names) - set(available)
     if unknown:

@@ -130,7 +130,9 @@ class Table:
         header = ('case', 'measured', 'ratio', 'target', 'verdict')
         body = []
         for case, value, unit, ratio, target, ok in self.rows:
-            body.append((case, f'{value:.3f} {unit}',
+            shown = (str(value) if isinstance(value, int)
+                     else f'{value:.3f}')
+            body.append((case, f'{shown} {unit}',
                          '' if ratio is None else '%.2fx' % ratio,
                          target or '',
                          '' if ok is None else ('ok' if ok else 'MISSED')))

@@ -17,9 +17,9 @@ and checks every driver of this package it lists with the driver's own
 load-time validation (the same code), without starting the service nor
 connecting to any broker: for messaging-multicast, says what would be
 replicated where, and, given notifications as NDJSON (one JSON object a
-line, as ``oslo-notify-tail --json`` prints them; ``-`` reads stdin),
-which rule sends each of them to which destination. Exits 1 on any
-problem: an error, a warning, a line that is not a notification.
+line, as ``oslo-notify-tail --format json`` prints them; ``-`` reads
+stdin), which rule sends each of them to which destination. Exits 1 on
+any problem: an error, a warning, a line that is not a notification.
 """
 
 import argparse

@@ -107,7 +107,7 @@ class WireAgreementTestCase(test_multicast.MulticastBrokerTestCase):
         lines = os.path.join(os.path.dirname(path), 'notifications.jsonl')
         with open(lines, 'w', encoding='utf-8') as f:
             for n in received:
-                # As oslo-notify-tail --json prints what a consumer got.
+                # As oslo-notify-tail --format json prints what a consumer got.
                 f.write(json.dumps({
                     'message_id': n['metadata']['message_id'],
                     'timestamp': n['metadata']['timestamp'],
