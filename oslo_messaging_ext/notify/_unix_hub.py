@@ -433,6 +433,7 @@ class Hub:
         self._check_at = self._idle_since + CHECK_INTERVAL
         self._paused_until = None
         self._lost, self._failures = proto.Throttle(), proto.Throttle()
+        self.stopping = False
 
     def _bind(self, path):
         return sockfile.bind_listener(path, *self._binds[path])
@@ -468,6 +469,8 @@ class Hub:
 
     def _tick(self):
         """Do what is due; the poll timeout (s), None to leave."""
+        if self.stopping:
+            return None
         now = time.monotonic()
         if self._paused_until is not None and now >= self._paused_until:
             self._paused_until = None
@@ -616,14 +619,13 @@ def main(argv=None):
     except (OSError, proto.RelayError) as exc:
         LOG.error('%s: cannot serve it: %s', args.path, exc)
         return 1
-    # Leave at once, as at the end of the grace.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    # Leave within CHECK_INTERVAL, as at the end of the grace. Nothing is
+    # raised from the handler: it could leave a lock taken.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: setattr(hub, 'stopping', True))
     try:
         hub.run()
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         hub.leave()
     return 0
 
