@@ -61,7 +61,6 @@ within a second if removed. Both ends check the peer's uid (SO_PEERCRED).
 
 import errno
 import functools
-import grp
 import itertools
 import json
 import logging
@@ -101,40 +100,6 @@ SPAWN_INTERVAL = 1.0
 HUB_MODULE = 'oslo_messaging_ext.notify._unix_hub'
 # Context keys never sent; any key naming a token or secret neither.
 _SECRET_KEY_WORDS = ('token', 'secret', 'password', 'credential')
-
-
-def _parse_mode(value):
-    refuse = functools.partial(UnixSocketConfigError, 'sock_mode', value)
-    try:
-        mode = int(value, 8)
-    except (TypeError, ValueError):
-        raise refuse('not an octal number such as 0660')
-    if mode & ~0o777:
-        raise refuse('only permission bits (0-0777) apply')
-    if mode & 0o007:
-        raise refuse('the socket must not be accessible to others; grant '
-                     'access through its group instead')
-    if mode & 0o600 != 0o600:
-        raise refuse('the owner needs read and write permission (0600)')
-    return mode
-
-
-def _resolve_group(value):
-    """Return the gid for ``value``, checking the service may use it."""
-    if value is None or value == '':
-        return os.getegid()
-    try:
-        gid = int(value) if value.isdigit() else grp.getgrnam(value).gr_gid
-        if value.isdigit():
-            grp.getgrgid(gid)
-    except KeyError:
-        raise UnixSocketConfigError('sock_group', value, 'no such group')
-    if os.geteuid() != 0 and gid != os.getegid() and \
-            gid not in os.getgroups():
-        raise UnixSocketConfigError(
-            'sock_group', value, 'the service user (uid %d) is not a '
-            'member of this group' % os.geteuid())
-    return gid
 
 
 def _check_path(path):
@@ -510,8 +475,8 @@ def validate(conf):
     group = conf[GROUP]
     _check_path(group.sock_path)
     return {'path': group.sock_path,
-            'mode': _parse_mode(group.sock_mode),
-            'gid': _resolve_group(group.sock_group),
+            'mode': opts.parse_mode(group.sock_mode),
+            'gid': opts.resolve_group(group.sock_group),
             'max_subscribers': opts.bounded(group, 'sock_max_subscribers'),
             'buffer_size': opts.bounded(group, 'sock_buffer_size'),
             'include_context': group.sock_include_context}

@@ -10,11 +10,15 @@
 #    License for the specific language governing permissions and limitations
 #    under the License.
 
-"""Options of the unix notification driver.
+"""Options of the unix notification driver, and how their values are read.
 
 Apart from the driver, so that listing them (oslo_messaging_ext.opts)
 loads neither the driver nor anything it registers.
 """
+
+import functools
+import grp
+import os
 
 from oslo_config import cfg
 from oslo_config import types
@@ -119,3 +123,38 @@ def bounded(conf_group, name):
         if not isinstance(refused, _RefusedValue):
             raise
         raise UnixSocketConfigError(name, refused.value, str(refused))
+
+
+def parse_mode(value):
+    """sock_mode as permission bits; UnixSocketConfigError if unsafe."""
+    refuse = functools.partial(UnixSocketConfigError, 'sock_mode', value)
+    try:
+        mode = int(value, 8)
+    except (TypeError, ValueError):
+        raise refuse('not an octal number such as 0660')
+    if mode & ~0o777:
+        raise refuse('only permission bits (0-0777) apply')
+    if mode & 0o007:
+        raise refuse('the socket must not be accessible to others; grant '
+                     'access through its group instead')
+    if mode & 0o600 != 0o600:
+        raise refuse('the owner needs read and write permission (0600)')
+    return mode
+
+
+def resolve_group(value):
+    """Return the gid for ``value``, checking the service may use it."""
+    if value is None or value == '':
+        return os.getegid()
+    try:
+        gid = int(value) if value.isdigit() else grp.getgrnam(value).gr_gid
+        if value.isdigit():
+            grp.getgrgid(gid)
+    except KeyError:
+        raise UnixSocketConfigError('sock_group', value, 'no such group')
+    if os.geteuid() != 0 and gid != os.getegid() and \
+            gid not in os.getgroups():
+        raise UnixSocketConfigError(
+            'sock_group', value, 'the service user (uid %d) is not a '
+            'member of this group' % os.geteuid())
+    return gid

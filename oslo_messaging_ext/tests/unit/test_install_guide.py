@@ -69,6 +69,7 @@ CONF = '/etc/glance/glance-api.conf'
 TAIL_GLANCE = ("oslo-notify-tail -f -m 'event_type in image.upload,"
                "image.delete' -m 'payload.disk_format exact qcow2' " + SOCK)
 
+
 def _ci_command():
     """The test command of README.rst, between its markers."""
     with open(os.path.join(TOP, 'README.rst')) as readme:
