@@ -101,6 +101,8 @@ _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_PDEATHSIG = 1
 # Bounds of the waits: set-up and the final drain.
 START_TIMEOUT = 30.0
+# Seconds uWSGI's master has to stop its workers once told to.
+STOP_TIMEOUT = 10.0
 DRAIN_IDLE = 2.0
 DRAIN_TIMEOUT = 30.0
 
@@ -485,7 +487,8 @@ class UWSGIPool:
                  '--need-app', '--die-on-term', '--disable-logging',
                  '--max-requests', '1', '--min-worker-lifetime',
                  str(self.lifetime)],
-                env=env, stdout=log, stderr=log, preexec_fn=_die_with_parent)
+                env=env, stdout=log, stderr=log, start_new_session=True,
+                preexec_fn=_die_with_parent)
         _wait_for(lambda: os.path.exists(self.http), START_TIMEOUT,
                   'uWSGI to listen')
         for _ in range(self.size):
@@ -514,9 +517,18 @@ class UWSGIPool:
         return sum(1 for thread in self.threads if thread.is_alive())
 
     def close(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(START_TIMEOUT)
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # uWSGI 2.0.31's master, told to stop while it waits to
+            # respawn a worker ("respawning too fast"), respawns it after
+            # killing the others and then waits for it forever: its session
+            # goes, workers included (the hub has its own).
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
 def _spawn_fn(shared, func, *args):
