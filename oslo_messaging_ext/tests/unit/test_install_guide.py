@@ -400,11 +400,15 @@ class DocCommandsTestCase(base.BaseTestCase):
 
     @staticmethod
     def _stop(proc):
-        # Its session: the service, and a hub it started.
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        # Its process group, while it is not reaped: the pid of a child
+        # already reaped (a ps that ended) may be another process's by
+        # now (32768 pids here, and other tests start processes), and a
+        # SIGTERM to its group could end another test's service.
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         proc.wait(30)
 
     def _read_until(self, command, pattern, timeout=60, again=False):
