@@ -329,7 +329,10 @@ class TestCleanup(PluginTestCase):
         ini = self.post_config()
         path = ini[NOTIFY]['sock_path'][0]
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(server.close)
+        # The lambda keeps the socket itself alive until cleanup: eventlet's
+        # green socket hands out its inner socket's close, and would be
+        # collected (and closed) as soon as this method returns.
+        self.addCleanup(lambda: server.close())
         server.bind(path)
         if listen:
             server.listen()
