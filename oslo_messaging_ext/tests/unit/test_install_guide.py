@@ -123,7 +123,7 @@ COMMANDS = {
     '[--color auto|always|never] [--utc] [--stats [--interval SECONDS]] '
     'SOCK': 'test_tail_synopsis_names_its_options',
     'socat -u UNIX-CONNECT:%s - | jq .' % SOCK: 'test_socat_and_jq',
-    '$ ps -eo pid,ppid,sid,user,args | grep [_]unix_hub':
+    '$ ps -ww -eo pid,ppid,sid,user,args | grep [_]unix_hub':
         'test_ps_shows_the_hub',
     CI: ('skip', 'the whole CI run, about 20 minutes: .ci/run runs it'),
     'tox -e bench': ('skip', SKIP_TOX),
