@@ -344,9 +344,13 @@ class UWSGITestCase(ProcessManagerTestCase):
                     if a['subscribers']}
         # Not vacuous: at least ``known`` were expected.
         self.assertGreaterEqual(len(expected), known, answers)
+        # The subscription's connection count is read from this thread
+        # while the collector's may not have counted its connection yet
+        # (seen as 0 under eventlet on 3.13, with nothing lost): never
+        # fewer than no switch-over.
         self.assertDeliveredOrCounted(
             collector, expected,
-            switch_overs=collector.subscription.connections - 1)
+            switch_overs=max(0, collector.subscription.connections - 1))
         elapsed = self.stop(proc, sig)
         self.assertStoppedCleanly(elapsed, baseline + shutdown_allowance)
         return answers, collector
