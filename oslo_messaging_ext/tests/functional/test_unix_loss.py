@@ -28,7 +28,6 @@ counts of what they missed equal the truth wherever it is knowable (all
 but the kill case).
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -44,17 +43,6 @@ RUN_TIMEOUT = 180
 
 
 class UnixLossTestCase(base.BaseTestCase):
-
-    def setUp(self):
-        super().setUp()
-        # python -m benchmarks unixloss measures the first design (a hub
-        # elected among the service's processes), which issue 23 found
-        # short of every target: its figures are the "before".
-        if importlib.util.find_spec(
-                'oslo_messaging_ext.notify._unix_election') is not None:
-            self.skipTest('the first design of the unix driver is known to '
-                          'lose notifications silently (issue 23); run '
-                          'python -m benchmarks unixloss for its figures')
 
     def run_case(self, case, duration, interval, min_recycles=0):
         proc = subprocess.run(

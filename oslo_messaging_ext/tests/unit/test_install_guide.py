@@ -36,6 +36,8 @@ import time
 import fixtures
 from oslotest import base
 
+from oslo_messaging_ext.tests import utils as test_utils
+
 TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..',
                                    '..'))
 DOCS = (['README.rst', 'devstack/README.rst'] +
@@ -463,9 +465,7 @@ class DocCommandsTestCase(base.BaseTestCase):
 
     def test_socat_and_jq(self):
         for tool in ('socat', 'jq'):
-            if shutil.which(tool) is None:
-                self.skipTest('%s is not installed (apt-get install %s)'
-                              % (tool, tool))
+            test_utils.require_tool(self, tool, tool)
         for command in self._commands('test_socat_and_jq'):
             sock = self._service()
             out = self._read_until(command.replace(SOCK, sock),
@@ -473,12 +473,6 @@ class DocCommandsTestCase(base.BaseTestCase):
             self.assertIn('"event_type": "image.', out)
 
     def test_ps_shows_the_hub(self):
-        import importlib.util
-        if importlib.util.find_spec(
-                'oslo_messaging_ext.notify._unix_election') is not None:
-            self.skipTest('the driver of this tree serves its socket from '
-                          'a thread of the service (the first design): no '
-                          'hub process to show')
         for command in self._commands('test_ps_shows_the_hub'):
             sock = self._service()
             out = self._read_until(command[2:],
