@@ -549,10 +549,12 @@ def _spawn_fn(shared, func, *args):
 def _die_with_parent():
     """In a child: SIGTERM when this scenario ends, however it ends.
 
-    The hub, in a session of its own, is left to end as it does.
+    The hub, in a session of its own, is left to end as it does. SIGINT
+    ends the tail: not ignored, as a shell's background job inherits it.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_child(pid, timeout=START_TIMEOUT):
@@ -738,7 +740,9 @@ def _drain_and_end(shared, config_file, library, tail, tail_out, tail_err,
     with open(tail_out) as f:
         tail_lines = [line for line in f if '"%s"' % EVENT_TYPE in line]
     figures['tail'] = {'received': len(tail_lines),
-                       'missed': _tail_missed(_read(tail_err))}
+                       'missed': _tail_missed(_read(tail_err)),
+                       'said': [line for line in _read(tail_err).splitlines()
+                                if 'Eventlet' not in line][-8:]}
     with open(reader_out) as f:
         figures['reader'] = json.load(f)
     return figures
