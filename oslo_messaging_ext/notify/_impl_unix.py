@@ -21,35 +21,31 @@ from 1, every notification it was asked to send). Values are JSON
 primitives (to_primitive), masked as by ``strutils.mask_dict_password``.
 
 One hub process per ``sock_path``, started on demand as oslo.privsep
-starts its daemon: no thread or hook runs in the service, whatever forks,
-recycles or patches it. The first process that finds none (at load or
-notify()) runs ``python -m oslo_messaging_ext.notify._unix_hub`` (the real
-interpreter, under uWSGI too) in its own session, stdin and stdout on
-/dev/null, stderr kept. It holds ``sock_path + '.lock'`` while it lives
-(one hub per path), binds ``sock_path`` and ``sock_path + '.ingest'`` (0600,
-SOCK_SEQPACKET) and leaves 2 s after its last process left, removing both.
-Its starter holds it (a socket pair) and reaps it at a later notify();
-a hub outliving it is reaped by init, a container's PID 1 or a subreaper.
+starts its daemon, so that no thread or hook runs in the service: the
+first process that finds none runs ``python -m
+oslo_messaging_ext.notify._unix_hub`` in its own session (stdin and stdout
+on /dev/null, stderr kept). It holds ``sock_path + '.lock'`` (one hub per
+path), binds ``sock_path`` and ``sock_path + '.ingest'`` (SOCK_SEQPACKET,
+0600) and leaves 2 s after its last process left. Its starter reaps it;
+one that outlives it is reaped by init, a container's PID 1 or a
+subreaper.
 
 Delivery semantics:
 
 * notify() makes non-blocking system calls only, never waits for another
   process, and sends one message per notification.
-* With no subscriber, nothing is serialized: the count is in a page that
-  the hub shares. notify() then checks the hub alive at most every 0.1 s
-  (time.monotonic(), one recv(MSG_PEEK)); a dead hub is replaced at the
-  next notify() (one start a second at most per process). What it held is
-  lost (its buffers, each process's send buffer): the sequence shows it.
+* With no subscriber, nothing is serialized (the hub shares the count);
+  the hub is checked alive every 0.1 s at most, and a dead one replaced
+  at the next notify(). What it held is lost: the sequence shows it.
 * What a process could not hand over while there were subscribers (hub
-  absent, send buffer full, larger than it: ``sock_buffer_size`` as far as
-  the kernel allows) is counted per cause and sent with its next message.
+  absent, send buffer full, larger than ``sock_buffer_size`` as far as the
+  kernel allows) is counted per cause in a page it shares with the hub,
+  which reports it before the gap it leaves, and when the process
+  leaves, however it leaves.
 * A subscriber gets every notification, in order per process, while it
-  keeps up; past ``sock_buffer_size`` queued, they are dropped for it,
-  then announced by an ``oslo_messaging_ext.unix.dropped`` notification
-  (``dropped``, ``sources`` per process, ``where``: the causes) before the
-  next one or once it has room. Nobody blocks the service or the others.
-* Nothing is stored. When the hub leaves, subscribers get whole lines,
-  then EOF, and reconnect (the subscriber library and the tail do).
+  keeps up; past ``sock_buffer_size`` queued, they are dropped for it and
+  announced by an ``oslo_messaging_ext.unix.dropped`` notification. Nobody
+  blocks the service or the others. Nothing is stored.
 * A forked process notices its new pid at notify(), closes its inherited
   connection (its copy only) and opens its own.
 
@@ -230,7 +226,7 @@ class Publisher:
         self._buffer_size = buffer_size
         self.users = 0
         self._child = None
-        self._throttle = proto.Throttle()
+        self._warn = proto.Throttle(LOG).warn
         self._renew()
 
     def _renew(self):
@@ -238,14 +234,16 @@ class Publisher:
         self.source = '%d-%s' % (self.pid, os.urandom(6).hex())
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
-        self._sock = self._count = self._anchor = None
-        self._drops, self._wanted = {}, False
+        self._sock = self._count = self._anchor = self._tally = None
+        self._wanted = False
         self._connect_at = self._spawn_at = self._check_at = 0.0
 
     def _forked(self):
         for sock in (self._sock, self._anchor):
             if sock is not None:
                 sock.close()  # our copy: the parent keeps its own
+        if self._tally is not None:
+            os.close(self._tally_fd)
         self._child = None
         self._renew()
 
@@ -277,26 +275,19 @@ class Publisher:
                 return
             line = encode(dict(message, sequence={'source': self.source,
                                                   'number': number}))
-            if self._drops and not self._send(
-                    proto.DROPPED + proto.dumps(self._drops)):
+            if not self._send(self._header + line):
+                if self._cause == proto.TOO_LARGE:
+                    self._warn('Unix notification socket %s: dropped a '
+                               'notification of %d bytes, more than the '
+                               'send buffer to the hub (%d bytes) holds',
+                               self.path, len(line), sock.getsockopt(
+                                   socket.SOL_SOCKET, socket.SO_SNDBUF))
                 self._dropped(self._cause)
-                return
-            self._drops = {}
-            if not self._send(proto.LINE + line):
-                if self._cause is proto.TOO_LARGE:
-                    self._say('Unix notification socket %s: dropped a '
-                              'notification of %d bytes, more than the '
-                              'send buffer to the hub (%d bytes) holds',
-                              self.path, len(line), sock.getsockopt(
-                                  socket.SOL_SOCKET, socket.SO_SNDBUF))
-                self._dropped(self._cause)
-
-    def _say(self, *args):
-        if self._throttle.hit():
-            LOG.warning(*args)
 
     def _dropped(self, cause):
-        self._drops[cause] = self._drops.get(cause, 0) + 1
+        tally = self._tally
+        tally[cause] += 1
+        self._header = proto.HEADER.pack(proto.LINE, *tally[:3])
 
     def _send(self, data):
         try:
@@ -371,9 +362,10 @@ class Publisher:
             sock.connect(sockfile.ingest_path(self.path))
             uid = sockfile.peer_uid(sock)
             if uid != os.geteuid():
-                self._say('Unix notification socket %s: its hub runs as uid '
-                          '%d, not as the service user (uid %d): nothing is '
-                          'sent to it', self.path, uid, os.geteuid())
+                self._warn('Unix notification socket %s: its hub runs as '
+                           'uid %d, not as the service user (uid %d): '
+                           'nothing is sent to it', self.path, uid,
+                           os.geteuid())
                 sock.close()
                 return None
         except (FileNotFoundError, ConnectionRefusedError):
@@ -383,10 +375,13 @@ class Publisher:
             sock.close()
             return None
         try:
+            if self._tally is None:
+                self._tally_fd, self._tally = proto.new_tally()
+                self._header = proto.HEADER.pack(proto.LINE, 0, 0, 0)
             sock.setblocking(False)
             _set_send_buffer(sock, self._buffer_size)
-            sock.send(proto.HELLO + proto.dumps({'source': self.source,
-                                                 'pid': self.pid}))
+            socket.send_fds(sock, [proto.HELLO + proto.dumps(
+                {'source': self.source, 'pid': self.pid})], [self._tally_fd])
         except OSError:
             sock.close()
             return None
@@ -420,8 +415,8 @@ class Publisher:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 pass_fds=[theirs.fileno()], start_new_session=True, env=env)
         except (OSError, proto.RelayError) as exc:
-            self._say('Unix notification socket %s: cannot start its hub: '
-                      '%s', self.path, exc)
+            self._warn('Unix notification socket %s: cannot start its '
+                       'hub: %s', self.path, exc)
             if ours is not None:
                 ours.close()
             return None
@@ -440,14 +435,13 @@ class Publisher:
     def close(self):
         with self._lock:
             if self._sock is not None and self.pid == os.getpid():
-                if self._drops:
-                    # The last chance to report them.
-                    self._send(proto.DROPPED + proto.dumps(self._drops))
-                if self._sock is not None:
-                    self._lost()
+                self._lost()
             if self._anchor is not None:
                 self._anchor.close()
                 self._anchor = None
+            if self._tally is not None and self.pid == os.getpid():
+                os.close(self._tally_fd)
+                self._tally = None
             self._reap()
 
 

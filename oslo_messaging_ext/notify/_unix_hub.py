@@ -55,9 +55,10 @@ _HUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
 def _words():
-    """(anchors, words) strutils masks on, lowercase bytes; None if unknown.
+    """The words strutils masks on, lowercase bytes; None if unknown.
 
-    A private list of strutils: without it, every line is masked.
+    A private list of strutils: without it, every line is masked. A word
+    holding another is not looked for: where it is, the other is.
     """
     words = getattr(strutils, '_SANITIZE_KEYS', None)
     if (not isinstance(words, (list, tuple)) or not words or
@@ -65,16 +66,8 @@ def _words():
                     for w in words)):
         return None
     words = {w.lower().encode('ascii') for w in words}
-    # Substrings of which each word holds one, looked for first.
-    anchors = []
-    while words - {w for w in words if any(a in w for a in anchors)}:
-        left = [w for w in words if not any(a in w for a in anchors)]
-        counts = collections.Counter(
-            w[i:i + n] for w in left for n in (3, 4) for i in
-            range(len(w) - n + 1))
-        anchors.append(max(sorted(counts), key=lambda a: (counts[a],
-                                                          len(a))))
-    return tuple(anchors), tuple(sorted(words))
+    return tuple(sorted(w for w in words
+                        if not any(o != w and o in w for o in words)))
 
 
 def clean(data, words):
@@ -86,9 +79,7 @@ def clean(data, words):
     if words is None or not data.isascii() or b'\\u' in data:
         return False
     lowered = data.lower()
-    anchors, words = words
-    return not any(anchor in lowered for anchor in anchors) or not any(
-        word in lowered for word in words)
+    return not any(word in lowered for word in words)
 
 
 def mask(line, words):
@@ -118,11 +109,11 @@ class Subscriber:
         self.reading = True
 
 
-def _accept(listener):
-    """A new connection; None if none waits; the OSError if out of fds."""
+def _accept(listener, admit):
+    """``admit`` each waiting connection; the OSError if out of fds."""
     while True:
         try:
-            return listener.accept()[0]
+            admit(listener.accept()[0])
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
@@ -148,7 +139,7 @@ class Subscribers:
         self.max_subscribers, self.buffer_size = max_subscribers, buffer_size
         self.peers = {}
         self._poller = poller
-        self._refusals = proto.Throttle()
+        self._refusals = proto.Throttle(LOG)
         self.count_fd = os.memfd_create('unix-notification-subscribers',
                                         os.MFD_CLOEXEC)
         os.ftruncate(self.count_fd, proto.COUNT_SIZE)
@@ -157,23 +148,20 @@ class Subscribers:
         poller.register(listener, select.POLLIN)
 
     def accept(self):
-        while True:
-            sock = _accept(self.listener)
-            if not isinstance(sock, socket.socket):
-                return sock
-            if len(self.peers) >= self.max_subscribers:
-                sock.close()
-                unsaid = self._refusals.hit()
-                if unsaid:
-                    LOG.warning('%s: refused %d subscriber(s): '
+        return _accept(self.listener, self._admit)
+
+    def _admit(self, sock):
+        if len(self.peers) >= self.max_subscribers:
+            sock.close()
+            self._refusals.warn('%s: refused a subscriber: '
                                 'sock_max_subscribers (%d) reached',
-                                self.path, unsaid, self.max_subscribers)
-                continue
-            sock.setblocking(False)
-            peer = Subscriber(sock)
-            self.peers[peer.fd] = peer
-            self._poller.register(sock, select.POLLIN)
-            self._count[0] = len(self.peers)
+                                self.path, self.max_subscribers)
+            return
+        sock.setblocking(False)
+        peer = Subscriber(sock)
+        self.peers[peer.fd] = peer
+        self._poller.register(sock, select.POLLIN)
+        self._count[0] = len(self.peers)
 
     def handle(self, peer, events):
         if events & select.POLLIN:
@@ -277,7 +265,9 @@ class Subscribers:
 
 class Publisher:
     def __init__(self, sock):
-        self.sock, self.fd, self.source = sock, sock.fileno(), ''
+        self.sock, self.fd = sock, sock.fileno()
+        self.source = self.tally = self.header = None
+        self.heard = False
 
 
 class Ingest:
@@ -293,28 +283,24 @@ class Ingest:
         self._buffer = bytearray(2 * buffer_size + 65536)
         self._view = memoryview(self._buffer)
         self._words = _words()
-        self._strangers, self._invalid = proto.Throttle(), proto.Throttle()
+        self._strangers, self._invalid = (proto.Throttle(LOG),
+                                          proto.Throttle(LOG))
         self._lines, self._from = [], []
         poller.register(listener, select.POLLIN)
 
     def accept(self):
-        while True:
-            sock = _accept(self.listener)
-            if not isinstance(sock, socket.socket):
-                return sock
-            try:
-                uid = sockfile.peer_uid(sock)
-            except OSError:
-                uid = None
-            if uid != os.geteuid():
-                sock.close()
-                unsaid = self._strangers.hit()
-                if unsaid:
-                    LOG.warning('%s: refused %d publisher(s) not of uid %d '
-                                '(last: uid %s)', self.path, unsaid,
-                                os.geteuid(), uid)
-                continue
-            self.adopt(sock)
+        return _accept(self.listener, self._admit)
+
+    def _admit(self, sock):
+        try:
+            uid = sockfile.peer_uid(sock)
+        except OSError:
+            uid = None
+        if uid == os.geteuid():
+            return self.adopt(sock)
+        sock.close()
+        self._strangers.warn('%s: refused a publisher of uid %s, not %d',
+                             self.path, uid, os.geteuid())
 
     def adopt(self, sock):
         """Serve ``sock``, a connection of a process of the hub's user."""
@@ -328,54 +314,93 @@ class Ingest:
         self._poller.register(sock, select.POLLIN)
 
     def handle(self, peer, events):
+        gone = False
         for _ in range(_READS_PER_TURN):
+            hello = peer.tally is None
             try:
-                size = peer.sock.recv_into(self._view, len(self._buffer),
-                                           socket.MSG_TRUNC)
+                size = self._hello(peer) if hello else peer.sock.recv_into(
+                    self._view, len(self._buffer), socket.MSG_TRUNC)
             except BlockingIOError:
-                if events & _HUP:
-                    self.drop(peer)
-                return
+                gone = bool(events & _HUP)
+                break
             except OSError:
                 size = 0
             if not size:
-                self.drop(peer)
-                return
-            self._message(peer, size)
+                gone = True
+                break
+            if not hello:
+                self._message(peer, size)
+        if gone:
+            self.drop(peer)
+
+    def _hello(self, peer):
+        """Read the first message: HELLO, with the tally; 0 if not."""
+        data, fds, _, _ = socket.recv_fds(peer.sock, _MAX_HELLO, 1)
+        try:
+            if data[:1] == proto.HELLO and len(fds) == 1:
+                peer.tally = proto.map_tally(fds[0])
+                peer.source = json.loads(data[1:])['source']
+        except (ValueError, KeyError, TypeError):
+            pass
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if peer.tally is not None and isinstance(peer.source, str):
+            return len(data)
+        if data:
+            self._say_invalid(peer.source, 'not a HELLO with a tally')
+        peer.tally = None
+        return 0
 
     def _message(self, peer, size):
-        kind = self._buffer[:1]
         if size > len(self._buffer):
             self._say_invalid(peer.source, 'a message of %d bytes' % size)
-        elif kind == proto.LINE:
-            line = self._view[1:size].tobytes()
+        elif self._buffer[:1] == proto.LINE and size > proto.HEADER.size:
+            header, peer.heard = self._view[:proto.HEADER.size], True
+            if header != peer.header:
+                peer.header = header.tobytes()
+                self._credit(peer, proto.HEADER.unpack(peer.header)[1:])
+            line = self._view[proto.HEADER.size:size].tobytes()
             if line[:1] != b'{' or line[-1:] != b'}' or b'\n' in line:
                 self._say_invalid(peer.source, 'not a JSON object')
                 return
             self._lines.append(line)
             self._from.append(peer.source)
-        elif kind == proto.DROPPED:
-            counts = proto.parse_counts(self._view[1:size].tobytes())
-            # Before the lines that follow, which show the gap.
-            self.relay()
-            for cause, count in counts.items():
-                self._subscribers.credit(count, {peer.source: count}, cause)
-        elif kind == proto.HELLO and size <= _MAX_HELLO:
-            try:
-                source = json.loads(self._view[1:size].tobytes())['source']
-            except (ValueError, KeyError, TypeError):
-                source = None
-            if isinstance(source, str):
-                peer.source = source
         else:
             self._say_invalid(peer.source, 'a message of unknown kind')
 
+    def _credit(self, peer, dropped=None):
+        """Tell subscribers, once, what the process could not hand over.
+
+        ``dropped``: the counts a line carried, reported just before it,
+        after the lines read so far; by default the tally's, when the
+        process leaves.
+        """
+        tally = peer.tally
+        for cause, where in enumerate(() if tally is None else
+                                      proto.CAUSES):
+            now = tally[cause] if dropped is None else dropped[cause]
+            count = now - tally[proto.CREDITED + cause]
+            if not count:
+                continue
+            self.relay()
+            if 0 < count <= proto.MAX_DROP_COUNT:
+                tally[proto.CREDITED + cause] = now
+                self._subscribers.credit(count, {peer.source: count}, where)
+            else:
+                self._say_invalid(peer.source, 'a drop count of %d' % count)
+
+    def credit_quiet(self):
+        """Report the drops of processes that sent nothing since last."""
+        for peer in list(self.publishers.values()):
+            if not peer.heard:
+                self._credit(peer)
+            peer.heard = False
+
     def _say_invalid(self, source, what):
         self._subscribers.credit(1, {}, 'invalid')
-        unsaid = self._invalid.hit()
-        if unsaid:
-            LOG.warning('%s: dropped %d invalid message(s) (last: %s, from '
-                        'source %r)', self.path, unsaid, what, source)
+        self._invalid.warn('%s: dropped an invalid message (%s, from '
+                           'source %r)', self.path, what, source)
 
     def relay(self):
         """Mask the lines read so far (most chunks are clean as a whole)."""
@@ -401,6 +426,7 @@ class Ingest:
     def drop(self, peer):
         if self.publishers.pop(peer.fd, None) is None:
             return
+        self._credit(peer)
         self._poller.unregister(peer.fd)
         peer.sock.close()
 
@@ -432,7 +458,8 @@ class Hub:
         self._idle_since = time.monotonic()
         self._check_at = self._idle_since + CHECK_INTERVAL
         self._paused_until = None
-        self._lost, self._failures = proto.Throttle(), proto.Throttle()
+        self._lost, self._failures = (proto.Throttle(LOG),
+                                      proto.Throttle(LOG))
         self.stopping = False
 
     def _bind(self, path):
@@ -461,8 +488,7 @@ class Hub:
         """Out of file descriptors: leave connections queued a moment."""
         if exc is None:
             return
-        if self._lost.hit():
-            LOG.warning('%s: accept failed: %s', self.path, exc)
+        self._lost.warn('%s: accept failed: %s', self.path, exc)
         self._paused_until = time.monotonic() + 0.1
         for listener in (self.subscribers.listener, self.ingest.listener):
             self.poller.modify(listener, 0)
@@ -482,6 +508,7 @@ class Hub:
             if not self._keep_lock():
                 return None
             self._keep_paths()
+            self.ingest.credit_quiet()
         timeout = self._check_at - now
         if self.ingest.publishers:
             self._idle_since = None
@@ -545,10 +572,8 @@ class Hub:
             try:
                 if sockfile.file_id(path) == self._ids[path]:
                     continue
-                unsaid = self._lost.hit()
-                if unsaid:
-                    LOG.warning('%s was replaced by another file; left '
-                                'alone (%d times)', path, unsaid)
+                self._lost.warn('%s was replaced by another file; left '
+                                'alone', path)
                 continue
             except FileNotFoundError:
                 pass
@@ -560,10 +585,8 @@ class Hub:
                     raise proto.RelayError(problem)
                 self._replace(role, path, self._bind(path))
             except (OSError, proto.RelayError) as exc:
-                unsaid = self._failures.hit()
-                if unsaid:
-                    LOG.warning('%s was removed; cannot bind it again: %s '
-                                '(%d attempts)', path, exc, unsaid)
+                self._failures.warn('%s was removed; cannot bind it '
+                                    'again: %s', path, exc)
                 continue
             LOG.warning('%s was removed: bound again', path)
 

@@ -14,25 +14,40 @@
 
 A process sends the hub's ingest socket (SOCK_SEQPACKET) one message per
 notification, its first byte saying what it is: HELLO + ``{"source": S,
-"pid": P}`` first; LINE + one JSON notification; DROPPED + ``{cause:
-count}`` (CAUSES), before the next LINE. The hub sends each process one
-COUNT message carrying a memfd (SCM_RIGHTS) whose first native uint32 is
-the number of subscribers. Nothing here imports oslo.messaging.
+"pid": P}`` first, carrying its tally (SCM_RIGHTS); then, for each
+notification, LINE + what it dropped so far (3 native uint64, one per
+cause of CAUSES) + the JSON notification. The hub sends each process one
+COUNT message carrying a memfd whose first native uint32 is the number of
+subscribers.
+
+The tally is a memfd of TALLY_SIZE bytes, sealed against shrinking, of
+native uint64: [cause] what the process dropped, written by the process;
+[CREDITED + cause] what a hub reported to subscribers, written by the
+hub. A hub reports drops before the first line that counts them, and
+reads the tally when the process leaves: nothing a process dropped goes
+unreported, whether it exits, is killed or moves to a new hub. Nothing
+here imports oslo.messaging.
 """
 
+import fcntl
 import importlib
 import json
+import mmap
 import os
+import struct
 import sys
 import time
 import uuid
 
 from oslo_utils import timeutils
 
-HELLO, LINE, DROPPED, COUNT = b'H', b'N', b'D', b'C'
-# Why a process could not hand a notification over.
-ABSENT, FULL, TOO_LARGE = 'hub absent', 'ingest full', 'too large'
-CAUSES = (ABSENT, FULL, TOO_LARGE)
+HELLO, LINE, COUNT = b'H', b'N', b'C'
+# Why a process could not hand a notification over: indices in CAUSES.
+ABSENT, FULL, TOO_LARGE = range(3)
+CAUSES = ('hub absent', 'ingest full', 'too large')
+CREDITED = 4  # offset in the tally
+TALLY_SIZE = 64
+HEADER = struct.Struct('=c3Q')  # of a LINE: LINE and the drop counts
 # Why the hub dropped a line for a subscriber.
 SUBSCRIBER_BUFFER = 'subscriber buffer'
 # Public as oslo_messaging_ext.unix_subscriber.DROPPED_EVENT_TYPE.
@@ -54,20 +69,40 @@ def native(name):
     return importlib.import_module(name)
 
 
+def new_tally():
+    """(fd, uint64 view) of a new tally, sealed against shrinking."""
+    fd = os.memfd_create('unix-notification-tally',
+                         os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, TALLY_SIZE)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    return fd, memoryview(mmap.mmap(fd, TALLY_SIZE)).cast('Q')
+
+
+def map_tally(fd):
+    """The tally of ``fd``; None unless sealed against shrinking.
+
+    Else its process could end the hub with SIGBUS.
+    """
+    try:
+        if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+            return memoryview(mmap.mmap(fd, TALLY_SIZE)).cast('Q')
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 class Throttle:
     """Say a repeated event at most once a minute, with its count."""
 
-    def __init__(self):
-        self._next, self._unsaid = 0.0, 0
+    def __init__(self, log):
+        self._log, self._next, self._unsaid = log, 0.0, 0
 
-    def hit(self):  # how many to say now (0: not yet)
+    def warn(self, message, *args):
         self._unsaid += 1
         now = time.monotonic()
-        if now < self._next:
-            return 0
-        unsaid, self._unsaid = self._unsaid, 0
-        self._next = now + 60.0
-        return unsaid
+        if now >= self._next:
+            self._log.warning(message + ' (%d times)', *args, self._unsaid)
+            self._unsaid, self._next = 0, now + 60.0
 
 
 class RelayError(Exception):
@@ -97,15 +132,3 @@ def dropped_envelope(count, where, sources=None):
 
 def valid_count(value):
     return type(value) is int and 0 <= value <= MAX_DROP_COUNT
-
-
-def parse_counts(data):
-    """{cause: count} of a DROPPED message's body; {} if not valid."""
-    try:
-        counts = json.loads(data)
-    except ValueError:
-        return {}
-    if not isinstance(counts, dict):
-        return {}
-    return {k: v for k, v in counts.items()
-            if k in CAUSES and valid_count(v) and v}

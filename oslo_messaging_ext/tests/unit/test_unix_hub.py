@@ -35,6 +35,8 @@ from oslo_messaging_ext.tests.unit import test_unix_driver
 from oslo_messaging_ext.tests import utils as test_utils
 
 TIMEOUT = test_unix_driver.TIMEOUT
+# What a process sends before a notification that follows no drop.
+LINE = proto.HEADER.pack(proto.LINE, 0, 0, 0)
 wait_until = test_unix_driver.wait_until
 
 
@@ -115,13 +117,24 @@ class HubPathTestCase(test_unix_driver.UnixTestCase):
 
 class HubPeersTestCase(test_unix_driver.UnixTestCase):
 
-    def publisher(self):
+    def publisher(self, fds=None, source='forged'):
+        """A connection to the ingest socket, after HELLO with ``fds``.
+
+        By default a tally of its own, as the driver sends (its view is
+        the ``tally`` attribute of the test case).
+        """
         # Native, as the driver's own: the hub sees what a process sends.
         sock = proto.native('socket').socket(socket.AF_UNIX,
                                              socket.SOCK_SEQPACKET)
         self.addCleanup(sock.close)
         sock.settimeout(TIMEOUT)
         sock.connect(self.sock_path + '.ingest')
+        if fds is None:
+            fd, self.tally = proto.new_tally()
+            self.addCleanup(os.close, fd)
+            fds = [fd]
+        socket.send_fds(sock, [proto.HELLO + json.dumps(
+            {'source': source}).encode()], fds)
         return sock
 
     def test_impostor_hub_of_another_uid_gets_nothing(self):
@@ -149,21 +162,29 @@ class HubPeersTestCase(test_unix_driver.UnixTestCase):
     def test_forged_huge_and_unterminated_data(self):
         notifier, driver = self.notifier()
         sock = self.subscribe(driver)
+        # A HELLO without a tally, with one that may shrink (it could
+        # end the hub with SIGBUS), with a source not a string; a tally
+        # with a count no process could have.
+        self.publisher([])
+        unsealed = os.memfd_create('unsealed')
+        self.addCleanup(os.close, unsealed)
+        os.ftruncate(unsealed, proto.TALLY_SIZE)
+        self.publisher([unsealed])
+        self.publisher(source=['not', 'a', 'string'])
         forged = self.publisher()
-        forged.send(proto.HELLO + b'{"source": ["not", "a", "string"]}')
-        forged.send(proto.DROPPED + json.dumps(
-            {'hub absent': 2 ** 60, 'ingest full': -5}).encode())
-        forged.send(proto.LINE + b'{"a": 1}\n{"b": 2}')
-        forged.send(proto.LINE + b'not json "password": x')
+        forged.send(proto.HEADER.pack(proto.LINE, 2 ** 60, 0, 0) +
+                    b'{"sync": -2}')
+        forged.send(LINE + b'{"a": 1}\n{"b": 2}')
+        forged.send(LINE + b'not json "password": x')
         forged.send(b'Z' + b'x' * 1000)
-        forged.send(proto.LINE + b'[1, 2]')
-        forged.send(proto.LINE + b'{"sync": -1}')
+        forged.send(LINE + b'[1, 2]')
+        forged.send(LINE + b'{"sync": -1}')
         # Several peers leave half a notification, and a subscriber
         # connection sends and never reads.
         for number in range(5):
             peer = self.publisher()
-            peer.send(proto.LINE + b'{"c":')
-            peer.send(proto.LINE + b'{"sync": %d}' % number)
+            peer.send(LINE + b'{"c":')
+            peer.send(LINE + b'{"sync": %d}' % number)
         raw = proto.native('socket').socket(socket.AF_UNIX)
         self.addCleanup(raw.close)
         raw.connect(self.sock_path)
@@ -177,15 +198,15 @@ class HubPeersTestCase(test_unix_driver.UnixTestCase):
         reader = sock.makefile('rb')
         self.addCleanup(reader.close)
         sock.settimeout(TIMEOUT)
-        while len(synced) < 6:
+        while len(synced) < 7:
             line = json.loads(reader.readline())
             if line.get('event_type') == proto.DROPPED_EVENT_TYPE:
                 dropped += line['payload']['dropped']
                 where.add(line['payload']['where'])
             else:
                 synced.add(line['sync'])
-        # Each bad message counted once; the forged counts refused.
-        self.assertEqual(9, dropped)
+        # Each bad message counted once; the forged count refused.
+        self.assertEqual(13, dropped)
         self.assertEqual({'invalid'}, where)
         notifier.info({}, 'image.upload', {'id': 'after'})
         self.assertEqual({'id': 'after'},
