@@ -67,14 +67,9 @@ class UnixLossTestCase(base.BaseTestCase):
         library = result['library']
         self.assertEqual(library['truth_missed'], library['missed'],
                          'library: %s' % result)
-        # Known defect, left for the next change: once in a CI run the
-        # tail said it missed 714 notifications while it had received
-        # every one (the library's count was exact in the same run). An
-        # overcount tells the operator of a loss that did not happen; an
-        # undercount would hide one, and that still fails here.
         tail = result['tail']
-        self.assertGreaterEqual(tail['missed'], tail['truth_missed'],
-                                'tail: %s' % result)
+        self.assertEqual(tail['truth_missed'], tail['missed'],
+                         'tail: %s' % result)
 
     def test_workers_recycled_every_second(self):
         result = self.run_case('recycle', 4, 1, min_recycles=8)
