@@ -206,15 +206,6 @@ def hub_interpreter():
     raise FileNotFoundError('no Python interpreter found to run it')
 
 
-def _set_send_buffer(sock, size):
-    """Ask for ``size`` bytes of send buffer: past wmem_max if allowed."""
-    try:
-        # CAP_NET_ADMIN only; Linux's SO_SNDBUFFORCE.
-        sock.setsockopt(socket.SOL_SOCKET, 32, size)
-    except OSError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-
-
 class Publisher:
     """A process's connection to the hub of a path, and its numbers.
 
@@ -379,7 +370,11 @@ class Publisher:
                 self._tally_fd, self._tally = proto.new_tally()
                 self._header = proto.HEADER.pack(proto.LINE, 0, 0, 0)
             sock.setblocking(False)
-            _set_send_buffer(sock, self._buffer_size)
+            try:  # past wmem_max with CAP_NET_ADMIN (SO_SNDBUFFORCE)
+                sock.setsockopt(socket.SOL_SOCKET, 32, self._buffer_size)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                self._buffer_size)
             socket.send_fds(sock, [proto.HELLO + proto.dumps(
                 {'source': self.source, 'pid': self.pid})], [self._tally_fd])
         except OSError:
@@ -481,19 +476,16 @@ class UnixSocketDriver(notifier.Driver):
 
     def __init__(self, conf, topics, transport):
         super().__init__(conf, topics, transport)
-        settings = validate(conf)
-        path, mode, gid, max_subscribers, buffer_size = (
-            settings[name] for name in
-            ('path', 'mode', 'gid', 'max_subscribers', 'buffer_size'))
-        self._include_context = settings['include_context']
+        s = validate(conf)
+        self._include_context = s['include_context']
         self._encode = make_encoder()
         LOG.debug('unix notification driver loaded: socket %s, mode %04o, '
                   'gid %d; it relays every notification of this service '
-                  'and ignores topics', path, mode, gid)
-        self._publisher = _publisher(path, [
-            path, '--mode', '%o' % mode, '--gid', str(gid),
-            '--max-subscribers', str(max_subscribers),
-            '--buffer-size', str(buffer_size)], buffer_size)
+                  'and ignores topics', s['path'], s['mode'], s['gid'])
+        self._publisher = _publisher(s['path'], [
+            s['path'], '--mode', '%o' % s['mode'], '--gid', str(s['gid']),
+            '--max-subscribers', str(s['max_subscribers']),
+            '--buffer-size', str(s['buffer_size'])], s['buffer_size'])
         # So that the socket exists while the service serves.
         self._publisher.subscribers()
 

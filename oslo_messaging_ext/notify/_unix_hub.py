@@ -12,10 +12,9 @@
 
 """The hub process of a unix notification socket (private).
 
-Started on demand by the driver (see _impl_unix for what it does and
-why). Split by role: :class:`Ingest` (the service's processes),
-:class:`Subscribers`, :class:`Hub` (paths, lock, lifetime). It imports
-neither oslo.messaging nor eventlet, and runs no thread.
+Started on demand by the driver (see _impl_unix). By role: :class:`Ingest`
+(the service's processes), :class:`Subscribers`, :class:`Hub` (paths,
+lock, lifetime). It imports neither oslo.messaging nor eventlet.
 """
 
 import argparse
@@ -44,7 +43,6 @@ GRACE = 2.0
 CHECK_INTERVAL = 0.5
 # Seconds given to subscribers to read what is queued, at exit.
 FLUSH_TIMEOUT = 1.0
-SECRET = '***'  # nosec B105: what strutils writes in place of a secret
 _IOV_MAX = 512
 _READS_PER_TURN = 64
 # Room a drop notice needs in a subscriber's buffer.
@@ -94,7 +92,8 @@ def mask(line, words):
         return None
     if not isinstance(envelope, dict):
         return None
-    return proto.dumps(strutils.mask_dict_password(envelope, secret=SECRET))
+    return proto.dumps(strutils.mask_dict_password(
+        envelope, secret='***'))  # nosec B106: what strutils writes
 
 
 class Subscriber:
@@ -457,7 +456,6 @@ class Hub:
         self._ids = {path: sub_id, sockfile.ingest_path(path): ingest_id}
         self._idle_since = time.monotonic()
         self._check_at = self._idle_since + CHECK_INTERVAL
-        self._paused_until = None
         self._lost, self._failures = (proto.Throttle(LOG),
                                       proto.Throttle(LOG))
         self.stopping = False
@@ -485,24 +483,19 @@ class Hub:
             subscribers.report_drops()
 
     def _pause(self, exc):
-        """Out of file descriptors: leave connections queued a moment."""
-        if exc is None:
-            return
-        self._lost.warn('%s: accept failed: %s', self.path, exc)
-        self._paused_until = time.monotonic() + 0.1
-        for listener in (self.subscribers.listener, self.ingest.listener):
-            self.poller.modify(listener, 0)
+        """Out of file descriptors: leave connections queued a moment.
+
+        Else poll() would report them again at once, forever.
+        """
+        if exc is not None:
+            self._lost.warn('%s: accept failed: %s', self.path, exc)
+            time.sleep(0.1)
 
     def _tick(self):
         """Do what is due; the poll timeout (s), None to leave."""
         if self.stopping:
             return None
         now = time.monotonic()
-        if self._paused_until is not None and now >= self._paused_until:
-            self._paused_until = None
-            for listener in (self.subscribers.listener,
-                             self.ingest.listener):
-                self.poller.modify(listener, select.POLLIN)
         if now >= self._check_at:
             self._check_at = now + CHECK_INTERVAL
             if not self._keep_lock():

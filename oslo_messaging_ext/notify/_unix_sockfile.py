@@ -170,13 +170,10 @@ def bind_listener(path, mode, gid, kind=socket.SOCK_STREAM):
 def unlink_if_ours(path, bound_id):
     """Remove ``path`` if it is still the socket file we bound."""
     try:
-        st = os.lstat(path)
+        if file_id(path) == bound_id:
+            os.unlink(path)
     except FileNotFoundError:
-        return False
-    if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == bound_id:
-        os.unlink(path)
-        return True
-    return False
+        pass
 
 
 def check_listener(path, kind=socket.SOCK_STREAM):
