@@ -20,14 +20,10 @@ S, "number": N}`` (S: the emitting process, new after fork or restart; N:
 from 1, every notification it was asked to send). Values are JSON
 primitives (to_primitive), masked as by ``strutils.mask_dict_password``.
 
-One hub process per ``sock_path``, started on demand as oslo.privsep
-starts its daemon, so that no thread or hook runs in the service: the
-first process that finds none runs ``python -m
-oslo_messaging_ext.notify._unix_hub`` in its own session (stdin and stdout
-on /dev/null, stderr kept). It holds ``sock_path + '.lock'`` (one hub per
-path), binds ``sock_path`` and ``sock_path + '.ingest'`` (SOCK_SEQPACKET,
-0600) and leaves 2 s after its last process left. Its starter reaps it;
-one that outlives it is reaped by init, a container's PID 1 or a
+A hub process per ``sock_path`` relays (see _unix_hub), so that no thread
+or hook runs in the service: the first process that finds none starts
+it, as oslo.privsep starts its daemon. Its starter reaps it; one that
+outlives its starter is reaped by init, a container's PID 1 or a
 subreaper.
 
 Delivery semantics:
@@ -38,10 +34,8 @@ Delivery semantics:
   the hub is checked alive every 0.1 s at most, and a dead one replaced
   at the next notify(). What it held is lost: the sequence shows it.
 * What a process could not hand over while there were subscribers (hub
-  absent, send buffer full, larger than ``sock_buffer_size`` as far as the
-  kernel allows) is counted per cause in a page it shares with the hub,
-  which reports it before the gap it leaves, and when the process
-  leaves, however it leaves.
+  absent, send buffer full, too large) is counted, and reported by the
+  hub before the gap it leaves or when the process leaves, however.
 * A subscriber gets every notification, in order per process, while it
   keeps up; past ``sock_buffer_size`` queued, they are dropped for it and
   announced by an ``oslo_messaging_ext.unix.dropped`` notification. Nobody
@@ -49,10 +43,7 @@ Delivery semantics:
 * A forked process notices its new pid at notify(), closes its inherited
   connection (its copy only) and opens its own.
 
-The directory of ``sock_path`` is owned by root or the service user, not
-writable by others unless sticky. Sockets are bound privately then
-renamed: never wider than their mode, never through a symlink, bound again
-within a second if removed. Both ends check the peer's uid (SO_PEERCRED).
+Files and peers are checked as _unix_protocol says.
 """
 
 import errno
@@ -61,10 +52,8 @@ import itertools
 import json
 import logging
 import math
-import mmap
 import os
 import socket
-import stat
 import subprocess  # nosec B404: starts the hub, as privsep its daemon
 import sys
 import threading
@@ -75,7 +64,6 @@ from oslo_serialization import jsonutils
 
 from oslo_messaging_ext.notify import _unix_opts as opts
 from oslo_messaging_ext.notify import _unix_protocol as proto
-from oslo_messaging_ext.notify import _unix_sockfile as sockfile
 try:
     import orjson
 except ImportError:  # the stdlib encoder is as correct, only slower
@@ -84,7 +72,6 @@ except ImportError:  # the stdlib encoder is as correct, only slower
 LOG = logging.getLogger(__name__)
 
 GROUP = opts.GROUP
-unix_opts = opts.unix_opts
 register_opts = opts.register_opts
 UnixSocketConfigError = opts.UnixSocketConfigError
 
@@ -106,10 +93,9 @@ def _check_path(path):
                '/run/<service>/notifications.sock')
     if not os.path.isabs(path):
         refuse('it must be an absolute path')
-    # sun_path holds 107 bytes: the ingest socket's path is longer by 7,
-    # and sockets are first bound in a private directory beside it.
+    # sun_path holds 107 bytes; sockets are bound in a private directory.
     directory = os.path.dirname(path)
-    if (len(os.fsencode(sockfile.ingest_path(path))) > 107 or
+    if (len(os.fsencode(proto.ingest_path(path))) > 107 or
             len(os.fsencode(directory)) + 16 > 107):
         refuse('too long for a Unix socket address')
     if not os.path.isdir(directory):
@@ -117,21 +103,12 @@ def _check_path(path):
     if not os.access(directory, os.W_OK | os.X_OK):
         refuse('the service user (uid %d) cannot create files in %s'
                % (os.geteuid(), directory))
-    problem = (sockfile.directory_problem(directory) or
-               sockfile.squatted(path))
+    problem = proto.directory_problem(directory) or proto.squatted(path)
     if problem:
         refuse(problem)
-    for name in (path, sockfile.ingest_path(path)):
-        try:
-            if not stat.S_ISSOCK(os.lstat(name).st_mode):
-                refuse('%s exists and is not a socket (a symlink, a regular '
-                       'file or a directory is never replaced)' % name)
-        except FileNotFoundError:
-            pass
     try:
-        sockfile.check_listener(path, socket.SOCK_STREAM)
-        sockfile.check_listener(sockfile.ingest_path(path),
-                                socket.SOCK_SEQPACKET)
+        proto.check_listener(path, socket.SOCK_STREAM)
+        proto.check_listener(proto.ingest_path(path), socket.SOCK_SEQPACKET)
     except (OSError, proto.RelayError) as exc:
         refuse(str(exc))
 
@@ -151,8 +128,7 @@ def make_encoder():
     """``encode(envelope) -> bytes``: one JSON line, no newline.
 
     Through to_primitive what JSON cannot hold; NaN and infinities null.
-    orjson (the orjson extra) is faster; what it refuses goes to the
-    stdlib, datetimes to to_primitive: the values do not depend on it.
+    orjson is faster; what it refuses goes to the stdlib: same values.
     """
     default = functools.partial(jsonutils.to_primitive,
                                 convert_instances=True, fallback=repr)
@@ -192,17 +168,13 @@ def redact_context(ctxt):
 
 def hub_interpreter():
     """sys.executable, unless not Python (uWSGI's): the environment's."""
-    candidates = []
     if os.path.basename(sys.executable or '').startswith('python'):
-        candidates.append(sys.executable)
-    version = 'python%d.%d' % sys.version_info[:2]
-    for prefix in (sys.prefix, sys.exec_prefix, sys.base_prefix,
-                   sys.base_exec_prefix):
-        candidates += [os.path.join(prefix, 'bin', version),
-                       os.path.join(prefix, 'bin', 'python3')]
-    for candidate in candidates:
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
+        return sys.executable
+    for prefix in (sys.prefix, sys.exec_prefix, sys.base_prefix):
+        for name in ('python%d.%d' % sys.version_info[:2], 'python3'):
+            candidate = os.path.join(prefix, 'bin', name)
+            if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                return candidate
     raise FileNotFoundError('no Python interpreter found to run it')
 
 
@@ -242,23 +214,26 @@ class Publisher:
         """How many subscribers the hub has (None: not known yet)."""
         if self.pid != os.getpid():
             self._forked()
-        if self._count is None:
+        if self._sock is None:
             with self._lock:
-                self._connected()
-        return None if self._count is None else self._count[0]
+                self._connect()
+        count = self._count
+        if count is None or count[proto.SUBSCRIBERS] == proto.UNKNOWN:
+            return None
+        return count[proto.SUBSCRIBERS]
 
     def publish(self, message, encode):
         if self.pid != os.getpid():
             self._forked()
         count = self._count
-        if count is not None and not count[0]:
+        if count is not None and not count[proto.SUBSCRIBERS]:
             next(self._numbers)
             if time.monotonic() >= self._check_at:
                 self._check_alive()
             return
         with self._lock:
             number = next(self._numbers)
-            sock = self._connected()
+            sock = self._connect()
             if sock is None:
                 # Missed by subscribers only if there were some.
                 if self._wanted:
@@ -307,51 +282,27 @@ class Publisher:
                 except OSError:
                     pass
                 self._lost()
-            self._connected()
+            self._connect()
 
     def _lost(self):
-        self._wanted = bool(self._count is not None and self._count[0])
+        self._wanted = self._count is not None and \
+            self._count[proto.SUBSCRIBERS] not in (0, proto.UNKNOWN)
         self._sock.close()
         self._sock = self._count = None
         self._connect_at = 0.0
 
-    def _connected(self):
-        """The connection to the hub, after the count; None if none."""
-        sock = self._sock
-        if sock is None:
-            sock = self._connect()
-        if sock is not None and self._count is None:
-            self._receive_count()
-        return self._sock
-
-    def _receive_count(self):
-        try:
-            data, fds, _, _ = socket.recv_fds(self._sock, 16, 1)
-        except BlockingIOError:
-            return
-        except OSError:
-            data, fds = b'', []
-        try:
-            if data != proto.COUNT or not fds:
-                self._lost()
-                return
-            page = mmap.mmap(fds[0], proto.COUNT_SIZE, prot=mmap.PROT_READ)
-            self._count = memoryview(page).cast('I')
-        finally:
-            for fd in fds:
-                os.close(fd)
-
     def _connect(self):
+        """The connection to the hub; None if there is none yet."""
         now = time.monotonic()
-        if now < self._connect_at:
-            return None
+        if self._sock is not None or now < self._connect_at:
+            return self._sock
         self._connect_at = now + CONNECT_INTERVAL
         self._reap()
         sock = proto.native('socket').socket(socket.AF_UNIX,
                                              socket.SOCK_SEQPACKET)
         try:
-            sock.connect(sockfile.ingest_path(self.path))
-            uid = sockfile.peer_uid(sock)
+            sock.connect(proto.ingest_path(self.path))
+            uid = proto.peer_uid(sock)
             if uid != os.geteuid():
                 self._warn('Unix notification socket %s: its hub runs as '
                            'uid %d, not as the service user (uid %d): '
@@ -369,6 +320,7 @@ class Publisher:
             if self._tally is None:
                 self._tally_fd, self._tally = proto.new_tally()
                 self._header = proto.HEADER.pack(proto.LINE, 0, 0, 0)
+            self._tally[proto.SUBSCRIBERS] = proto.UNKNOWN
             sock.setblocking(False)
             try:  # past wmem_max with CAP_NET_ADMIN (SO_SNDBUFFORCE)
                 sock.setsockopt(socket.SOL_SOCKET, 32, self._buffer_size)
@@ -380,15 +332,11 @@ class Publisher:
         except OSError:
             sock.close()
             return None
-        self._sock = sock
+        self._sock, self._count = sock, self._tally
         return sock
 
     def _spawn(self):
-        """Start a hub, unless one holds the lock (it is starting).
-
-        Given one end of a socket pair, never written to: it lives as long
-        as its starter, which may never notify.
-        """
+        """Start a hub unless one holds the lock; it outlives its starter."""
         now = time.monotonic()
         if now < self._spawn_at:
             return None
@@ -397,7 +345,7 @@ class Publisher:
             p for p in sys.path if p))
         ours = theirs = None
         try:
-            fd = sockfile.try_lock(self.path)
+            fd = proto.try_lock(self.path)
             if fd is None:
                 return None
             os.close(fd)
@@ -455,11 +403,7 @@ def _publisher(path, hub_argv, buffer_size):
 
 
 def validate(conf):
-    """Register and check the options as the driver loads them.
-
-    What oslo-messaging-ext-check runs too. Returns the settings by name;
-    raises UnixSocketConfigError naming the option, group and value.
-    """
+    """The settings by name; UnixSocketConfigError names what is wrong."""
     register_opts(conf)
     group = conf[GROUP]
     _check_path(group.sock_path)

@@ -12,9 +12,13 @@
 
 """The hub process of a unix notification socket (private).
 
-Started on demand by the driver (see _impl_unix). By role: :class:`Ingest`
-(the service's processes), :class:`Subscribers`, :class:`Hub` (paths,
-lock, lifetime). It imports neither oslo.messaging nor eventlet.
+The driver runs ``python -m oslo_messaging_ext.notify._unix_hub`` in its
+own session, stdin and stdout on /dev/null, stderr kept (the service's
+journal). The hub holds ``sock_path + '.lock'`` (one hub per path), binds
+``sock_path`` and ``sock_path + '.ingest'`` (SOCK_SEQPACKET, 0600), and
+leaves GRACE seconds after its last process left. By role: Ingest (the
+service's processes), Subscribers, Hub (paths, lock, lifetime). It
+imports neither oslo.messaging nor eventlet.
 """
 
 import argparse
@@ -22,7 +26,6 @@ import collections
 import errno
 import json
 import logging
-import mmap
 import os
 import select
 import signal
@@ -33,7 +36,6 @@ import time
 from oslo_utils import strutils
 
 from oslo_messaging_ext.notify import _unix_protocol as proto
-from oslo_messaging_ext.notify import _unix_sockfile as sockfile
 
 LOG = logging.getLogger('oslo_messaging_ext.notify.unix_hub')
 
@@ -50,41 +52,29 @@ _NOTICE_ROOM = 512
 _MAX_HELLO = 1024
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _HUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
+# Each key strutils masks on holds one of these (test_unix_hub checks it
+# against the oslo.utils in use): a line with none is left as it is.
+WORDS = (b'pass', b'pswd', b'token', b'secret', b'key', b'kek', b'cookie',
+         b'configdrive', b'credential', b'fsid', b'suffix')
 
 
-def _words():
-    """The words strutils masks on, lowercase bytes; None if unknown.
-
-    A private list of strutils: without it, every line is masked. A word
-    holding another is not looked for: where it is, the other is.
-    """
-    words = getattr(strutils, '_SANITIZE_KEYS', None)
-    if (not isinstance(words, (list, tuple)) or not words or
-            not all(isinstance(w, str) and w and w.isascii()
-                    for w in words)):
-        return None
-    words = {w.lower().encode('ascii') for w in words}
-    return tuple(sorted(w for w in words
-                        if not any(o != w and o in w for o in words)))
-
-
-def clean(data, words):
+def clean(data):
     """Whether masking changes none of the lines of ``data``.
 
     ASCII without \\u escapes, holding no word once lowercased: no key or
     string holds one (no other escape hides a letter, no word a newline).
     """
-    if words is None or not data.isascii() or b'\\u' in data:
+    if not data.isascii() or b'\\u' in data:
         return False
     lowered = data.lower()
-    return not any(word in lowered for word in words)
+    return not any(word in lowered for word in WORDS)
 
 
-def mask(line, words):
+def mask(line):
     """``line`` as ``strutils.mask_dict_password`` masks; None if invalid."""
     if line[:1] != b'{' or line[-1:] != b'}':
         return None
-    if clean(line, words):
+    if clean(line):
         return line
     try:
         envelope = json.loads(line)
@@ -97,14 +87,13 @@ def mask(line, words):
 
 
 class Subscriber:
-    __slots__ = ('sock', 'fd', 'pending', 'pending_bytes', 'dropped',
-                 'sources', 'causes', 'reading')
+    __slots__ = ('sock', 'fd', 'pending', 'pending_bytes', 'sources',
+                 'causes', 'reading')
 
     def __init__(self, sock):
         self.sock, self.fd = sock, sock.fileno()
-        self.pending = collections.deque()
-        self.pending_bytes = self.dropped = 0
-        self.sources, self.causes = {}, {}
+        self.pending, self.pending_bytes = collections.deque(), 0
+        self.sources, self.causes = collections.Counter(), {}
         self.reading = True
 
 
@@ -120,18 +109,8 @@ def _accept(listener, admit):
                 return exc
 
 
-def _add(into, counts):
-    for key, count in counts.items():
-        into[key] = into.get(key, 0) + count
-
-
 class Subscribers:
-    """The subscribers, each with a bounded queue, and their count.
-
-    What does not fit a queue is counted per source and reported before
-    the next chunk, or once there is room. The count is in a memfd that
-    the service's processes map.
-    """
+    """Each has a bounded queue; what does not fit is counted, reported."""
 
     def __init__(self, listener, poller, path, max_subscribers, buffer_size):
         self.listener, self.path = listener, path
@@ -139,17 +118,9 @@ class Subscribers:
         self.peers = {}
         self._poller = poller
         self._refusals = proto.Throttle(LOG)
-        self.count_fd = os.memfd_create('unix-notification-subscribers',
-                                        os.MFD_CLOEXEC)
-        os.ftruncate(self.count_fd, proto.COUNT_SIZE)
-        self._map = mmap.mmap(self.count_fd, proto.COUNT_SIZE)
-        self._count = memoryview(self._map).cast('I')
         poller.register(listener, select.POLLIN)
 
-    def accept(self):
-        return _accept(self.listener, self._admit)
-
-    def _admit(self, sock):
+    def admit(self, sock):
         if len(self.peers) >= self.max_subscribers:
             sock.close()
             self._refusals.warn('%s: refused a subscriber: '
@@ -160,7 +131,6 @@ class Subscribers:
         peer = Subscriber(sock)
         self.peers[peer.fd] = peer
         self._poller.register(sock, select.POLLIN)
-        self._count[0] = len(self.peers)
 
     def handle(self, peer, events):
         if events & select.POLLIN:
@@ -187,7 +157,7 @@ class Subscribers:
             if peer.pending and peer.pending_bytes + len(data) > limit:
                 self._credit(peer, lines, sources, proto.SUBSCRIBER_BUFFER)
                 continue
-            if peer.dropped:
+            if peer.causes:
                 self._queue_notice(peer)
             peer.pending.append(data)
             peer.pending_bytes += len(data)
@@ -199,22 +169,21 @@ class Subscribers:
 
     @staticmethod
     def _credit(peer, count, sources, cause):
-        peer.dropped += count
-        _add(peer.sources, sources)
+        peer.sources.update(sources)
         peer.causes[cause] = peer.causes.get(cause, 0) + count
 
     def report_drops(self, force=False):
         """Queue the drop notices that fit (all, with ``force``)."""
         for peer in list(self.peers.values()):
             room = self.buffer_size - peer.pending_bytes
-            if peer.dropped and (force or room >= _NOTICE_ROOM):
+            if peer.causes and (force or room >= _NOTICE_ROOM):
                 self._queue_notice(peer)
                 self.flush(peer)
 
     def _queue_notice(self, peer):
-        notice = proto.dropped_envelope(
-            peer.dropped, ', '.join(sorted(peer.causes)), peer.sources)
-        peer.dropped, peer.sources, peer.causes = 0, {}, {}
+        notice = proto.dropped_envelope(sum(peer.causes.values()), ', '.join(
+            sorted(peer.causes)), peer.sources)
+        peer.sources, peer.causes = collections.Counter(), {}
         peer.pending.append(notice)
         peer.pending_bytes += len(notice)
 
@@ -251,15 +220,6 @@ class Subscribers:
             return
         self._poller.unregister(peer.fd)
         peer.sock.close()
-        self._count[0] = len(self.peers)
-
-    def behind(self):
-        return [p for p in self.peers.values() if p.pending]
-
-    def close(self):
-        self._count[0] = 0
-        for peer in list(self.peers.values()):
-            self.drop(peer)
 
 
 class Publisher:
@@ -270,10 +230,7 @@ class Publisher:
 
 
 class Ingest:
-    """The service's processes: only of the hub's uid (SO_PEERCRED).
-
-    The lines read in a turn are masked and relayed as one chunk.
-    """
+    """The service's processes, of the hub's uid; lines relayed by turn."""
 
     def __init__(self, listener, poller, path, subscribers, buffer_size):
         self.listener, self.path = listener, path
@@ -281,18 +238,14 @@ class Ingest:
         self._poller, self._subscribers = poller, subscribers
         self._buffer = bytearray(2 * buffer_size + 65536)
         self._view = memoryview(self._buffer)
-        self._words = _words()
         self._strangers, self._invalid = (proto.Throttle(LOG),
                                           proto.Throttle(LOG))
         self._lines, self._from = [], []
         poller.register(listener, select.POLLIN)
 
-    def accept(self):
-        return _accept(self.listener, self._admit)
-
-    def _admit(self, sock):
+    def admit(self, sock):
         try:
-            uid = sockfile.peer_uid(sock)
+            uid = proto.peer_uid(sock)
         except OSError:
             uid = None
         if uid == os.geteuid():
@@ -304,10 +257,6 @@ class Ingest:
     def adopt(self, sock):
         """Serve ``sock``, a connection of a process of the hub's user."""
         sock.setblocking(False)
-        try:
-            socket.send_fds(sock, [proto.COUNT], [self._subscribers.count_fd])
-        except OSError:
-            pass  # gone already: what it sent is read still
         peer = Publisher(sock)
         self.publishers[peer.fd] = peer
         self._poller.register(sock, select.POLLIN)
@@ -345,6 +294,7 @@ class Ingest:
             for fd in fds:
                 os.close(fd)
         if peer.tally is not None and isinstance(peer.source, str):
+            peer.tally[proto.SUBSCRIBERS] = len(self._subscribers.peers)
             return len(data)
         if data:
             self._say_invalid(peer.source, 'not a HELLO with a tally')
@@ -369,12 +319,7 @@ class Ingest:
             self._say_invalid(peer.source, 'a message of unknown kind')
 
     def _credit(self, peer, dropped=None):
-        """Tell subscribers, once, what the process could not hand over.
-
-        ``dropped``: the counts a line carried, reported just before it,
-        after the lines read so far; by default the tally's, when the
-        process leaves.
-        """
+        """Report, once, what a line carried, or the tally (quiet or gone)."""
         tally = peer.tally
         for cause, where in enumerate(() if tally is None else
                                       proto.CAUSES):
@@ -388,6 +333,11 @@ class Ingest:
                 self._subscribers.credit(count, {peer.source: count}, where)
             else:
                 self._say_invalid(peer.source, 'a drop count of %d' % count)
+
+    def share_count(self):
+        for peer in self.publishers.values():
+            if peer.tally is not None:
+                peer.tally[proto.SUBSCRIBERS] = len(self._subscribers.peers)
 
     def credit_quiet(self):
         """Report the drops of processes that sent nothing since last."""
@@ -409,8 +359,8 @@ class Ingest:
         self._lines, self._from = [], []
         lines.append(b'')
         data = b'\n'.join(lines)
-        if not clean(data, self._words):
-            masked = [(mask(line, self._words), source)
+        if not clean(data):
+            masked = [(mask(line), source)
                       for line, source in zip(lines, sources)]
             for source in [s for line, s in masked if line is None]:
                 self._say_invalid(source, 'not a JSON object')
@@ -445,23 +395,23 @@ class Hub:
         self.path, self.lock_fd = path, lock_fd
         self.poller = select.poll()
         self._binds = {path: (mode, gid, socket.SOCK_STREAM),
-                       sockfile.ingest_path(path): (
+                       proto.ingest_path(path): (
                            0o600, os.getegid(), socket.SOCK_SEQPACKET)}
         listener, sub_id = self._bind(path)
         self.subscribers = Subscribers(listener, self.poller, path,
                                        max_subscribers, buffer_size)
-        listener, ingest_id = self._bind(sockfile.ingest_path(path))
+        listener, ingest_id = self._bind(proto.ingest_path(path))
         self.ingest = Ingest(listener, self.poller, path, self.subscribers,
                              buffer_size)
-        self._ids = {path: sub_id, sockfile.ingest_path(path): ingest_id}
+        self._ids = {path: sub_id, proto.ingest_path(path): ingest_id}
         self._idle_since = time.monotonic()
         self._check_at = self._idle_since + CHECK_INTERVAL
         self._lost, self._failures = (proto.Throttle(LOG),
                                       proto.Throttle(LOG))
-        self.stopping = False
+        self.stopping, self._shared = False, 0
 
     def _bind(self, path):
-        return sockfile.bind_listener(path, *self._binds[path])
+        return proto.bind_listener(path, *self._binds[path])
 
     def run(self):
         """Serve until GRACE seconds with no publisher; never blocks."""
@@ -472,21 +422,22 @@ class Hub:
             subscribers, ingest = self.subscribers, self.ingest
             for fd, events in self.poller.poll(timeout * 1000):
                 if fd == subscribers.listener.fileno():
-                    self._pause(subscribers.accept())
+                    self._pause(_accept(subscribers.listener,
+                                        subscribers.admit))
                 elif fd == ingest.listener.fileno():
-                    self._pause(ingest.accept())
+                    self._pause(_accept(ingest.listener, ingest.admit))
                 elif fd in ingest.publishers:
                     ingest.handle(ingest.publishers[fd], events)
                 elif fd in subscribers.peers:
                     subscribers.handle(subscribers.peers[fd], events)
+            if len(subscribers.peers) != self._shared:
+                self._shared = len(subscribers.peers)
+                ingest.share_count()
             ingest.relay()
             subscribers.report_drops()
 
     def _pause(self, exc):
-        """Out of file descriptors: leave connections queued a moment.
-
-        Else poll() would report them again at once, forever.
-        """
+        """Out of fds: else poll() reports the queue again at once."""
         if exc is not None:
             self._lost.warn('%s: accept failed: %s', self.path, exc)
             time.sleep(0.1)
@@ -516,17 +467,13 @@ class Hub:
         return max(timeout, 0.001)
 
     def _nobody_left(self):
-        """Whether no publisher is connected, nor can connect any more.
-
-        A shut down listener queues no connection; one queued before is
-        accepted (nothing it sent is lost), and served with a new listener.
-        """
+        """Whether no publisher is connected, nor queued (then re-listen)."""
         self.ingest.listener.shutdown(socket.SHUT_RDWR)
-        self.ingest.accept()
+        _accept(self.ingest.listener, self.ingest.admit)
         if not self.ingest.publishers:
             return True
-        self._replace('ingest', sockfile.ingest_path(self.path), self._bind(
-            sockfile.ingest_path(self.path)))
+        self._replace('ingest', proto.ingest_path(self.path), self._bind(
+            proto.ingest_path(self.path)))
         return False
 
     def _replace(self, role, path, bound):
@@ -537,16 +484,13 @@ class Hub:
         self.poller.register(owner.listener, select.POLLIN)
 
     def _keep_lock(self):
-        """Whether the lock file is still ours; if removed, lock it anew.
-
-        Else (another hub locked a new one, the directory is gone) leave.
-        """
-        lock = sockfile.lock_path(self.path)
+        """Whether the lock file is ours (locked anew if it was removed)."""
+        lock = proto.lock_path(self.path)
         try:
             if os.path.lexists(lock) and os.path.samestat(
                     os.fstat(self.lock_fd), os.lstat(lock)):
                 return True
-            fd = sockfile.try_lock(self.path)
+            fd = proto.try_lock(self.path)
         except (OSError, proto.RelayError):
             fd = None
         if fd is None:
@@ -561,9 +505,9 @@ class Hub:
     def _keep_paths(self):
         """Bind a removed path again, by the rules of the first bind."""
         for role, path in (('subscribers', self.path),
-                           ('ingest', sockfile.ingest_path(self.path))):
+                           ('ingest', proto.ingest_path(self.path))):
             try:
-                if sockfile.file_id(path) == self._ids[path]:
+                if proto.file_id(path) == self._ids[path]:
                     continue
                 self._lost.warn('%s was replaced by another file; left '
                                 'alone', path)
@@ -573,7 +517,7 @@ class Hub:
             except OSError:
                 continue
             try:
-                problem = sockfile.directory_problem(os.path.dirname(path))
+                problem = proto.directory_problem(os.path.dirname(path))
                 if problem:
                     raise proto.RelayError(problem)
                 self._replace(role, path, self._bind(path))
@@ -584,14 +528,10 @@ class Hub:
             LOG.warning('%s was removed: bound again', path)
 
     def leave(self):
-        """Remove both sockets, free the lock, flush subscribers a while.
-
-        One that does not read it all within FLUSH_TIMEOUT may see a line
-        cut, which the subscriber library counts.
-        """
+        """Remove both sockets, unlock, flush subscribers FLUSH_TIMEOUT."""
         for path, bound_id in self._ids.items():
             try:
-                sockfile.unlink_if_ours(path, bound_id)
+                proto.unlink_if_ours(path, bound_id)
             except OSError:
                 pass
         self.ingest.close()
@@ -600,7 +540,7 @@ class Hub:
         os.close(self.lock_fd)
         self.subscribers.report_drops(force=True)
         deadline = time.monotonic() + FLUSH_TIMEOUT
-        while self.subscribers.behind():
+        while any(p.pending for p in self.subscribers.peers.values()):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -608,7 +548,8 @@ class Hub:
                 peer = self.subscribers.peers.get(fd)
                 if peer is not None:
                     self.subscribers.handle(peer, events)
-        self.subscribers.close()
+        for peer in list(self.subscribers.peers.values()):
+            self.subscribers.drop(peer)
 
 
 def main(argv=None):
@@ -625,7 +566,7 @@ def main(argv=None):
         format='%(asctime)s %(process)d %(levelname)s %(name)s [-] '
                '%(message)s')
     try:
-        lock_fd = sockfile.try_lock(args.path)
+        lock_fd = proto.try_lock(args.path)
         if lock_fd is None:
             return 0  # another hub serves the path
         hub = Hub(args.path, args.mode, args.gid, args.max_subscribers,

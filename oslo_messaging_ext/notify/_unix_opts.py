@@ -21,39 +21,12 @@ import grp
 import os
 
 from oslo_config import cfg
-from oslo_config import types
 
 GROUP = 'oslo_messaging_notifications'
-
-# sock_buffer_size below this would drop most of a burst.
-MIN_BUFFER_SIZE = 65536
-
-
-class _RefusedValue(ValueError):
-    """A value below an option's minimum, kept for the load error."""
-
-    def __init__(self, value, reason):
-        super().__init__(reason)
-        self.value = value
-
-
-class _AtLeast(types.Integer):
-    """An integer with a minimum, shown by the reference and the validator.
-
-    A value below it makes the driver's load error name the value.
-    """
-
-    def __init__(self, minimum, why=''):
-        super().__init__(min=minimum, type_name='integer value')
-        self.why = why
-
-    def __call__(self, value):
-        try:
-            return super().__call__(value)
-        except ValueError:
-            raise _RefusedValue(value, 'it must be at least %d%s'
-                                % (self.min, self.why))
-
+# The least value of each bounded option, and why.
+MINIMUMS = {'sock_max_subscribers': (1, ''),
+            'sock_buffer_size': (65536, ' bytes, to hold a burst of '
+                                 'notifications of a few kilobytes')}
 
 unix_opts = [
     cfg.StrOpt('sock_path',
@@ -73,22 +46,18 @@ unix_opts = [
                help='Group of the socket file (name or numeric id). The '
                     'service user must belong to it. Unset means the '
                     'service\'s primary group.'),
-    cfg.Opt('sock_max_subscribers', type=_AtLeast(1), default=64,
-            help='Subscribers served at once; further ones are closed '
-                 'and logged. The service\'s own processes connect to the '
-                 'hub\'s private ingest socket and do not count.'),
-    cfg.Opt('sock_buffer_size', default=4 * 1024 * 1024,
-            type=_AtLeast(MIN_BUFFER_SIZE, ' bytes, to hold a burst of '
-                          'notifications of a few kilobytes'),
-            help='Bytes of notifications queued at most per subscriber '
-                 'that does not keep up (on top of the kernel socket '
-                 'buffer). Past it, notifications are dropped, counted and '
-                 'reported in-band. Each process also asks for a send '
-                 'buffer of this size towards the hub, as far as the '
-                 'kernel allows (net.core.wmem_max): a notification larger '
-                 'than that buffer is dropped and counted. A single '
-                 'notification larger than this still reaches a '
-                 'subscriber with nothing queued.'),
+    cfg.IntOpt('sock_max_subscribers', default=64,
+               help='Subscribers served at once (at least 1); further ones '
+                    'are closed and logged. The service\'s own processes '
+                    'do not count.'),
+    cfg.IntOpt('sock_buffer_size', default=4 * 1024 * 1024,
+               help='Bytes of notifications queued at most per subscriber '
+                    'that does not keep up, on top of the kernel socket '
+                    'buffer (at least 65536). Past it, notifications are '
+                    'dropped, counted and reported in-band. Each process '
+                    'also asks for a send buffer of this size towards the '
+                    'hub, as far as the kernel allows (net.core.wmem_max): '
+                    'a larger notification is dropped and counted.'),
     cfg.BoolOpt('sock_include_context', default=False,
                 help='Add the request context to each notification, as '
                      '"context". Auth tokens and other secrets are always '
@@ -113,16 +82,12 @@ def register_opts(conf):
 
 def bounded(conf_group, name):
     """The value of an option with a minimum; an error names what it was."""
-    try:
-        return getattr(conf_group, name)
-    except ValueError as exc:
-        # oslo.config reports a configuration file's value as
-        # ConfigFileValueError, raised while handling ours.
-        refused = exc if isinstance(exc, _RefusedValue) \
-            else exc.__context__
-        if not isinstance(refused, _RefusedValue):
-            raise
-        raise UnixSocketConfigError(name, refused.value, str(refused))
+    value = getattr(conf_group, name)
+    least, why = MINIMUMS[name]
+    if value < least:
+        raise UnixSocketConfigError(name, value, 'it must be at least %d%s'
+                                    % (least, why))
+    return value
 
 
 def parse_mode(value):

@@ -229,9 +229,9 @@ class NotificationsSectionTestCase(base.BaseTestCase):
                 ({'sock_mode': '0666'}, "Invalid value '0666' for option "
                  'sock_mode in group [oslo_messaging_notifications]: the '
                  'socket must not be accessible to others'),
-                ({'sock_buffer_size': '10'}, '[oslo_messaging_notifications] '
-                 'sock_buffer_size = 10: invalid value: it must be at least '
-                 '65536 bytes'),
+                ({'sock_buffer_size': '10'}, 'Invalid value 10 for option '
+                 'sock_buffer_size in group [oslo_messaging_notifications]: '
+                 'it must be at least 65536 bytes'),
                 ({'sock_max_subscribers': 'many'},
                  '[oslo_messaging_notifications] sock_max_subscribers = '
                  'many: invalid value'),
