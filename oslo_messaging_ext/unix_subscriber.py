@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import stat
 import threading
@@ -77,6 +78,9 @@ PRIORITIES = ('audit', 'debug', 'info', 'warn', 'error', 'critical',
               'sample')
 #: The key of the per-process sequence number of each notification line.
 SEQUENCE_KEY = 'sequence'
+# How the unix driver starts every line.
+_STAMP = re.compile(
+    rb'\{"sequence":\{"source":"([0-9a-f-]*)("?)(?:,"number":([0-9]+)\})?')
 
 
 def __getattr__(name):
@@ -301,6 +305,31 @@ class GapCounter:
         for source, number in sources.items():
             self._pending[source] = self._pending.get(source, 0) + number
 
+    def count_cut(self, data):
+        """Account for a line cut short by the end of a connection.
+
+        Its sequence stamp comes first: the line is one missed of the only
+        source the stamp can be (its next number, if the stamp was cut
+        before its own), else an unattributed drop.
+        """
+        self.dropped += 1
+        stamp = _STAMP.match(data)
+        if stamp is not None:
+            prefix, whole, number = stamp.groups()
+            sources = [s for s in self._last if s == prefix.decode() or (
+                not whole and s.startswith(prefix.decode()))]
+            if len(sources) == 1:
+                last, connection = self._last[sources[0]]
+                self._last[sources[0]] = (max(last + 1, int(number or 0)),
+                                          connection)
+                self.gaps += 1
+                return
+            if whole and number and prefix.decode() not in self._last:
+                self._last[prefix.decode()] = (int(number), 1)
+                self.gaps += 1
+                return
+        self.unattributed += 1
+
     def observe(self, notification, connection=1):
         """Account for one received notification or drop notice.
 
@@ -393,8 +422,8 @@ class Subscription:
     def dropped(self):
         """Drops the service reported for this subscriber, and cut lines.
 
-        A line cut by the end of a connection counts as one unattributed
-        drop: its sequence stamp, the last key, is what was cut off.
+        A line cut by the end of a connection counts as one drop, of its
+        source if its sequence stamp (the first key) arrived whole.
         """
         return self.gap_counter.dropped
 
@@ -536,8 +565,7 @@ class Subscription:
                 if pending:
                     # The service stopped while this reader was so far
                     # behind that it never read the end of a line.
-                    # Unattributed: the sequence stamp ends the line.
-                    self.gap_counter.count_dropped(1)
+                    self.gap_counter.count_cut(pending)
                     LOG.warning('%s: the connection ended inside a line '
                                 '(%d bytes); counted as dropped',
                                 self.path, len(pending))

@@ -239,8 +239,9 @@ class Publisher:
                 if self._wanted:
                     self._dropped(proto.ABSENT)
                 return
-            line = encode(dict(message, sequence={'source': self.source,
-                                                  'number': number}))
+            # The stamp first: a line cut short still says whose it was.
+            line = encode({'sequence': {'source': self.source,
+                                        'number': number}, **message})
             if not self._send(self._header + line):
                 if self._cause == proto.TOO_LARGE:
                     self._warn('Unix notification socket %s: dropped a '

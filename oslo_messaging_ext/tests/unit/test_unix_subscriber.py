@@ -389,6 +389,26 @@ class GapCounterTestCase(CounterTestCase):
         self.assertFalse(any(g.reconnected for g in gaps))
         self.assertEqual('image.host1', gaps[0].publisher_id)
 
+    def test_a_line_cut_after_its_stamp_is_missed_once(self):
+        # The hub died inside line 2 of 1-ab; the process then sent 3.
+        counter = unix_subscriber.GapCounter()
+        self.observe(counter, sequenced('1-ab', [1]))
+        counter.count_cut(b'{"sequence":{"source":"1-ab","number":2},"pay')
+        self.assertEqual([], self.observe(counter, sequenced('1-ab', [3])))
+        self.assertEqual((1, 1, 0), (counter.lost, counter.gaps,
+                                     counter.unattributed))
+        # Cut before its number: the next of its source (4, then 5).
+        counter.count_cut(b'{"sequence":{"source":"1-ab","numb')
+        self.assertEqual([], self.observe(counter, sequenced('1-ab', [5])))
+        self.assertEqual((2, 2), (counter.lost, counter.gaps))
+        # Cut before its source is known for sure: unattributed.
+        self.observe(counter, sequenced('1-ac', [1]))
+        counter.count_cut(b'{"sequence":{"source":"1-a')
+        counter.count_cut(b'{"seq')
+        self.assertEqual((4, 2, 2, 4), (counter.lost, counter.gaps,
+                                        counter.unattributed,
+                                        counter.dropped))
+
     def test_nothing_is_known_before_the_first_line(self):
         counter = unix_subscriber.GapCounter()
         self.assertEqual([], self.observe(counter, sequenced('a', [42])))
