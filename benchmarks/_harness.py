@@ -32,6 +32,7 @@ def make_notifier(driver, conf=None, transport_url='fake:/', topics=None):
     conf([], project='oslo-messaging-ext-bench')
     transport = oslo_messaging.get_notification_transport(
         conf, url=transport_url)
+    conf.set_override('transport_url', transport_url)  # as a service's
     notifier = oslo_messaging.Notifier(
         transport, publisher_id='image.localhost', driver=driver,
         topics=topics or ['notifications'])

@@ -404,6 +404,7 @@ def _load_seconds(path, repeat):
         conf = cfg.ConfigOpts()
         transport = oslo_messaging.get_notification_transport(conf,
                                                               url='fake:/')
+        conf.set_override('transport_url', 'fake:/')  # as a service's
         conf(['--config-file', path], project='oslo-messaging-ext-bench')
         start = time.perf_counter()
         driver = _impl_multicast.MulticastDriver(conf, ['notifications'],

@@ -143,6 +143,8 @@ def run(args):
         conf(['--config-file', path], project='oslo-messaging-ext-demo')
     transport = oslo_messaging.get_notification_transport(
         conf, url=args.transport_url or 'fake:/')
+    # Where a service sets it, and where the driver reads it.
+    conf.set_override('transport_url', args.transport_url or 'fake:/')
     arrivals = queue.Queue()
     listeners = []
     labels = {}

@@ -25,6 +25,7 @@ driver.
 
 import collections
 import difflib
+import functools
 import ipaddress
 import logging
 import os
@@ -267,11 +268,10 @@ class _RuleLoader:
         self.warnings = []
         # The files are read once, whatever the number of rules.
         self.files = _multicast_opts.file_sections(conf)
-        standard_url = getattr(transports.standard._driver, '_url', None)
-        if standard_url is not None:
-            self.standard_broker = broker_of(conf, standard_url)
+        if transports.standard_url is not None:
+            self.standard_broker = broker_of(conf, transports.standard_url)
         else:
-            # A transport that does not say: only itself is the same.
+            # Unusable for the notifier too: only itself is the same.
             self.standard_broker = ('', frozenset([(id(transports), None)]))
         # topic -> [(broker, exchange, where)] of the targets loaded so far.
         self._targets = collections.defaultdict(list)
@@ -285,9 +285,13 @@ class _RuleLoader:
                 'with another type; rename the event key'))
         return not conflicts
 
+    @functools.cached_property
+    def _control_exchange(self):
+        return getattr(self.conf, 'control_exchange', None)
+
     def _exchange(self, exchange):
         """The exchange a replica is published to: None is the default."""
-        return exchange or getattr(self.conf, 'control_exchange', None)
+        return exchange or self._control_exchange
 
     def _check_target(self, broker, exchange, topic, group, option, value):
         """Record a target; False (with the problem) if it is refused."""

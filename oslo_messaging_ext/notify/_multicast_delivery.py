@@ -93,7 +93,15 @@ class RuleTransports:
     def __init__(self, conf, standard):
         self.conf = conf
         self.standard = standard
-        self._standard_url = getattr(standard._driver, '_url', None)
+        # What get_notification_transport() read: a Transport does not
+        # say which URL it was given.
+        url = (_multicast_opts.option(conf, 'oslo_messaging_notifications',
+                                      'transport_url') or
+               _multicast_opts.option(conf, 'DEFAULT', 'transport_url'))
+        try:
+            self.standard_url = oslo_messaging.TransportURL.parse(conf, url)
+        except oslo_messaging.InvalidTransportURL:
+            self.standard_url = None  # the notifier cannot use it either
         self._by_url = {}
         self._shared_keys = []
         # id(transport) -> the broker's host:port, for the counters' lines.
@@ -104,7 +112,7 @@ class RuleTransports:
         if not url:
             return self.standard
         parsed = oslo_messaging.TransportURL.parse(self.conf, url)
-        if parsed == self._standard_url:
+        if parsed == self.standard_url:
             return self.standard
         if parsed not in self._by_url:
             key, transport = _acquire_transport(self.conf, parsed, url)

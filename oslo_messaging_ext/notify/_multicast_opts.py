@@ -275,6 +275,14 @@ def file_sections(conf):
     return merged
 
 
+def option(conf, group, name):
+    """The value of another library's option; None if not registered."""
+    try:
+        return conf[group][name]
+    except cfg.Error:
+        return None
+
+
 def read_delivery_opts(conf):
     """The async options of [oslo_messaging_multicast], validated."""
     return _read(conf, GROUP, DELIVERY_OPTS)

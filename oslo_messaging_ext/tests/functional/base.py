@@ -172,6 +172,8 @@ class BrokerTestCase(base.BaseTestCase):
         self.conf = self.useFixture(config_fixture.Config(cfg.ConfigOpts()))
         self.conf.conf([], project='oslo-messaging-ext-functional')
         self.transport = self.notification_transport(self.url)
+        # Where a service sets it, and where the driver reads it.
+        self.conf.config(transport_url=self.url)
 
     def notification_transport(self, url):
         transport = oslo_messaging.get_notification_transport(

@@ -87,6 +87,8 @@ class DriverFixtureMixin:
         self.transport = oslo_messaging.get_notification_transport(
             self.conf, url='fake:/')
         self.addCleanup(self.transport.cleanup)
+        # Where a service sets it, and where the driver reads it.
+        self.conf.set_override('transport_url', 'fake:/')
         self.published = []
         self._publish_lock = threading.Lock()
         self.fail_topics = set()

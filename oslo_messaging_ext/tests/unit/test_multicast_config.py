@@ -50,6 +50,8 @@ class SameBrokerTestCase(base.BaseTestCase):
         self.transport = oslo_messaging.get_notification_transport(
             self.conf, url=STANDARD_URL)
         self.addCleanup(self.transport.cleanup)
+        # As a service configures it; the driver reads it there.
+        self.conf.set_override('transport_url', STANDARD_URL)
         self.useFixture(test_utils.FakeLogger(multicast.__name__,
                                               level=logging.DEBUG))
 
@@ -80,9 +82,8 @@ class SameBrokerTestCase(base.BaseTestCase):
             self.assertNotIn('s3cret', str(error))
 
     def test_default_port_is_the_same_broker(self):
-        self.transport = oslo_messaging.get_notification_transport(
-            self.conf, url='rabbit://guest:guest@127.0.0.1/')
-        self.addCleanup(self.transport.cleanup)
+        self.conf.set_override('transport_url',
+                               'rabbit://guest:guest@127.0.0.1/')
         self.assertIsNotNone(self.load('rabbit://u:p@localhost:5672/'))
         self.assertIsNone(self.load('rabbit://u:p@localhost:5673/'))
 
