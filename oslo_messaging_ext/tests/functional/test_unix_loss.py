@@ -119,13 +119,15 @@ class UnixLossTestCase(base.BaseTestCase):
         self.assertLessEqual(result['silent_otherwise'], 0, result)
         self.assertLessEqual(result['silent_held_by_dead_hubs'],
                              result['held_bound'], result)
-        # A line cut by a killed hub is counted once, of its source (the
-        # stamp comes first). The tail was over by 1 in 2 of 8 runs here,
-        # the library never: the tail is held within the cut lines.
-        library, tail = result['library'], result['tail']
-        self.assertEqual(library['truth_missed'], library['missed'], result)
-        self.assertLessEqual(abs(tail['truth_missed'] - tail['missed']),
-                             result['unparsed'], result)
+        # The subscribers cannot know all that is missed here (what a dead
+        # hub held of a source that never sent again, what a source sent
+        # before a subscriber first heard of it), but they never count a
+        # delivered line: a line cut by a killed hub is counted once, of its
+        # source (the stamp comes first), else at most once more.
+        for subscriber in (result['library'], result['tail']):
+            self.assertLessEqual(subscriber['missed'],
+                                 subscriber['truth_missed'] +
+                                 result['unparsed'], result)
 
 
 def _text(value):
