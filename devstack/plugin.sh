@@ -75,6 +75,9 @@ function install_oslo_messaging_ext {
     if [[ "$OSLO_MESSAGING_EXT_ORJSON" == True ]]; then
         extras=orjson
     fi
+    if [[ "$OSLO_MESSAGING_EXT_REGEX" == True ]]; then
+        extras="${extras:+$extras,}regex"
+    fi
     setup_develop "$OSLO_MESSAGING_EXT_DIR" $extras
 }
 

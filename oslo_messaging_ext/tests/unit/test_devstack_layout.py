@@ -77,7 +77,7 @@ class TestPluginName(LayoutTestCase):
     def test_zuul_layout_with_cloning_forbidden(self):
         result = self.stack(localrc=devstack.ZUUL_ENABLE_PLUGIN)
         self.assert_ok(result)
-        self.assertIn('setup_develop %s orjson' % self.checkout,
+        self.assertIn('setup_develop %s orjson,regex' % self.checkout,
                       result.calls)
 
     def test_every_documented_enable_plugin_line_works_on_zuul_layout(self):
@@ -145,7 +145,7 @@ class TestPluginName(LayoutTestCase):
                    os.path.join(dest, devstack.PLUGIN_NAME))
         result = self.stack('install', env=layout_env)
         self.assert_ok(result)
-        self.assertIn('setup_develop %s/%s orjson'
+        self.assertIn('setup_develop %s/%s orjson,regex'
                       % (dest, devstack.PLUGIN_NAME), result.calls)
 
     def test_operator_may_still_name_the_directory(self):
@@ -154,7 +154,7 @@ class TestPluginName(LayoutTestCase):
         result = self.stack(
             'install', env={'OSLO_MESSAGING_EXT_DIR': elsewhere})
         self.assert_ok(result)
-        self.assertIn('setup_develop %s orjson' % elsewhere, result.calls)
+        self.assertIn('setup_develop %s orjson,regex' % elsewhere, result.calls)
 
     def test_settings_read_in_unstack_and_clean_find_the_checkout(self):
         self.assert_ok(self.stack())

@@ -123,17 +123,22 @@ class TestInstall(PluginTestCase):
         result = self.run_phase('stack', 'install')
         checkout = os.path.join(devstack.Layout(self.dir).dest,
                                 devstack.PLUGIN_NAME)
-        self.assertIn('setup_develop %s orjson' % checkout, result.calls)
+        self.assertIn('setup_develop %s orjson,regex' % checkout, result.calls)
         self.assertEqual(DEVSTACK_GLANCE_API_CONF, self.read_conf_text())
 
-    def test_install_without_orjson(self):
+    def test_install_without_orjson_or_regex(self):
         self.write_conf()
-        result = self.run_phase('stack', 'install',
-                                OSLO_MESSAGING_EXT_ORJSON='False')
         checkout = os.path.join(devstack.Layout(self.dir).dest,
                                 devstack.PLUGIN_NAME)
-        self.assertIn('setup_develop %s' % checkout, result.calls)
-        self.assertNotIn('setup_develop %s orjson' % checkout, result.calls)
+        for settings, extras in [
+                ({'OSLO_MESSAGING_EXT_ORJSON': 'False'}, ' regex'),
+                ({'OSLO_MESSAGING_EXT_REGEX': 'False'}, ' orjson'),
+                ({'OSLO_MESSAGING_EXT_ORJSON': 'False',
+                  'OSLO_MESSAGING_EXT_REGEX': 'False'}, '')]:
+            result = self.run_phase('stack', 'install', **settings)
+            self.assertIn('setup_develop %s%s' % (checkout, extras),
+                          result.calls)
+            self.assertNotIn('orjson,regex', ' '.join(result.calls))
 
     def test_other_stack_phases_do_nothing(self):
         self.write_conf()
