@@ -154,7 +154,8 @@ class TestPluginName(LayoutTestCase):
         result = self.stack(
             'install', env={'OSLO_MESSAGING_EXT_DIR': elsewhere})
         self.assert_ok(result)
-        self.assertIn('setup_develop %s orjson,regex' % elsewhere, result.calls)
+        self.assertIn('setup_develop %s orjson,regex' % elsewhere,
+                      result.calls)
 
     def test_settings_read_in_unstack_and_clean_find_the_checkout(self):
         self.assert_ok(self.stack())
