@@ -93,11 +93,11 @@ class RuleTransports:
     def __init__(self, conf, standard):
         self.conf = conf
         self.standard = standard
-        # What get_notification_transport() read: a Transport does not
-        # say which URL it was given.
-        url = (_multicast_opts.option(conf, 'oslo_messaging_notifications',
-                                      'transport_url') or
-               _multicast_opts.option(conf, 'DEFAULT', 'transport_url'))
+        # What get_notification_transport() read (a Transport does not
+        # say which URL it was given); parse() falls back, as it does, to
+        # [DEFAULT] transport_url.
+        url = _multicast_opts.option(conf, 'oslo_messaging_notifications',
+                                     'transport_url')
         try:
             self.standard_url = oslo_messaging.TransportURL.parse(conf, url)
         except oslo_messaging.InvalidTransportURL:
