@@ -316,16 +316,14 @@ class GapCounter:
         stamp = _STAMP.match(data)
         if stamp is not None:
             prefix, whole, number = stamp.groups()
-            sources = [s for s in self._last if s == prefix.decode() or (
-                not whole and s.startswith(prefix.decode()))]
-            if len(sources) == 1:
-                last, connection = self._last[sources[0]]
-                self._last[sources[0]] = (max(last + 1, int(number or 0)),
-                                          connection)
-                self.gaps += 1
-                return
-            if whole and number and prefix.decode() not in self._last:
-                self._last[prefix.decode()] = (int(number), 1)
+            prefix = prefix.decode()
+            known = [s for s in self._last
+                     if s == prefix or (not whole and s.startswith(prefix))]
+            if len(known) == 1 or (whole and number and not known):
+                source = known[0] if known else prefix
+                last, connection = self._last.get(source, (0, 1))
+                self._last[source] = (max(last + 1, int(number or 0)),
+                                      connection)
                 self.gaps += 1
                 return
         self.unattributed += 1
