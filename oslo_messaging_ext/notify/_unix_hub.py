@@ -93,7 +93,8 @@ class Subscriber:
     def __init__(self, sock):
         self.sock, self.fd = sock, sock.fileno()
         self.pending, self.pending_bytes = collections.deque(), 0
-        self.sources, self.causes = collections.Counter(), {}
+        self.sources = collections.Counter()
+        self.causes = collections.Counter()
         self.reading = True
 
 
@@ -170,7 +171,7 @@ class Subscribers:
     @staticmethod
     def _credit(peer, count, sources, cause):
         peer.sources.update(sources)
-        peer.causes[cause] = peer.causes.get(cause, 0) + count
+        peer.causes[cause] += count
 
     def report_drops(self, force=False):
         """Queue the drop notices that fit (all, with ``force``)."""
@@ -183,7 +184,8 @@ class Subscribers:
     def _queue_notice(self, peer):
         notice = proto.dropped_envelope(sum(peer.causes.values()), ', '.join(
             sorted(peer.causes)), peer.sources)
-        peer.sources, peer.causes = collections.Counter(), {}
+        peer.sources.clear()
+        peer.causes.clear()
         peer.pending.append(notice)
         peer.pending_bytes += len(notice)
 
