@@ -29,7 +29,8 @@ any driver must do at least for one notification with a subscriber,
 ``Notifier.info()`` through noop plus encoding the envelope with the same
 encoder plus one non-blocking send on a SOCK_SEQPACKET socket that
 another process drains. Where a target is below that floor, the driver
-must come within 10 % of it instead.
+must come within 10 % of it instead; the stuck subscriber's p99 is held
+to the floor's p99, measured in the same comparison.
 
 CPU per notification is the service process's (all its threads,
 ``time.process_time()``) and the hub's (utime + stime of its process),
@@ -311,6 +312,7 @@ def measure(quick):
         finally:
             stuck.close()
         figures['stuck p99'] = measured.ratio('unix', p99=True)
+        figures['floor p99'] = measured.ratio('floor', p99=True)
         figures['noop p99'] = measured.p99['noop']
 
         service.subscribers(0)
@@ -462,10 +464,13 @@ def _cases_table(mode, figures):
               service * US, 'us')
     if hub is not None:
         table.add('1 subscriber, hub CPU per notification', hub * US, 'us')
-    ratio = figures['stuck p99']
+    ratio, floor_p99 = figures['stuck p99'], figures['floor p99']
+    table.add('floor p99: noop + encode + send', floor_p99, 'x noop p99',
+              ratio=floor_p99)
     table.add('stuck subscriber, p99 (noop p99: %.1f us)'
               % (figures['noop p99'] * US), ratio, 'x noop p99',
-              ratio=ratio, target='<= 1.5x noop p99', ok=ratio <= 1.5)
+              ratio=ratio, target='<= 1.5x noop p99, or <= 1.1x floor p99',
+              ok=ratio <= 1.5 or ratio <= 1.1 * floor_p99)
     target = 100000 if orjson else 50000
     rate, floor_rate = figures['e2e rate'], figures['e2e floor rate']
     silent = figures['e2e silent']

@@ -144,11 +144,16 @@ def make_encoder():
     if orjson is None:
         return stdlib_encode
     dumps, refused = orjson.dumps, orjson.JSONEncodeError
-    options = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+    fast = orjson.OPT_PASSTHROUGH_DATETIME
+    non_str_keys = fast | orjson.OPT_NON_STR_KEYS  # twice as slow: a retry
 
     def encode(message):
         try:
-            return dumps(message, default=default, option=options)
+            return dumps(message, default=default, option=fast)
+        except refused:
+            pass
+        try:
+            return dumps(message, default=default, option=non_str_keys)
         except refused:
             return stdlib_encode(message)
     return encode
@@ -233,7 +238,7 @@ class Publisher:
             return
         with self._lock:
             number = next(self._numbers)
-            sock = self._connect()
+            sock = self._sock or self._connect()
             if sock is None:
                 # Missed by subscribers only if there were some.
                 if self._wanted:
@@ -242,33 +247,30 @@ class Publisher:
             # The stamp first: a line cut short still says whose it was.
             line = encode({'sequence': {'source': self.source,
                                         'number': number}, **message})
-            if not self._send(self._header + line):
-                if self._cause == proto.TOO_LARGE:
-                    self._warn('Unix notification socket %s: dropped a '
-                               'notification of %d bytes, more than the '
-                               'send buffer to the hub (%d bytes) holds',
-                               self.path, len(line), sock.getsockopt(
-                                   socket.SOL_SOCKET, socket.SO_SNDBUF))
-                self._dropped(self._cause)
+            try:
+                sock.send(self._header + line)
+            except OSError as exc:
+                self._not_sent(exc, len(line))
+
+    def _not_sent(self, exc, size):
+        if isinstance(exc, BlockingIOError):
+            cause = proto.FULL
+        elif exc.errno == errno.EMSGSIZE:
+            cause = proto.TOO_LARGE
+            self._warn('Unix notification socket %s: dropped a notification '
+                       'of %d bytes, more than the send buffer to the hub '
+                       '(%d bytes) holds', self.path, size,
+                       self._sock.getsockopt(socket.SOL_SOCKET,
+                                             socket.SO_SNDBUF))
+        else:
+            cause = proto.ABSENT
+            self._lost()
+        self._dropped(cause)
 
     def _dropped(self, cause):
         tally = self._tally
         tally[cause] += 1
         self._header = proto.HEADER.pack(proto.LINE, *tally[:3])
-
-    def _send(self, data):
-        try:
-            self._sock.send(data)
-            return True
-        except BlockingIOError:
-            self._cause = proto.FULL
-        except OSError as exc:
-            if exc.errno == errno.EMSGSIZE:
-                self._cause = proto.TOO_LARGE
-            else:
-                self._cause = proto.ABSENT
-                self._lost()
-        return False
 
     def _check_alive(self):
         """Whether the hub still holds our connection; reconnect if not."""

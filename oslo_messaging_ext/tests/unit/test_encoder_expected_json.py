@@ -52,3 +52,19 @@ class EncoderExpectedJsonTestCase(base.BaseTestCase):
         line = _impl_unix.make_encoder()(ODD_VALUES)
         self.assertNotIn(b'\n', line)
         self.assertEqual(json.loads(EXPECTED_LINE), json.loads(line))
+
+    def test_orjson_retries_non_string_keys_with_the_same_values(self):
+        if _impl_unix.orjson is None:
+            test_utils.unavailable(self, 'orjson (optional: the orjson '
+                                   'extra) is not installed')
+        # orjson refuses these without OPT_NON_STR_KEYS, and takes them
+        # with it: the encoder's second try.
+        values = {'flavor': {1: 'small', 2.5: 'half'},
+                  'when': datetime.datetime(2026, 11, 22, 3, 0, 0)}
+        orjson = _impl_unix.orjson
+        self.assertRaises(orjson.JSONEncodeError, orjson.dumps, values,
+                          default=str)
+        with mock.patch.object(_impl_unix, 'orjson', None):
+            stdlib = _impl_unix.make_encoder()
+        self.assertEqual(json.loads(stdlib(values)),
+                         json.loads(_impl_unix.make_encoder()(values)))
