@@ -33,6 +33,7 @@ import oslo_messaging
 from oslo_messaging_ext.notify import _multicast_delivery as multicast_delivery
 from oslo_messaging_ext import samples
 from oslo_messaging_ext.tests.functional import base
+from oslo_messaging_ext.tests.functional import outage
 from oslo_messaging_ext.tests import utils as test_utils
 
 # Generous: a loaded CI machine, yet far below an unbounded retry.
@@ -159,38 +160,11 @@ class OnmcastGlanceTestCase(MulticastBrokerTestCase):
 
 class RuleTestCase(MulticastBrokerTestCase):
 
-    def add_vhost(self):
-        """Create a vhost standing for another broker; return its URL."""
-        rabbitmqctl = test_utils.require_tool(self, 'rabbitmqctl',
-                                              'rabbitmq-server')
-        vhost = base.unique_name('multicast-region2')
-        user = urllib.parse.urlsplit(self.url).username or 'guest'
-        for args in (['add_vhost', vhost],
-                     ['set_permissions', '-p', vhost, user, '.*', '.*',
-                      '.*']):
-            result = subprocess.run([rabbitmqctl] + args,
-                                    capture_output=True, text=True,
-                                    timeout=60)
-            if result.returncode:
-                subprocess.run([rabbitmqctl, 'delete_vhost', vhost],
-                               capture_output=True, timeout=60)
-                # rabbitmqctl runs where the broker does, as root or the
-                # rabbitmq user.
-                test_utils.unavailable(
-                    self, 'cannot create a vhost standing for a second '
-                    'broker (rabbitmqctl %s, as uid %d, exit %d: %s)'
-                    % (args[0], os.geteuid(), result.returncode,
-                       (result.stderr or result.stdout).strip()))
-            if args[0] == 'add_vhost':
-                # Deleting the vhost deletes its queues and exchanges.
-                self.addCleanup(subprocess.run,
-                                [rabbitmqctl, 'delete_vhost', vhost],
-                                capture_output=True, timeout=60)
-        return urllib.parse.urlsplit(self.url)._replace(
-            path='/' + vhost).geturl()
-
     def test_payload_regex_and_second_broker(self):
-        region2 = self.add_vhost()
+        # Another region: a broker node of its own, which any user can
+        # start (a vhost of the system's broker needs rabbitmqctl, which
+        # only root or the rabbitmq user may run).
+        region2 = self.useFixture(outage.RabbitNode(self)).url
         standard = base.unique_name('notifications')
         sized = base.unique_name('sized')
         self.load_config("""
