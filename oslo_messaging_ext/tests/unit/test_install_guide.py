@@ -128,6 +128,8 @@ COMMANDS = {
     '$ ps -ww -eo pid,ppid,sid,user,args | grep [_]unix_hub':
         'test_ps_shows_the_hub',
     CI: ('skip', 'the whole CI run, about 20 minutes: .ci/run runs it'),
+    'tox -e unprivileged': ('skip', 'the second part of the CI run: '
+                            '.ci/run runs it, as a user who is not root'),
     'tox -e bench': ('skip', SKIP_TOX),
     'tox -e docs': ('skip', SKIP_TOX),
     'tox -e genconfig': ('skip', SKIP_TOX),

@@ -207,7 +207,7 @@ class UnixDriverConfigTestCase(UnixTestCase):
         os.chmod(self.tmpdir, 0o1777)
         self.driver()
 
-    def test_directory_owned_by_another_user(self):
+    def test_directory_owned_by_another_user_as_root(self):
         if os.geteuid() != 0:
             self.skipTest('changing a directory owner needs root')
         os.chown(self.tmpdir, 65534, -1)
@@ -249,7 +249,7 @@ class UnixDriverConfigTestCase(UnixTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(target).st_mode),
                          stat.S_IMODE(os.lstat(target).st_mode))
 
-    def test_lock_file_of_another_user_is_refused_at_load(self):
+    def test_lock_file_of_another_user_is_refused_at_load_as_root(self):
         if os.geteuid() != 0:
             self.skipTest('creating a file of another user needs root')
         os.chmod(self.tmpdir, 0o1777)
@@ -264,7 +264,7 @@ class UnixDriverConfigTestCase(UnixTestCase):
         os.symlink('/nonexistent', self.sock_path + '.lock')
         self.assertConfigError('sock_path', self.sock_path, 'lock file')
 
-    def test_stale_socket_of_another_user_in_a_sticky_directory(self):
+    def test_stale_socket_of_another_user_in_a_sticky_directory_as_root(self):
         if os.geteuid() != 0:
             self.skipTest('creating a file of another user needs root')
         stale = socket.socket(socket.AF_UNIX)
