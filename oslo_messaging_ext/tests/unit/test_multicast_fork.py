@@ -69,11 +69,10 @@ class ForkTestCase(test_multicast.DriverFixtureMixin, base.BaseTestCase):
         sent = []
         self.transport._send_notification.side_effect = (
             lambda target, *args, **kwargs: sent.append(target.topic))
-        # A child's flush may wait up to CHILD_DEADLINE: on a loaded
-        # machine under eventlet its worker can take over a second to run
-        # (2 of 40 children came back with their replicas still queued at
-        # the default 1 s, in CI's eventlet-py313 env). A hung child is
-        # still told apart, by the deadline.
+        # A child's flush may wait up to half of CHILD_DEADLINE, so that a
+        # child slowed down by a loaded machine is not taken for one whose
+        # flush cannot end; a hung child is still told apart, by the
+        # deadline.
         driver = self.driver(test_multicast.glance_rule(
             async_fanout='true', async_flush_timeout=CHILD_DEADLINE / 2))
         stop = threading.Event()
