@@ -22,9 +22,10 @@ primitives (to_primitive), masked as by ``strutils.mask_dict_password``.
 
 A hub process per ``sock_path`` relays (see _unix_hub), so that no thread
 or hook runs in the service: the first process that finds none starts
-it, as oslo.privsep starts its daemon. Its starter reaps it; one that
-outlives its starter is reaped by init, a container's PID 1 or a
-subreaper.
+it, as oslo.privsep starts its daemon, after binding both its sockets (as
+socket activation does), so that what is sent while it starts waits for
+it. Its starter reaps it; one that outlives its starter is reaped by
+init, a container's PID 1 or a subreaper.
 
 Delivery semantics:
 
@@ -189,9 +190,13 @@ class Publisher:
     Shared by the drivers of the path; renewed in a new process.
     """
 
-    def __init__(self, path, hub_argv, buffer_size):
-        self.path, self._hub_argv = path, hub_argv
-        self._buffer_size = buffer_size
+    def __init__(self, s):
+        self.path, self._mode, self._gid = s['path'], s['mode'], s['gid']
+        self._hub_argv = [
+            s['path'], '--mode', '%o' % s['mode'], '--gid', str(s['gid']),
+            '--max-subscribers', str(s['max_subscribers']),
+            '--buffer-size', str(s['buffer_size'])]
+        self._buffer_size = s['buffer_size']
         self.users = 0
         self._child = None
         self._warn = proto.Throttle(LOG).warn
@@ -202,14 +207,13 @@ class Publisher:
         self.source = '%d-%s' % (self.pid, os.urandom(6).hex())
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
-        self._sock = self._count = self._anchor = self._tally = None
+        self._sock = self._count = self._tally = None
         self._wanted = False
         self._connect_at = self._spawn_at = self._check_at = 0.0
 
     def _forked(self):
-        for sock in (self._sock, self._anchor):
-            if sock is not None:
-                sock.close()  # our copy: the parent keeps its own
+        if self._sock is not None:
+            self._sock.close()  # our copy: the parent keeps its own
         if self._tally is not None:
             os.close(self._tally_fd)
         self._child = None
@@ -303,6 +307,7 @@ class Publisher:
         self._reap()
         sock = proto.native('socket').socket(socket.AF_UNIX,
                                              socket.SOCK_SEQPACKET)
+        sock.setblocking(False)  # a full queue: EAGAIN, never a wait
         try:
             sock.connect(proto.ingest_path(self.path))
             uid = proto.peer_uid(sock)
@@ -324,7 +329,6 @@ class Publisher:
                 self._tally_fd, self._tally = proto.new_tally()
                 self._header = proto.HEADER.pack(proto.LINE, 0, 0, 0)
             self._tally[proto.SUBSCRIBERS] = proto.UNKNOWN
-            sock.setblocking(False)
             try:  # past wmem_max with CAP_NET_ADMIN (SO_SNDBUFFORCE)
                 sock.setsockopt(socket.SOL_SOCKET, 32, self._buffer_size)
             except OSError:
@@ -339,40 +343,38 @@ class Publisher:
         return sock
 
     def _spawn(self):
-        """Start a hub unless one holds the lock; it outlives its starter."""
+        """Claim the path, start its hub (it outlives us), connect to it.
+
+        None if another process holds the lock, or if that failed.
+        """
         now = time.monotonic()
         if now < self._spawn_at:
             return None
-        self._spawn_at = now + SPAWN_INTERVAL
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in sys.path if p))
-        ours = theirs = None
+        claimed = None
         try:
-            fd = proto.try_lock(self.path)
-            if fd is None:
+            claimed = proto.claim(self.path, self._mode, self._gid)
+            if claimed is None:
                 return None
-            os.close(fd)
-            ours, theirs = proto.native('socket').socketpair(
-                socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self._spawn_at = now + SPAWN_INTERVAL
             # Our interpreter, our module, our own arguments; no shell.
             self._child = subprocess.Popen(  # nosec B603
                 [hub_interpreter(), '-m', HUB_MODULE] + self._hub_argv +
-                ['--publisher-fd', str(theirs.fileno())],
+                ['--claimed', ','.join(map(str, claimed))],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                pass_fds=[theirs.fileno()], start_new_session=True, env=env)
+                pass_fds=claimed, start_new_session=True, env=env)
         except (OSError, proto.RelayError) as exc:
             self._warn('Unix notification socket %s: cannot start its '
                        'hub: %s', self.path, exc)
-            if ours is not None:
-                ours.close()
             return None
         finally:
-            if theirs is not None:
-                theirs.close()
-        if self._anchor is not None:
-            self._anchor.close()
-        self._anchor = ours
-        return None
+            for fd in claimed or ():
+                os.close(fd)  # the hub's now
+        # Now, so that the hub lives as long as its starter (a uWSGI
+        # master that loads the service, then only forks).
+        self._connect_at = 0.0
+        return self._connect()
 
     def _reap(self):
         if self._child is not None and self._child.poll() is not None:
@@ -382,9 +384,6 @@ class Publisher:
         with self._lock:
             if self._sock is not None and self.pid == os.getpid():
                 self._lost()
-            if self._anchor is not None:
-                self._anchor.close()
-                self._anchor = None
             if self._tally is not None and self.pid == os.getpid():
                 os.close(self._tally_fd)
                 self._tally = None
@@ -395,12 +394,11 @@ _publishers = {}
 _publishers_lock = threading.Lock()
 
 
-def _publisher(path, hub_argv, buffer_size):
+def _publisher(s):
     with _publishers_lock:
-        publisher = _publishers.get(path)
+        publisher = _publishers.get(s['path'])
         if publisher is None:
-            publisher = _publishers[path] = Publisher(path, hub_argv,
-                                                      buffer_size)
+            publisher = _publishers[s['path']] = Publisher(s)
         publisher.users += 1
         return publisher
 
@@ -429,10 +427,7 @@ class UnixSocketDriver(notifier.Driver):
         LOG.debug('unix notification driver loaded: socket %s, mode %04o, '
                   'gid %d; it relays every notification of this service '
                   'and ignores topics', s['path'], s['mode'], s['gid'])
-        self._publisher = _publisher(s['path'], [
-            s['path'], '--mode', '%o' % s['mode'], '--gid', str(s['gid']),
-            '--max-subscribers', str(s['max_subscribers']),
-            '--buffer-size', str(s['buffer_size'])], s['buffer_size'])
+        self._publisher = _publisher(s)
         # So that the socket exists while the service serves.
         self._publisher.subscribers()
 

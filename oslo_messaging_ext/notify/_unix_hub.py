@@ -12,11 +12,14 @@
 
 """The hub process of a unix notification socket (private).
 
-The driver runs ``python -m oslo_messaging_ext.notify._unix_hub`` in its
-own session, stdin and stdout on /dev/null, stderr kept (the service's
-journal). The hub holds ``sock_path + '.lock'`` (one hub per path), binds
-``sock_path`` and ``sock_path + '.ingest'`` (SOCK_SEQPACKET, 0600), and
-leaves GRACE seconds after its last process left. By role: Ingest (the
+The driver claims the path (proto.claim: ``sock_path + '.lock'`` locked,
+one hub per path; ``sock_path`` and ``sock_path + '.ingest'``,
+SOCK_SEQPACKET and 0600, bound), then runs ``python -m
+oslo_messaging_ext.notify._unix_hub`` with those fds, in its own session,
+stdin and stdout on /dev/null, stderr kept (the service's journal). What
+connects while the hub starts waits in the listeners' queues; the hub
+admits subscribers first. It leaves GRACE seconds after its last process
+left. By role: Ingest (the
 service's processes), Subscribers, Hub (paths, lock, lifetime). It
 imports neither oslo.messaging nor eventlet.
 """
@@ -250,14 +253,11 @@ class Ingest:
             uid = proto.peer_uid(sock)
         except OSError:
             uid = None
-        if uid == os.geteuid():
-            return self.adopt(sock)
-        sock.close()
-        self._strangers.warn('%s: refused a publisher of uid %s, not %d',
-                             self.path, uid, os.geteuid())
-
-    def adopt(self, sock):
-        """Serve ``sock``, a connection of a process of the hub's user."""
+        if uid != os.geteuid():
+            sock.close()
+            self._strangers.warn('%s: refused a publisher of uid %s, not '
+                                 '%d', self.path, uid, os.geteuid())
+            return
         sock.setblocking(False)
         peer = Publisher(sock)
         self.publishers[peer.fd] = peer
@@ -393,19 +393,20 @@ class Hub:
     """Bind both sockets, relay, keep the paths, leave when idle."""
 
     def __init__(self, path, mode, gid, max_subscribers, buffer_size,
-                 lock_fd):
-        self.path, self.lock_fd = path, lock_fd
+                 claimed):
+        self.path, self.lock_fd = path, claimed[0]
         self.poller = select.poll()
-        self._binds = {path: (mode, gid, socket.SOCK_STREAM),
-                       proto.ingest_path(path): (
-                           0o600, os.getegid(), socket.SOCK_SEQPACKET)}
-        listener, sub_id = self._bind(path)
-        self.subscribers = Subscribers(listener, self.poller, path,
+        self._binds = proto.listeners(path, mode, gid)
+        self._ids = {p: proto.file_id(p) for p in self._binds}
+        listeners = [socket.socket(fileno=fd) for fd in claimed[1:]]
+        for listener in listeners:  # SO_PEERCRED then names the hub
+            listener.listen(proto.LISTEN_BACKLOG)
+        self.subscribers = Subscribers(listeners[0], self.poller, path,
                                        max_subscribers, buffer_size)
-        listener, ingest_id = self._bind(proto.ingest_path(path))
-        self.ingest = Ingest(listener, self.poller, path, self.subscribers,
-                             buffer_size)
-        self._ids = {path: sub_id, proto.ingest_path(path): ingest_id}
+        # Before any line: who waited for the hub gets all it relays.
+        _accept(self.subscribers.listener, self.subscribers.admit)
+        self.ingest = Ingest(listeners[1], self.poller, path,
+                             self.subscribers, buffer_size)
         self._idle_since = time.monotonic()
         self._check_at = self._idle_since + CHECK_INTERVAL
         self._lost, self._failures = (proto.Throttle(LOG),
@@ -561,20 +562,20 @@ def main(argv=None):
     parser.add_argument('--gid', type=int, default=os.getegid())
     parser.add_argument('--max-subscribers', type=int, default=64)
     parser.add_argument('--buffer-size', type=int, default=4 * 1024 * 1024)
-    parser.add_argument('--publisher-fd', type=int)  # its starter's pair
+    parser.add_argument('--claimed', help='its starter\'s proto.claim()')
     args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr, level=logging.WARNING,
         format='%(asctime)s %(process)d %(levelname)s %(name)s [-] '
                '%(message)s')
     try:
-        lock_fd = proto.try_lock(args.path)
-        if lock_fd is None:
+        claimed = ([int(fd) for fd in args.claimed.split(',')]
+                   if args.claimed else
+                   proto.claim(args.path, args.mode, args.gid))
+        if claimed is None:
             return 0  # another hub serves the path
         hub = Hub(args.path, args.mode, args.gid, args.max_subscribers,
-                  args.buffer_size, lock_fd)
-        if args.publisher_fd is not None:
-            hub.ingest.adopt(socket.socket(fileno=args.publisher_fd))
+                  args.buffer_size, claimed)
     except (OSError, proto.RelayError) as exc:
         LOG.error('%s: cannot serve it: %s', args.path, exc)
         return 1

@@ -128,7 +128,7 @@ def valid_count(value):
     return type(value) is int and 0 <= value <= MAX_DROP_COUNT
 
 
-_LISTEN_BACKLOG = 128
+LISTEN_BACKLOG = 128
 
 
 def ingest_path(path):
@@ -206,13 +206,10 @@ def try_lock(path):
         if problem:
             raise RelayError(problem)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
+    except BaseException as exc:
         os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+        if getattr(exc, 'errno', None) in (errno.EWOULDBLOCK, errno.EAGAIN):
             return None
-        raise
-    except BaseException:
-        os.close(fd)
         raise
     return fd
 
@@ -248,12 +245,12 @@ def bind_listener(path, mode, gid, kind=socket.SOCK_STREAM):
         parent, '.sock-' + binascii.hexlify(os.urandom(6)).decode())
     os.mkdir(private_dir, 0o700)
     private_path = os.path.join(private_dir, 's')
-    sock = socket.socket(socket.AF_UNIX, kind)
+    sock = native('socket').socket(socket.AF_UNIX, kind)
     try:
         sock.bind(private_path)
         os.chown(private_path, -1, gid, follow_symlinks=False)
         os.chmod(private_path, mode)
-        sock.listen(_LISTEN_BACKLOG)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         os.rename(private_path, path)
     except BaseException:
@@ -264,6 +261,31 @@ def bind_listener(path, mode, gid, kind=socket.SOCK_STREAM):
     finally:
         os.rmdir(private_dir)
     return sock, file_id(path)
+
+
+def listeners(path, mode, gid):
+    """{path: (mode, gid, type)} of a hub's two listeners."""
+    return {path: (mode, gid, socket.SOCK_STREAM), ingest_path(path): (
+        0o600, os.getegid(), socket.SOCK_SEQPACKET)}
+
+
+def claim(path, mode, gid):
+    """[fds of the lock and of both listeners, bound], None if locked.
+
+    The driver claims the path, then starts its hub: what connects and
+    sends meanwhile waits for the hub in the listeners' queues.
+    """
+    fds = [try_lock(path)]
+    if fds[0] is None:
+        return None
+    try:
+        for where, args in listeners(path, mode, gid).items():
+            fds.append(bind_listener(where, *args)[0].detach())
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
 
 
 def unlink_if_ours(path, bound_id):

@@ -31,6 +31,7 @@ from oslo_messaging_ext import unix_subscriber
 
 # Set in CI (.ci/run): what a test needs is part of the test bed there.
 REQUIRE_ENV = 'OSLO_MESSAGING_EXT_REQUIRE_BROKER'
+HUB_MODULE = 'oslo_messaging_ext.notify._unix_hub'
 
 
 def everything_required():
@@ -242,17 +243,37 @@ def call_as_another_user(test, func, *args, **kwargs):
     return json.loads(line)
 
 
-def hub_pid(path):
-    """The pid of the hub serving ``path`` (SO_PEERCRED), or None."""
-    native = proto.native('socket')
-    sock = native.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with sock:
-        try:
-            sock.connect(path + '.ingest')
-        except OSError:
+def hub_pid(path, timeout=30.0):
+    """The pid of the hub serving ``path`` (SO_PEERCRED), or None.
+
+    Until the hub has listened itself, SO_PEERCRED names the process that
+    bound the socket for it (proto.claim): the hub is waited for then.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = proto.native('socket').socket(socket.AF_UNIX,
+                                             socket.SOCK_SEQPACKET)
+        with sock:
+            try:
+                sock.connect(path + '.ingest')
+            except OSError:
+                return None
+            pid = int.from_bytes(sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[:4], 'little')
+        if runs_hub(pid):
+            return pid
+        if time.monotonic() > deadline:
             return None
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    return int.from_bytes(creds[:4], 'little')
+        time.sleep(0.01)  # polling for the hub to start
+
+
+def runs_hub(pid):
+    """Whether process ``pid`` runs the unix driver's hub."""
+    try:
+        with open('/proc/%d/cmdline' % pid, 'rb') as f:
+            return HUB_MODULE.encode() in f.read().split(b'\0')
+    except OSError:
+        return False
 
 
 def alive(pid):

@@ -338,8 +338,8 @@ def find_hub(sock_path):
     """The pid of the hub of ``sock_path``, found black-box, or None.
 
     The process that listens on the socket, as SO_PEERCRED of a connection
-    to it tells (a hub process, or a service process whose thread is the
-    hub in the first design); else, while nothing listens yet, a process
+    to it tells, if it runs the hub module (until the hub listens itself,
+    it names the process that bound the socket for it); else a process
     whose command line runs the hub module with that path. A hub started
     while another holds the lock exits at once: the listener is the one.
     """
@@ -349,8 +349,9 @@ def find_hub(sock_path):
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                 struct.calcsize('3i'))
         pid = struct.unpack('3i', creds)[0]
-        if pid:
-            return pid
+        with open('/proc/%d/cmdline' % pid, 'rb') as f:
+            if HUB_MODULE.encode() in f.read().split(b'\0'):
+                return pid
     except OSError:
         pass
     finally:

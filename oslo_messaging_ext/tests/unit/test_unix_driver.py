@@ -49,22 +49,6 @@ def wait_until(predicate):
     return test_utils.wait_until(predicate, TIMEOUT, interval=0.005)
 
 
-def started_hub(path, not_pid):
-    """The pid of a hub process of ``path`` other than ``not_pid``."""
-    wanted = [_impl_unix.HUB_MODULE.encode(), path.encode()]
-    for entry in os.listdir('/proc'):
-        if not entry.isdigit() or int(entry) == not_pid:
-            continue
-        try:
-            with open('/proc/%s/cmdline' % entry, 'rb') as f:
-                args = f.read().split(b'\0')
-        except OSError:
-            continue
-        if all(arg in args for arg in wanted):
-            return int(entry)
-    return None
-
-
 class UnixTestCase(base.BaseTestCase):
 
     def setUp(self):
@@ -639,7 +623,41 @@ class UnixDeliveryTestCase(UnixTestCase):
         self.assertEqual('***', payload['admin_password'])
 
 
+# A process that emits as soon as told, then ends at once (os._exit, as
+# a recycled worker may): it says when its driver is loaded.
+_EARLY_PROCESS = """import argparse, os, sys
+from oslo_messaging_ext.tests.functional import unix_helper
+notifier, driver = unix_helper.make_notifier(argparse.Namespace(
+    sock_path=sys.argv[1], buffer_size=4194304))
+print('loaded', flush=True)
+sys.stdin.read(1)
+for seq in range(100):
+    notifier.info({}, 'image.upload', {'seq': seq})
+os._exit(0)
+"""
+
+
 class UnixProcessTestCase(UnixTestCase):
+
+    def test_what_is_sent_while_the_hub_starts_waits_for_it(self):
+        # The process starts the hub, and its 100 notifications go before
+        # the hub can run, from a process that is gone when it does: a
+        # subscriber connected meanwhile gets all of them, in order.
+        proc = subprocess.Popen(
+            [sys.executable, '-c', _EARLY_PROCESS, self.sock_path],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.stdin.close)
+        self.addCleanup(proc.stdout.close)
+        self.assertEqual(b'loaded\n', proc.stdout.readline())
+        # Bound by the process before its driver was loaded: no wait.
+        sock = unix_subscriber.connect(self.sock_path)
+        self.addCleanup(lambda: sock.close())
+        proc.stdin.write(b'x')
+        proc.stdin.flush()
+        self.assertEqual(0, proc.wait(TIMEOUT))
+        self.assertEqual(list(range(100)), [
+            line['payload']['seq'] for line in self.read_lines(sock, 100)])
 
     def test_no_thread_no_leaked_fd(self):
         threads = threading.active_count()
@@ -708,37 +726,33 @@ class UnixProcessTestCase(UnixTestCase):
         os.kill(pid, signal.SIGKILL)
         self.assertTrue(wait_until(lambda: not test_utils.alive(pid)))
         self.assertEqual(b'', sock.recv(10))
-        # The next notify() notices and starts a hub (reaping the dead).
-        # Emitting stops once the new hub's process exists, before it can
-        # accept this process: the drops are then reported to the
-        # subscriber below, connected before this process reconnects
-        # (reported when nobody listened, they would be nobody's).
-        seq = [1]
+        # The next notify() notices the hub is gone (a drop), the one
+        # after starts a hub (reaping the dead), which it binds first: a
+        # subscriber connects as soon as it returns.
+        seq, socks = [1], []
 
         def emit():
             notifier.info({}, 'image.upload', {'seq': seq[0]})
             seq[0] += 1
-            return started_hub(self.sock_path, pid) is not None
+            try:
+                socks.append(unix_subscriber.connect(self.sock_path))
+            except unix_subscriber.SubscriberError:
+                return False
+            return True
 
         self.assertTrue(wait_until(emit))
-        self.assertTrue(wait_until(
-            lambda: test_utils.hub_pid(self.sock_path) not in (None, pid)))
-        fresh = self.subscribe(driver)
+        fresh = socks[0]
+        self.addCleanup(lambda: fresh.close())
         notifier.info({}, 'image.upload', {'seq': 'after'})
-        # What this process counted while no hub was there comes first.
-        reader = fresh.makefile('rb')
-        self.addCleanup(reader.close)
-        fresh.settimeout(TIMEOUT)
-        lines = [json.loads(reader.readline())]
-        while lines[-1]['payload'].get('seq') != 'after':
-            lines.append(json.loads(reader.readline()))
-        [notice] = [n for n in lines if n['event_type'] == DROPPED]
-        received = lines[-1]
-        self.assertLessEqual(len(lines), 3)
+        # What this process counted while no hub was there comes first,
+        # then the line of the notify() that started the hub: the hub
+        # admits who waits before it relays.
+        notice, started, received = self.read_lines(fresh, 3)
+        self.assertEqual(DROPPED, notice['event_type'])
         self.assertEqual('hub absent', notice['payload']['where'])
+        self.assertEqual({'seq': seq[0] - 1}, started['payload'])
         dropped = notice['payload']['dropped']
-        self.assertLessEqual(dropped, seq[0] - 1)
-        self.assertGreater(dropped, 0)
+        self.assertEqual(seq[0] - 2, dropped)
         self.assertEqual({received['sequence']['source']: dropped},
                          notice['payload']['sources'])
         self.assertEqual({'seq': 'after'}, received['payload'])
