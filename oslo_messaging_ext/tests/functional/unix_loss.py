@@ -105,6 +105,8 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 DRAIN_IDLE = 2.0
 DRAIN_TIMEOUT = 30.0
+# Seconds between two notifications of the primer and the end marker.
+PACE = 0.001
 
 
 class Shared:
@@ -184,8 +186,12 @@ def write_config(tmpdir, sock_path):
 
 
 def _worker(shared, index, config_file, lifetime, event_type=EVENT_TYPE,
-            stop_flag=_STOP_WORKERS):
-    """Emit until told to stop or ``lifetime`` ends, counting each call."""
+            stop_flag=_STOP_WORKERS, pace=None):
+    """Emit until told to stop or ``lifetime`` ends, counting each call.
+
+    ``pace``: seconds between two, for the primer and the end marker,
+    which must not fill a buffer (their drops would count as misses).
+    """
     code = 0
     try:
         notifier = _notifier(config_file)
@@ -197,6 +203,8 @@ def _worker(shared, index, config_file, lifetime, event_type=EVENT_TYPE,
             count += 1
             notifier.info({}, event_type, {'w': index, 'n': count})
             shared.set_count(index, count)
+            if pace:
+                time.sleep(pace)
     except BaseException:  # a worker reports and ends, as a pool's does
         import traceback
         traceback.print_exc()
@@ -642,19 +650,23 @@ def run(case, duration, interval, workers, tmpdir=None, min_recycles=0):
               'workers': workers, 'signals': []}
     try:
         # The primer emits until every subscriber has received from it,
-        # so that every counted notification is owed to all three.
+        # so that every counted notification is owed to all three, and
+        # until a worker has emitted, so that the hub never leaves between
+        # (uWSGI's master may load the service past the hub's grace).
         primer = _spawn_fn(shared, _worker, shared, _SLOTS - 1, config_file,
-                           None, PRIMER_EVENT_TYPE, _STOP_PRIMER)
+                           None, PRIMER_EVENT_TYPE, _STOP_PRIMER, PACE)
         _wait_for(lambda: shared.flag(_READER_READY), START_TIMEOUT,
                   'the raw reader')
         if _readline(library, START_TIMEOUT).strip() != 'ready':
             raise RuntimeError('the library subscriber failed')
         _wait_for(lambda: PRIMER_EVENT_TYPE in _read(tail_out),
                   START_TIMEOUT, 'oslo-notify-tail')
-        shared.set_flag(_STOP_PRIMER)
-        _wait_child(primer)
         start = time.monotonic()
         pool.start()
+        _wait_for(lambda: any(shared.counts(pool.used)), START_TIMEOUT,
+                  'a worker to emit')
+        shared.set_flag(_STOP_PRIMER)
+        _wait_child(primer)
         next_signal = start + interval
         stopped = None
         longest = 3 * duration
@@ -732,7 +744,7 @@ def _drain_and_end(shared, config_file, library, tail, tail_out, tail_err,
         time.sleep(0.05)
     shared.set_flag(_STOP_PRIMER, 0)
     closer = _spawn_fn(shared, _worker, shared, _SLOTS - 2, config_file,
-                       None, END_EVENT_TYPE, _STOP_PRIMER)
+                       None, END_EVENT_TYPE, _STOP_PRIMER, PACE)
     figures = {}
     try:
         out, _ = library.communicate(timeout=DRAIN_TIMEOUT)
