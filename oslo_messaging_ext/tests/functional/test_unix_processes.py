@@ -132,9 +132,14 @@ class UnixProcessesTestCase(base.BaseTestCase):
     def test_stuck_subscriber_does_not_slow_the_others(self):
         count = 20000
         healthy = self.subscriber(count)
-        # A burst at full speed, then a slow trickle.
-        service = self.publisher('--count', str(count), '--then-interval',
-                                 '0.01', '--wait-subscribers', '2')
+        # A burst, then a slow trickle. The burst (26 MB) is paced as the
+        # hub keeps up: at full speed, a process with orjson outruns the
+        # hub on this machine, and drops at the ingest (counted and
+        # reported: 494 to 1,243 in 5 runs of 8) are not what this test
+        # is about.
+        service = self.publisher('--count', str(count), '--interval',
+                                 '0.0001', '--then-interval', '0.01',
+                                 '--wait-subscribers', '2')
         self.wait_for_socket()
         stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(stuck.close)

@@ -77,10 +77,10 @@ def emit(notifier, driver, args, worker):
         payload = dict(base, seq=seq, worker=worker, tag=args.tag)
         notifier.info({}, 'image.upload', payload)
         seq += 1
+        if seq == args.count and args.then_interval:
+            args.forever, args.interval = True, args.then_interval
         if args.interval:
             time.sleep(args.interval)
-        elif seq == args.count and args.then_interval:
-            args.forever, args.interval = True, args.then_interval
     return 0
 
 
