@@ -625,16 +625,22 @@ class UnixDeliveryTestCase(UnixTestCase):
 
 # A process that emits as soon as told, then ends at once (os._exit, as
 # a recycled worker may): it says when its driver is loaded.
-_EARLY_PROCESS = """import argparse, os, sys
-from oslo_messaging_ext.tests.functional import unix_helper
-notifier, driver = unix_helper.make_notifier(argparse.Namespace(
-    sock_path=sys.argv[1], buffer_size=4194304))
+_EARLY_PROCESS = """import os, sys
+from oslo_config import cfg
+import oslo_messaging
+from oslo_messaging_ext.notify import _impl_unix
+conf = cfg.ConfigOpts()
+conf([])
+_impl_unix.register_opts(conf)
+conf.set_override('sock_path', sys.argv[1], %r)
+notifier = oslo_messaging.Notifier(oslo_messaging.get_notification_transport(
+    conf, url='fake:/'), driver='unix', publisher_id='image.early')
 print('loaded', flush=True)
 sys.stdin.read(1)
 for seq in range(100):
     notifier.info({}, 'image.upload', {'seq': seq})
 os._exit(0)
-"""
+""" % GROUP
 
 
 class UnixProcessTestCase(UnixTestCase):
