@@ -205,6 +205,7 @@ class Lane:
                             'progress for %s s lately (circuit breaker '
                             'open)' % STUCK_AFTER, jobs)]
             else:
+                idle = not st.queue
                 room = max(0, maxsize - len(st.queue))
                 for job in jobs[:room]:
                     job.waiter = waiter
@@ -218,7 +219,10 @@ class Lane:
                         target=self._publish_loop, args=(st,), daemon=True,
                         name=THREAD_PREFIX + 'publish')
                     st.thread.start()
-                st.cond.notify_all()
+                # A thread that yields to the service wakes by itself:
+                # woken at each call, it would contend for the GIL.
+                if idle or len(st.queue) >= maxsize // 2:
+                    st.cond.notify_all()
             if waiter is not None:
                 waiter.left -= sum(len(item[2]) for item in refused)
                 if waiter.left <= 0:
