@@ -51,6 +51,12 @@ def unavailable(test, reason):
     test.skipTest(reason)
 
 
+def require_root(test, what):
+    """Go on as root only: ``what`` needs it; see :func:`unavailable`."""
+    if os.geteuid() != 0:
+        unavailable(test, '%s needs root' % what)
+
+
 def require_tool(test, name, package):
     """The path of program ``name``; if missing, see :func:`unavailable`."""
     path = shutil.which(name)

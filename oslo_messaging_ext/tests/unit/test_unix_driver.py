@@ -208,8 +208,7 @@ class UnixDriverConfigTestCase(UnixTestCase):
         self.driver()
 
     def test_directory_owned_by_another_user_as_root(self):
-        if os.geteuid() != 0:
-            self.skipTest('changing a directory owner needs root')
+        test_utils.require_root(self, 'changing a directory owner')
         os.chown(self.tmpdir, 65534, -1)
         self.addCleanup(os.chown, self.tmpdir, 0, -1)
         self.assertConfigError('sock_path', self.sock_path,
@@ -250,8 +249,7 @@ class UnixDriverConfigTestCase(UnixTestCase):
                          stat.S_IMODE(os.lstat(target).st_mode))
 
     def test_lock_file_of_another_user_is_refused_at_load_as_root(self):
-        if os.geteuid() != 0:
-            self.skipTest('creating a file of another user needs root')
+        test_utils.require_root(self, 'creating a file of another user')
         os.chmod(self.tmpdir, 0o1777)
         lock_path = self.sock_path + '.lock'
         open(lock_path, 'w').close()
@@ -265,8 +263,7 @@ class UnixDriverConfigTestCase(UnixTestCase):
         self.assertConfigError('sock_path', self.sock_path, 'lock file')
 
     def test_stale_socket_of_another_user_in_a_sticky_directory_as_root(self):
-        if os.geteuid() != 0:
-            self.skipTest('creating a file of another user needs root')
+        test_utils.require_root(self, 'creating a file of another user')
         stale = socket.socket(socket.AF_UNIX)
         stale.bind(self.sock_path)
         stale.close()
