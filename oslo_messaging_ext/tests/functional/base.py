@@ -50,9 +50,6 @@ def transport_url():
     return os.environ.get(TRANSPORT_URL_ENV) or DEFAULT_TRANSPORT_URL
 
 
-broker_required = test_utils.everything_required
-
-
 @functools.cache
 def broker_unreachable_reason(url):
     """Return why the broker of ``url`` cannot be reached, or None."""

@@ -33,7 +33,6 @@ import uuid
 
 import fixtures
 
-from oslo_messaging_ext.tests.functional import base
 from oslo_messaging_ext.tests import utils as test_utils
 
 # How often the accept loops look at whether they were stopped.
@@ -235,9 +234,9 @@ class RabbitNode(fixtures.Fixture):
             ['/usr/lib/rabbitmq/bin', os.environ.get('PATH', ''),
              '/usr/sbin', '/usr/local/sbin']))
         if not server:
-            self._unavailable('rabbitmq-server is not installed (Debian '
-                              'package rabbitmq-server): cannot start a '
-                              'second node')
+            test_utils.unavailable(
+                self.test, 'rabbitmq-server is not installed (Debian '
+                'package rabbitmq-server): cannot start a second node')
         home = self.useFixture(fixtures.TempDir()).path
         self.port = free_port()
         dist_port = free_port()
@@ -277,11 +276,6 @@ class RabbitNode(fixtures.Fixture):
                            'within %s s: %s' % (self.STARTUP_TIMEOUT,
                                                 self._log.read()[-2000:]))
         self.url = f'rabbit://guest:guest@127.0.0.1:{self.port}/'
-
-    def _unavailable(self, reason):
-        if base.broker_required():
-            self.test.fail(reason)
-        self.test.skipTest(reason)
 
     def _ready(self):
         if self._process.poll() is not None:

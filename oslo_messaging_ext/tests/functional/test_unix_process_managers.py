@@ -44,7 +44,6 @@ import time
 import fixtures
 from oslotest import base
 
-from oslo_messaging_ext.tests.functional import base as functional_base
 from oslo_messaging_ext.tests.functional import managed_service
 from oslo_messaging_ext.tests import utils as test_utils
 from oslo_messaging_ext import unix_subscriber
@@ -135,11 +134,8 @@ class ProcessManagerTestCase(base.BaseTestCase):
         self.sock_path = os.path.join(self.tmpdir, 'n.sock')
 
     def need(self, available, reason):
-        if available:
-            return
-        if functional_base.broker_required():
-            self.fail(reason)
-        self.skipTest(reason)
+        if not available:
+            test_utils.unavailable(self, reason)
 
     def start(self, argv, driver=True, at_load=False, eventlet=False):
         """Start the service; ``eventlet``: monkey-patched if the tests are.
