@@ -19,9 +19,8 @@ oslo_messaging_ext.notify._unix_hub`` with those fds, in its own session,
 stdin and stdout on /dev/null, stderr kept (the service's journal). What
 connects while the hub starts waits in the listeners' queues; the hub
 admits subscribers first. It leaves GRACE seconds after its last process
-left. By role: Ingest (the
-service's processes), Subscribers, Hub (paths, lock, lifetime). It
-imports neither oslo.messaging nor eventlet.
+left. By role: Ingest (the service's processes), Subscribers, Hub
+(paths, lock, lifetime). It imports neither oslo.messaging nor eventlet.
 """
 
 import argparse

@@ -25,13 +25,13 @@ import traceback
 import fixtures
 from oslo_utils import strutils
 
+from oslo_messaging_ext.notify import _impl_unix
 from oslo_messaging_ext.notify import _unix_protocol as proto
 from oslo_messaging_ext import unix_subscriber
 
 
 # Set in CI (.ci/run): what a test needs is part of the test bed there.
 REQUIRE_ENV = 'OSLO_MESSAGING_EXT_REQUIRE_BROKER'
-HUB_MODULE = 'oslo_messaging_ext.notify._unix_hub'
 
 
 def everything_required():
@@ -277,7 +277,7 @@ def runs_hub(pid):
     """Whether process ``pid`` runs the unix driver's hub."""
     try:
         with open('/proc/%d/cmdline' % pid, 'rb') as f:
-            return HUB_MODULE.encode() in f.read().split(b'\0')
+            return _impl_unix.HUB_MODULE.encode() in f.read().split(b'\0')
     except OSError:
         return False
 
