@@ -375,7 +375,9 @@ def soak(duration):
     figures = {}
     try:
         pool.start()
-        _wait(lambda: os.path.exists(sock_path), what='the hub to start')
+        # Not the socket file: a starting hub's starter binds it first.
+        _wait(lambda: _find_hub(sock_path) is not None,
+              what='the hub to start')
         hub = _find_hub(sock_path)
         figures['before'] = _hub_resources(hub)
         figures['hub'] = hub
