@@ -69,6 +69,7 @@ _SUBSCRIBER = textwrap.dedent('''
     received = 0
     print('ready', flush=True)
     subscription = unix_subscriber.Subscription(path)
+    cpu = time.process_time()
     for notification in subscription:
         event_type = notification['event_type']
         if event_type == 'bench.end':
@@ -80,6 +81,7 @@ _SUBSCRIBER = textwrap.dedent('''
     print(json.dumps({'received': received,
                       'dropped': subscription.dropped,
                       'missed': subscription.missed,
+                      'cpu': time.process_time() - cpu,
                       'done': time.monotonic()}), flush=True)
 ''')
 # Reads and discards: ``count`` stream connections to ``path`` (or, with
@@ -359,7 +361,8 @@ def _end_to_end(service, count):
             'e2e silent': count - result['received'] - result['dropped'],
             'e2e count': count,
             'e2e cpu': (cpu, None if hub_before is None or hub_after is None
-                        else (hub_after - hub_before) / count)}
+                        else (hub_after - hub_before) / count),
+            'e2e subscriber cpu': result['cpu'] / max(result['received'], 1)}
 
 
 def soak(duration):
@@ -492,6 +495,14 @@ def _cases_table(mode, figures):
               'us')
     if hub is not None:
         table.add('  hub CPU per notification', hub * US, 'us')
+    subscriber = figures['e2e subscriber cpu']
+    table.add('  subscriber CPU per notification it got', subscriber * US,
+              'us')
+    if hub is not None:  # what the machine's cores allow at the target
+        table.add('  the three processes, CPU per notification (%d cores '
+                  'at %d/s allow %.1f us)' % (
+                      os.cpu_count(), target, os.cpu_count() * 1e6 / target),
+                  (service + hub + subscriber) * US, 'us')
     return table
 
 
