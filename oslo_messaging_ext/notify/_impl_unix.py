@@ -363,13 +363,13 @@ class Publisher:
                 [hub_interpreter(), '-m', HUB_MODULE] + self._hub_argv +
                 ['--claimed', ','.join(map(str, claimed))],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                pass_fds=claimed, start_new_session=True, env=env)
+                pass_fds=claimed[:3], start_new_session=True, env=env)
         except (OSError, proto.RelayError) as exc:
             self._warn('Unix notification socket %s: cannot start its '
                        'hub: %s', self.path, exc)
             return None
         finally:
-            for fd in claimed or ():
+            for fd in (claimed or ())[:3]:
                 os.close(fd)  # the hub's now
         # Now, so that the hub lives as long as its starter (a uWSGI
         # master that loads the service, then only forks).

@@ -396,8 +396,9 @@ class Hub:
         self.path, self.lock_fd = path, claimed[0]
         self.poller = select.poll()
         self._binds = proto.listeners(path, mode, gid)
-        self._ids = {p: proto.file_id(p) for p in self._binds}
-        listeners = [socket.socket(fileno=fd) for fd in claimed[1:]]
+        # Not stat()ed again: a path removed since the claim is bound anew.
+        self._ids = dict(zip(self._binds, zip(claimed[3::2], claimed[4::2])))
+        listeners = [socket.socket(fileno=fd) for fd in claimed[1:3]]
         for listener in listeners:  # SO_PEERCRED then names the hub
             listener.listen(proto.LISTEN_BACKLOG)
         self.subscribers = Subscribers(listeners[0], self.poller, path,

@@ -270,22 +270,24 @@ def listeners(path, mode, gid):
 
 
 def claim(path, mode, gid):
-    """[fds of the lock and of both listeners, bound], None if locked.
+    """[lock fd, both listeners' fds, their file_ids' 4 ints]; None if locked.
 
     The driver claims the path, then starts its hub: what connects and
     sends meanwhile waits for the hub in the listeners' queues.
     """
-    fds = [try_lock(path)]
+    fds, ids = [try_lock(path)], []
     if fds[0] is None:
         return None
     try:
         for where, args in listeners(path, mode, gid).items():
-            fds.append(bind_listener(where, *args)[0].detach())
+            sock, bound = bind_listener(where, *args)
+            fds.append(sock.detach())
+            ids.extend(bound)
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-    return fds
+    return fds + ids
 
 
 def unlink_if_ours(path, bound_id):

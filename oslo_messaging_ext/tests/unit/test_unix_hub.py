@@ -65,6 +65,29 @@ class HubPathTestCase(test_unix_driver.UnixTestCase):
         self.assertEqual({'id': 'back'},
                          self.read_lines(fresh, 1)[0]['payload'])
 
+    def test_a_path_removed_before_its_hub_runs_is_bound_again(self):
+        # tmpfiles removes the socket between the claim and the start of
+        # the hub: the hub still serves who waited, and binds the path.
+        claimed = proto.claim(self.sock_path, 0o660, os.getegid())
+        waited = test_utils.connect(self.sock_path)
+        self.addCleanup(lambda: waited.close())
+        os.unlink(self.sock_path)
+        hub = subprocess.Popen(
+            [sys.executable, '-m', _impl_unix.HUB_MODULE, self.sock_path,
+             '--claimed', ','.join(map(str, claimed))],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            pass_fds=claimed[:3], start_new_session=True)
+        self.addCleanup(hub.wait, TIMEOUT)
+        self.addCleanup(hub.terminate)
+        for fd in claimed[:3]:
+            os.close(fd)
+        self.assertTrue(test_utils.wait_until(
+            lambda: os.path.exists(self.sock_path), 1.5, interval=0.01))
+        notifier, _ = self.notifier()
+        notifier.info({}, 'image.upload', {'id': 'waited'})
+        self.assertEqual({'id': 'waited'},
+                         self.read_lines(waited, 1)[0]['payload'])
+
     def test_a_file_put_in_its_place_is_left_alone(self):
         driver = self.driver()
         self.assertTrue(wait_until(lambda: driver.subscribers() == 0))
