@@ -24,6 +24,7 @@ from oslotest import base
 
 from oslo_messaging_ext.cmd import check
 from oslo_messaging_ext import samples
+from oslo_messaging_ext.tests.unit import test_multicast_config
 from oslo_messaging_ext.tests.unit import test_unix_subscriber
 
 RULES = """
@@ -309,3 +310,27 @@ class NotificationsSectionTestCase(base.BaseTestCase):
                       'set [DEFAULT] control_exchange)', lines[1])
         self.assertIn('exchange glance (set in [DEFAULT] control_exchange)',
                       self.check(RULES, 'nova.conf')[1])
+
+
+class FuzzedConfigurationsTestCase(base.BaseTestCase):
+
+    def test_the_tool_reads_every_fuzzed_configuration(self):
+        # The corpus the driver loads in test_multicast_config: whatever a
+        # file holds, the tool says so with status 0 or 1, no traceback.
+        corpus = test_multicast_config.FuzzedConfigurationsTestCase.corpus
+        directory = self.useFixture(fixtures.TempDir()).path
+        crashed, statuses = [], set()
+        for number, text in enumerate(corpus()):
+            path = os.path.join(directory, 'fuzz%d.conf' % number)
+            with open(path, 'w', encoding='utf-8') as f:
+                f.write(text)
+            out, err = io.StringIO(), io.StringIO()
+            with fixtures.MonkeyPatch('sys.stderr', err):
+                status = check.main(['--config-file', path], out=out)
+            statuses.add(status)
+            if status not in (0, 1) or 'Traceback' in (out.getvalue() +
+                                                       err.getvalue()):
+                crashed.append((status, text))
+        self.assertEqual([], crashed)
+        # The corpus holds both good and bad configurations.
+        self.assertEqual({0, 1}, statuses)

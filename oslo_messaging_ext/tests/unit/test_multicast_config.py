@@ -14,7 +14,6 @@
 what an invalid one leaves running.
 """
 
-import io
 import logging
 import os
 import random
@@ -26,7 +25,6 @@ from oslo_config import fixture as config_fixture
 import oslo_messaging
 from oslotest import base
 
-from oslo_messaging_ext.cmd import check
 from oslo_messaging_ext.notify import _impl_multicast as multicast
 from oslo_messaging_ext.notify import _multicast_config as multicast_config
 from oslo_messaging_ext.notify import _multicast_opts as multicast_opts
@@ -651,9 +649,9 @@ class LoadValidationTestCase(test_multicast.DriverFixtureMixin,
 class FuzzedConfigurationsTestCase(base.BaseTestCase):
     """Random configurations never stop the standard notifications.
 
-    Each is written to a file and loaded as a service loads it; a
-    notification is sent through the driver, and the check tool reads the
-    same file. Deterministic: the seed is fixed.
+    Each is written to a file and loaded as a service loads it, and a
+    notification is sent through the driver (test_check has the check
+    tool read the same corpus). Deterministic: the seed is fixed.
     """
 
     SEED = 22
@@ -687,28 +685,36 @@ class FuzzedConfigurationsTestCase(base.BaseTestCase):
                     'publisher_id', 'image.upload', 'control_exchange',
                     'multicast_event']
 
-    def configuration(self, rnd):
+    @classmethod
+    def corpus(cls):
+        """The COUNT configuration texts, the same at every run."""
+        rnd = random.Random(cls.SEED)
+        for number in range(cls.COUNT):
+            yield cls.mutated(rnd) if number % 2 else cls.configuration(rnd)
+
+    @classmethod
+    def configuration(cls, rnd):
         lines = ['[oslo_messaging_notifications]',
                  'driver = messaging-multicast', 'topics = notifications',
                  '[DEFAULT]', 'transport_url = fake:/']
         names = rnd.sample(['r1', 'r2', 'r.3', 'bad name', 'r$x', 'ü'],
                            rnd.randint(0, 3))
-        for key in rnd.sample(self.DEFAULT_KEYS, rnd.randint(0, 3)):
+        for key in rnd.sample(cls.DEFAULT_KEYS, rnd.randint(0, 3)):
             lines.append('{} = {}'.format(key, rnd.choice(
-                self.VALUES + ['image.upload', 'host1,host2'])))
+                cls.VALUES + ['image.upload', 'host1,host2'])))
         lines.append('[oslo_messaging_multicast]')
         lines.append('rules = %s' % ','.join(names))
-        for key in rnd.sample(self.MAIN_KEYS[1:], rnd.randint(0, 4)):
-            lines.append(f'{key} = {rnd.choice(self.VALUES)}')
+        for key in rnd.sample(cls.MAIN_KEYS[1:], rnd.randint(0, 4)):
+            lines.append(f'{key} = {rnd.choice(cls.VALUES)}')
         for name in names + rnd.sample(['unlisted', 'r1'], 1):
             lines.append('[multicast_rule_%s]' % name)
             for _ in range(rnd.randint(0, 3)):
-                lines.append('selector = %s' % rnd.choice(self.SELECTORS))
+                lines.append('selector = %s' % rnd.choice(cls.SELECTORS))
             lines.append('targets = %s' % rnd.choice(
                 ['t1', 't1,x/t2', 'notifications', 'a#b', '/t', 't$x',
                  'ex/' + 'c' * 300, 'ü']))
-            for key in rnd.sample(self.RULE_KEYS[1:], rnd.randint(0, 3)):
-                lines.append(f'{key} = {rnd.choice(self.VALUES)}')
+            for key in rnd.sample(cls.RULE_KEYS[1:], rnd.randint(0, 3)):
+                lines.append(f'{key} = {rnd.choice(cls.VALUES)}')
         return '\n'.join(lines) + '\n'
 
     VALID = [
@@ -724,18 +730,19 @@ class FuzzedConfigurationsTestCase(base.BaseTestCase):
         'failure_backoff = 1', '[multicast_rule_b]', 'selector = *',
         'targets = tc', 'transport_url = fake://u:Pa$$word1@127.0.0.1/']
 
-    def mutated(self, rnd):
+    @classmethod
+    def mutated(cls, rnd):
         """VALID with one option line's value or name changed."""
-        lines = list(self.VALID)
+        lines = list(cls.VALID)
         options = [i for i, line in enumerate(lines)
                    if ' = ' in line and not line.startswith('driver')]
         number = rnd.choice(options)
         key, _, value = lines[number].partition(' = ')
         if rnd.random() < 0.2:
-            key = rnd.choice(self.MAIN_KEYS + self.RULE_KEYS +
-                             self.DEFAULT_KEYS)
+            key = rnd.choice(cls.MAIN_KEYS + cls.RULE_KEYS +
+                             cls.DEFAULT_KEYS)
         else:
-            value = rnd.choice(self.VALUES + self.SELECTORS + ['true'])
+            value = rnd.choice(cls.VALUES + cls.SELECTORS + ['true'])
         lines[number] = f'{key} = {value}'
         return '\n'.join(lines) + '\n'
 
@@ -765,13 +772,10 @@ class FuzzedConfigurationsTestCase(base.BaseTestCase):
                                                     level=logging.DEBUG))
         self.useFixture(fixtures.MockPatchObject(multicast, '_LOADED',
                                                  set()))
-        rnd = random.Random(self.SEED)
         directory = self.useFixture(fixtures.TempDir()).path
         counts = {'configurations': 0, 'with $': 0, 'replication off': 0,
-                  'standard stopped': 0, 'tool tracebacks': 0}
-        for number in range(self.COUNT):
-            text = (self.mutated(rnd) if number % 2 else
-                    self.configuration(rnd))
+                  'standard stopped': 0}
+        for number, text in enumerate(self.corpus()):
             path = os.path.join(directory, 'fuzz%d.conf' % number)
             with open(path, 'w', encoding='utf-8') as f:
                 f.write(text)
@@ -781,16 +785,9 @@ class FuzzedConfigurationsTestCase(base.BaseTestCase):
             counts['replication off'] += error is not None
             if 'notifications.info' not in sent:
                 counts['standard stopped'] += 1
-            out, err = io.StringIO(), io.StringIO()
-            with fixtures.MonkeyPatch('sys.stderr', err):
-                status = check.main(['--config-file', path], out=out)
-            if status not in (0, 1) or 'Traceback' in out.getvalue() + \
-                    err.getvalue():
-                counts['tool tracebacks'] += 1
             self.assertNotIn('could not be loaded', str(error), text)
         self.assertNotIn('Traceback', log.output)
         self.assertEqual(0, counts['standard stopped'], counts)
-        self.assertEqual(0, counts['tool tracebacks'], counts)
         # The corpus exercises what it claims to.
         self.assertGreaterEqual(counts['with $'], 30, counts)
         self.assertGreaterEqual(counts['replication off'], 40, counts)
