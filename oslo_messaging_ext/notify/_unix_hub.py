@@ -396,8 +396,9 @@ class Hub:
         self.path, self.lock_fd = path, claimed[0]
         self.poller = select.poll()
         self._binds = proto.listeners(path, mode, gid)
-        # Not stat()ed again: a path removed since the claim is bound anew.
-        self._ids = dict(zip(self._binds, zip(claimed[3::2], claimed[4::2])))
+        # The claim's, not re-read (unless an older driver gave none).
+        ids = claimed[3:] or [i for p in self._binds for i in proto.file_id(p)]
+        self._ids = dict(zip(self._binds, zip(ids[::2], ids[1::2])))
         listeners = [socket.socket(fileno=fd) for fd in claimed[1:3]]
         for listener in listeners:  # SO_PEERCRED then names the hub
             listener.listen(proto.LISTEN_BACKLOG)

@@ -284,8 +284,7 @@ def claim(path, mode, gid):
             fds.append(sock.detach())
             ids.extend(bound)
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        list(map(os.close, fds))
         raise
     return fds + ids
 

@@ -65,28 +65,51 @@ class HubPathTestCase(test_unix_driver.UnixTestCase):
         self.assertEqual({'id': 'back'},
                          self.read_lines(fresh, 1)[0]['payload'])
 
-    def test_a_path_removed_before_its_hub_runs_is_bound_again(self):
-        # tmpfiles removes the socket between the claim and the start of
-        # the hub: the hub still serves who waited, and binds the path.
+    def start_claimed(self, remove=False, numbers=None):
+        """A subscriber that connected between a claim and its hub.
+
+        The hub is started as the driver starts it, given ``numbers`` of
+        the claim's numbers; the path is removed first if ``remove``.
+        """
         claimed = proto.claim(self.sock_path, 0o660, os.getegid())
         waited = test_utils.connect(self.sock_path)
         self.addCleanup(lambda: waited.close())
-        os.unlink(self.sock_path)
+        if remove:
+            os.unlink(self.sock_path)
         hub = subprocess.Popen(
             [sys.executable, '-m', _impl_unix.HUB_MODULE, self.sock_path,
-             '--claimed', ','.join(map(str, claimed))],
+             '--claimed', ','.join(map(str, claimed[:numbers]))],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             pass_fds=claimed[:3], start_new_session=True)
         self.addCleanup(hub.wait, TIMEOUT)
         self.addCleanup(hub.terminate)
         for fd in claimed[:3]:
             os.close(fd)
+        return waited
+
+    def test_a_path_removed_before_its_hub_runs_is_bound_again(self):
+        # tmpfiles removes the socket between the claim and the start of
+        # the hub: the hub still serves who waited, and binds the path.
+        waited = self.start_claimed(remove=True)
         self.assertTrue(test_utils.wait_until(
             lambda: os.path.exists(self.sock_path), 1.5, interval=0.01))
         notifier, _ = self.notifier()
         notifier.info({}, 'image.upload', {'id': 'waited'})
         self.assertEqual({'id': 'waited'},
                          self.read_lines(waited, 1)[0]['payload'])
+
+    def test_hub_started_by_an_older_driver_serves(self):
+        # A driver loaded before an upgrade passes the three fds alone.
+        waited = self.start_claimed(numbers=3)
+        notifier, _ = self.notifier()
+        notifier.info({}, 'image.upload', {'id': 'older'})
+        self.assertEqual({'id': 'older'},
+                         self.read_lines(waited, 1)[0]['payload'])
+        # It keeps its paths: it knows them as its own.
+        os.unlink(self.sock_path + '.ingest')
+        self.assertTrue(test_utils.wait_until(
+            lambda: os.path.exists(self.sock_path + '.ingest'), 1.5,
+            interval=0.01))
 
     def test_a_file_put_in_its_place_is_left_alone(self):
         driver = self.driver()
