@@ -85,21 +85,8 @@ class UnixTestCase(base.BaseTestCase):
         return notifier, driver
 
     def connect(self):
-        socks = []
-
-        def connected():
-            try:
-                socks.append(test_utils.connect(self.sock_path))
-            except OSError:
-                return False
-            return True
-
-        self.assertTrue(wait_until(connected))
-        sock = socks[0]
-        # Not sock.close: eventlet's green socket hands out its inner
-        # socket's method and closes the connection when collected.
-        self.addCleanup(lambda: sock.close())
-        return sock
+        return test_utils.subscribe_when_listening(self, self.sock_path,
+                                                   TIMEOUT)
 
     def subscribe(self, driver, count=1):
         sock = self.connect()
