@@ -216,6 +216,10 @@ class AsyncIsolationTestCase(DeliveryTestCase):
             driver.notify({}, envelope(), 'INFO', -1)
         self.assertTrue(test_utils.wait_until(
             lambda: self.topics().count('local.info') == count, 10))
+        # The remote lane's thread may not have reached its broker yet:
+        # waited for, then it made one attempt and is held.
+        self.assertTrue(test_utils.wait_until(
+            lambda: self.remote_attempts, 10))
         self.assertEqual(1, self.remote_attempts)
         self.remote_gate.set()
         self.assertEqual(0, driver.flush())
